@@ -1,0 +1,29 @@
+# The two commands the README promises: `make demo` and `make test`. Both set up .venv first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Installed before the project so pip never resolves a plain `torch` requirement by itself (which
+# means a multi-GB CUDA build on a CPU-only machine). Override on machines that need another build.
+TORCH  ?= torch==2.13.0
+PIPQ   := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test openapi clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIPQ) "$(TORCH)"
+	$(PIPQ) -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/loraserve demo
+
+test: setup
+	$(PY) -m pytest -q
+
+openapi: setup
+	$(VENV)/bin/loraserve openapi --output openapi/openapi.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from loraserve.cli import app
+
+app()

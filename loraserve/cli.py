@@ -1,0 +1,136 @@
+"""The `loraserve` command: train, serve, generate, demo, and small tools around them.
+
+Heavy imports (torch, trl, the server) happen inside each command, so `loraserve --help` is instant
+and `serve` never imports training code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+
+class UserError(Exception):
+    """Base for errors shown to the user as one line, exit code 2, no traceback."""
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _parse_columns(pairs: list[str]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        field, sep, column = pair.partition("=")
+        if not sep or not field or not column:
+            _fail(f"--column expects FIELD=COLUMN (e.g. output=answer), got {pair!r}")
+        mapping[field.strip()] = column.strip()
+    return mapping
+
+
+@app.command()
+def train(
+    base_model: Annotated[str, typer.Option(help="Base model: a local dir or a hub id.")],
+    data: Annotated[str, typer.Option(help="Alpaca data: a hub dataset name or a local .json/.jsonl/.csv/.parquet file.")],
+    output: Annotated[Path, typer.Option(help="Adapter dir to create (appears only when training succeeded).")],
+    template: Annotated[str, typer.Option(help="Prompt template: alpaca, alpaca-zh, or a template file.")] = "alpaca",
+    name: Annotated[Optional[str], typer.Option(help="Adapter name (default: the output dir's name).")] = None,
+    max_seq_length: int = 2048,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Load the base in 4-bit (CUDA + bitsandbytes).")] = False,
+    r: Annotated[int, typer.Option("--r", help="LoRA rank.")] = 16,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    batch_size: int = 2,
+    grad_accum: int = 4,
+    warmup_steps: int = 5,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps (ignored when --epochs is given).")] = 60,
+    epochs: Annotated[Optional[float], typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
+    lr: float = 2e-4,
+    optim: str = "adamw_8bit",
+    weight_decay: float = 0.01,
+    scheduler: str = "cosine",
+    seed: int = 3407,
+    packing: bool = False,
+    train_on_responses_only: Annotated[bool, typer.Option(help="Compute loss on the response only.")] = False,
+    eval_split: Annotated[float, typer.Option(help="Fraction of rows held out for evaluation.")] = 0.0,
+    column: Annotated[list[str], typer.Option(help="Map a field to your column: FIELD=COLUMN, e.g. output=answer. Repeatable.")] = [],
+    backend: Annotated[str, typer.Option(help="auto (Unsloth on CUDA if installed), unsloth or transformers.")] = "auto",
+    overwrite: bool = False,
+    deploy: Annotated[Optional[str], typer.Option(help="After training, hot-load into the server at this URL (admin token from LORASERVE_ADMIN_TOKEN).")] = None,
+    deploy_path: Annotated[Optional[str], typer.Option(help="The adapter's path relative to the server's adapter root (default: the output dir's name).")] = None,
+) -> None:
+    """Fine-tune a LoRA adapter on Alpaca-style data."""
+    from contract.templates import TemplateError
+    from training.config import ConfigError, TrainConfig
+    from training.data import DataError
+
+    try:
+        cfg = TrainConfig(
+            base_model=base_model, data=data, output=output, template=template, name=name,
+            max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, r=r, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+            batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps, max_steps=max_steps,
+            epochs=epochs, lr=lr, optim=optim, weight_decay=weight_decay, scheduler=scheduler, seed=seed,
+            packing=packing, train_on_responses_only=train_on_responses_only, eval_split=eval_split,
+            columns=_parse_columns(column), backend=backend, overwrite=overwrite,
+        )
+        from training.fit import train as run_training
+
+        result = run_training(cfg)
+    except (ConfigError, DataError, TemplateError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho("interrupted: nothing was written to --output", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130)
+    m = result.manifest
+    typer.echo(
+        f"done: adapter {m.name!r} version {m.version} at {result.output}\n"
+        f"  backend {m.backend}, {result.rows_kept} rows ({result.rows_over_length} over length), "
+        f"final loss {m.loss.final:.4f}, {result.seconds:.1f}s, ~{result.tokens_per_second:,.0f} tokens/s"
+    )
+    if deploy:
+        _deploy(deploy, name=m.name, path=deploy_path or result.output.name)
+
+
+def _deploy(url: str, *, name: str, path: str) -> None:
+    import os
+
+    import httpx
+
+    token = os.environ.get("LORASERVE_ADMIN_TOKEN")
+    if not token:
+        _fail("--deploy needs the server's admin token in LORASERVE_ADMIN_TOKEN")
+    try:
+        resp = httpx.post(f"{url.rstrip('/')}/admin/adapters", json={"name": name, "path": path},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=600)
+    except httpx.HTTPError as exc:
+        _fail(f"deploy to {url} failed: {exc}")
+    if resp.status_code != 200:
+        _fail(f"deploy to {url} failed: HTTP {resp.status_code}: {resp.text[:500]}")
+    body = resp.json()
+    typer.echo(f"deployed: {body['name']} version {body['version']} is live at {url}")
+
+
+@app.command("build-tiny-model")
+def build_tiny_model_cmd(
+    output: Annotated[Optional[Path], typer.Argument(help="Where to write it (default: the user cache).")] = None,
+) -> None:
+    """Build the tiny random Llama + tokenizer used by the demo and tests (offline, seconds)."""
+    from loraserve.tiny_model import build_tiny_model
+
+    typer.echo(build_tiny_model(output))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m loraserve`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Alpaca data → prompt template → LoRA fine-tune → adapter dir with a manifest."""

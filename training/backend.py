@@ -1,0 +1,98 @@
+"""Which library trains: Unsloth on CUDA when installed, plain transformers + PEFT otherwise.
+
+This module is the only place on the training side that imports `unsloth`. Unsloth patches
+transformers and TRL when imported, so `load_model` must run before anything imports trl.
+What a backend cannot do (4-bit, 8-bit Adam without CUDA) is reported and replaced, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from training.config import ConfigError, TrainConfig
+
+
+@dataclass
+class Backend:
+    name: str  # "unsloth" | "transformers"
+    cuda: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def choose_backend(cfg: TrainConfig, warn: Callable[[str], None] = print) -> Backend:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if cfg.backend == "unsloth" and not (cuda and has_unsloth):
+        missing = "CUDA" if not cuda else "the unsloth package (pip install 'loraserve[unsloth]')"
+        raise ConfigError(f"--backend unsloth needs {missing}")
+    name = cfg.backend if cfg.backend != "auto" else ("unsloth" if cuda and has_unsloth else "transformers")
+    backend = Backend(name=name, cuda=cuda)
+    _fallbacks(cfg, backend, warn)
+    return backend
+
+
+def _fallbacks(cfg: TrainConfig, backend: Backend, warn: Callable[[str], None]) -> None:
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if cfg.load_in_4bit and not (backend.cuda and has_bnb):
+        _note(backend, warn, "--load-in-4bit needs CUDA and bitsandbytes; loading the base in full precision instead")
+        cfg.load_in_4bit = False
+    if "8bit" in cfg.optim and not (backend.cuda and has_bnb):
+        _note(backend, warn, f"--optim {cfg.optim} needs CUDA and bitsandbytes; using adamw_torch instead")
+        cfg.optim = "adamw_torch"
+
+
+def _note(backend: Backend, warn: Callable[[str], None], message: str) -> None:
+    backend.notes.append(message)
+    warn(f"note: {message}")
+
+
+def load_model(cfg: TrainConfig, backend: Backend) -> tuple[Any, Any]:
+    """Base model with LoRA layers attached, and its tokenizer."""
+    if backend.name == "unsloth":
+        return _load_unsloth(cfg)
+    return _load_transformers(cfg, backend)
+
+
+def _load_unsloth(cfg: TrainConfig) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=cfg.base_model, max_seq_length=cfg.max_seq_length, dtype=None, load_in_4bit=cfg.load_in_4bit
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.r,
+        target_modules=list(cfg.target_modules),
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=cfg.seed,
+    )
+    return model, tokenizer
+
+
+def _load_transformers(cfg: TrainConfig, backend: Backend) -> tuple[Any, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    dtype = torch.bfloat16 if backend.cuda and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
+    if backend.cuda:
+        model = model.to("cuda")
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), tokenizer
