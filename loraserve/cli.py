@@ -118,6 +118,91 @@ def _deploy(url: str, *, name: str, path: str) -> None:
     typer.echo(f"deployed: {body['name']} version {body['version']} is live at {url}")
 
 
+def _server_settings(**given):
+    """Settings from the environment (LORASERVE_*), overridden by the flags actually given."""
+    from pydantic import ValidationError
+
+    from server.settings import ServerSettings
+
+    try:
+        return ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+
+
+def _parse_adapters(pairs: list[str]) -> dict[str, str] | None:
+    adapters = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--adapter expects NAME=SUBDIR (relative to --adapter-root), got {pair!r}")
+        adapters[name] = path
+    return adapters or None
+
+
+@app.command()
+def serve(
+    base_model: Annotated[Optional[str], typer.Option(help="Base model dir (absolute) or hub id. Env: LORASERVE_BASE_MODEL.")] = None,
+    adapter_root: Annotated[Optional[Path], typer.Option(help="Adapters load only from under this dir.")] = None,
+    adapter: Annotated[list[str], typer.Option(help="Preload NAME=SUBDIR (under --adapter-root). Repeatable.")] = [],
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto, unsloth or transformers.")] = None,
+    load_in_4bit: Annotated[Optional[bool], typer.Option("--load-in-4bit/--no-load-in-4bit", help="4-bit base (CUDA).")] = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the base model and adapters over HTTP. Admin token: LORASERVE_ADMIN_TOKEN."""
+    from server.serve import serve as run_server
+
+    settings = _server_settings(base_model=base_model, adapter_root=adapter_root, adapters=_parse_adapters(adapter),
+                                host=host, port=port, backend=backend, load_in_4bit=load_in_4bit)
+    run_server(settings, log_level=log_level)
+
+
+@app.command()
+def generate(
+    base_model: Annotated[str, typer.Option(help="Base model dir or hub id.")],
+    instruction: Annotated[Optional[str], typer.Option(help="Alpaca instruction (formatted with the adapter's template).")] = None,
+    input: Annotated[str, typer.Option("--input", help="Alpaca input (optional).")] = "",
+    prompt: Annotated[Optional[str], typer.Option(help="A raw prompt instead of instruction/input.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter dir to apply.")] = None,
+    max_new_tokens: int = 128,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: greedy).")] = None,
+    seed: Optional[int] = None,
+    backend: str = "auto",
+) -> None:
+    """Generate once, streamed to the terminal, through the server's engine and templates."""
+    import asyncio
+
+    from server.errors import ServeError
+    from server.local import generate_once
+
+    try:
+        asyncio.run(generate_once(
+            base_model=base_model, adapter_dir=adapter, instruction=instruction, input=input, prompt=prompt,
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, backend=backend,
+            write=lambda text: (sys.stdout.write(text), sys.stdout.flush()),
+        ))
+    except ServeError as exc:
+        _fail(exc.message)
+    sys.stdout.write("\n")
+
+
+@app.command()
+def openapi(output: Annotated[Path, typer.Option(help="Where to write the spec.")] = Path("openapi/openapi.json")) -> None:
+    """Write the HTTP API's OpenAPI spec (generated from the app, no model loaded)."""
+    import json
+
+    from server.api.app import create_app
+    from server.settings import ServerSettings
+
+    spec = create_app(ServerSettings(base_model="base"), load=False).openapi()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {output}")
+
+
 @app.command("build-tiny-model")
 def build_tiny_model_cmd(
     output: Annotated[Optional[Path], typer.Argument(help="Where to write it (default: the user cache).")] = None,

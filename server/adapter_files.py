@@ -1,0 +1,198 @@
+"""Checks on an adapter directory before any model work: where it is, what it holds, whether it fits.
+
+Everything here reads files and headers only. Nothing unpickles, nothing touches the GPU, and the
+weights are read (onto the CPU) only after their size and shapes passed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from contract.manifest import AdapterManifest, ManifestError, read_manifest
+from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+MAX_CONFIG_BYTES = 64 * 1024
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+_UNSUPPORTED_TRUE = ("use_dora", "use_rslora_lora_ga", "fan_in_fan_out")
+_UNSUPPORTED_NONEMPTY = ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern", "layer_replication")
+
+
+@dataclass
+class BaseShapes:
+    """What the base model offers to LoRA: module path → (in_features, out_features)."""
+
+    fingerprint: str
+    linear: dict[str, tuple[int, int]]
+
+
+@dataclass
+class CheckedAdapter:
+    path: Path
+    config: dict
+    manifest: AdapterManifest | None
+    weights_bytes: int
+
+
+def resolve_under_root(root: Path, relative: str) -> Path:
+    """The adapter dir for `relative`, which must stay inside `root` after resolving symlinks."""
+    if not relative or len(relative) > 512 or any(c in relative for c in ("\x00", "\\", "%", "~")):
+        raise BadRequest("path must be a plain relative path under the adapter root", param="path")
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise BadRequest("path must be relative to the adapter root, without '..'", param="path")
+    root = root.resolve()
+    resolved = (root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise Forbidden("path leaves the adapter root", param="path")
+    if not resolved.is_dir():
+        raise NotFound(f"no adapter directory at {relative!r} under the adapter root", param="path")
+    return resolved
+
+
+def check_adapter_dir(path: Path, root: Path, base: BaseShapes, *, max_rank: int, max_bytes: int) -> CheckedAdapter:
+    weights = _inside_root(path / WEIGHTS_FILE, root)
+    config_path = _inside_root(path / CONFIG_FILE, root)
+    if not weights.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise BadRequest(f"only safetensors adapters are loaded; found pickle files {pickles}", param="path")
+        if not (path / "loraserve.json").exists() and not config_path.is_file():
+            raise BadRequest("not an adapter directory (no adapter_config.json, no weights)", param="path")
+        raise BadRequest(f"{WEIGHTS_FILE} is missing (a directory still being written?)", param="path")
+    size = weights.stat().st_size
+    if size > max_bytes:
+        raise PayloadTooLarge(f"adapter weights are {size} bytes; the limit is {max_bytes}", param="path")
+    config = _read_config(config_path)
+    _check_config(config, max_rank=max_rank)
+    manifest = _read_manifest(path)
+    if manifest is not None and manifest.base_model.fingerprint != base.fingerprint:
+        raise Conflict(
+            f"adapter was trained for base {manifest.base_model.id!r} (fingerprint {manifest.base_model.fingerprint}); "
+            f"this server runs fingerprint {base.fingerprint}", param="path")
+    _check_weight_shapes(weights, config, base)
+    return CheckedAdapter(path=path, config=config, manifest=manifest, weights_bytes=size)
+
+
+def load_weights(checked: CheckedAdapter) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(checked.path / WEIGHTS_FILE), device="cpu")
+
+
+def lora_config(checked: CheckedAdapter):
+    from peft import LoraConfig
+
+    cfg = checked.config
+    return LoraConfig(
+        r=int(cfg["r"]),
+        lora_alpha=cfg.get("lora_alpha", cfg["r"]),
+        lora_dropout=0.0,
+        target_modules=cfg["target_modules"],
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        bias="none",
+        inference_mode=True,
+    )
+
+
+def _inside_root(path: Path, root: Path) -> Path:
+    if path.is_symlink() or path.exists():
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root.resolve()):
+            raise Forbidden(f"{path.name} is a link leaving the adapter root", param="path")
+        return resolved
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise BadRequest(f"{CONFIG_FILE} is missing", param="path")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise BadRequest(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes", param="path")
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"{CONFIG_FILE} is not valid JSON: {exc}", param="path") from exc
+    if not isinstance(config, dict):
+        raise BadRequest(f"{CONFIG_FILE} must hold a JSON object", param="path")
+    return config
+
+
+def _check_config(config: dict, *, max_rank: int) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise BadRequest(f"only LoRA adapters are served; this is {config.get('peft_type')!r}", param="path")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise BadRequest(f"{CONFIG_FILE}: 'r' must be a positive integer, got {r!r}", param="path")
+    if r > max_rank:
+        raise BadRequest(f"{CONFIG_FILE}: rank {r} is over this server's limit of {max_rank}", param="path")
+    alpha = config.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise BadRequest(f"{CONFIG_FILE}: 'lora_alpha' must be a positive number, got {alpha!r}", param="path")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise BadRequest(f"{CONFIG_FILE}: 'target_modules' must be a non-empty list of names", param="path")
+    for key in _UNSUPPORTED_TRUE:
+        if config.get(key):
+            raise BadRequest(f"{CONFIG_FILE}: {key}=true is not supported", param="path")
+    for key in _UNSUPPORTED_NONEMPTY:
+        if config.get(key):
+            raise BadRequest(f"{CONFIG_FILE}: {key} is not supported", param="path")
+    if config.get("bias", "none") != "none":
+        raise BadRequest(f"{CONFIG_FILE}: bias={config.get('bias')!r} is not supported (only 'none')", param="path")
+
+
+def _check_weight_shapes(weights: Path, config: dict, base: BaseShapes) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated or lying headers
+        raise BadRequest(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}", param="path") from exc
+    if not shapes:
+        raise BadRequest(f"{WEIGHTS_FILE} holds no tensors", param="path")
+    matched = 0
+    for key, shape in shapes.items():
+        m = _KEY.match(key)
+        if not m:
+            raise Invalid(f"{WEIGHTS_FILE}: tensor {key!r} is not a LoRA A/B weight", param="path")
+        module = m["module"]
+        if module not in base.linear:
+            raise Invalid(f"adapter targets {module!r}, which this base model does not have", param="path")
+        _check_shape(key, shape, m["part"], base.linear[module], config["r"])
+        matched += 1
+    if matched == 0:
+        raise Invalid("adapter matches no module of this base model", param="path")
+
+
+def _check_shape(key: str, shape: tuple, part: str, in_out: tuple[int, int], r: int) -> None:
+    in_features, out_features = in_out
+    expected = (r, in_features) if part == "lora_A" else (out_features, r)
+    if shape != expected:
+        raise Invalid(f"{key}: shape {list(shape)} does not fit this base model (expected {list(expected)})", param="path")
+
+
+def _read_manifest(path: Path) -> AdapterManifest | None:
+    try:
+        return read_manifest(path)
+    except ManifestError as exc:
+        raise BadRequest(str(exc), param="path") from exc
+
+
+def base_shapes(model, fingerprint: str) -> BaseShapes:
+    """Module paths of every Linear-like layer LoRA could target (4-bit layers included)."""
+    linear = {}
+    for name, module in model.named_modules():
+        base_layer = getattr(module, "base_layer", module)
+        if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features") and ".lora_" not in name:
+            linear[name.removesuffix(".base_layer")] = (int(base_layer.in_features), int(base_layer.out_features))
+    return BaseShapes(fingerprint=fingerprint, linear=linear)

@@ -1,0 +1,75 @@
+"""The app factory: state on `app.state.loraserve`, routers, middleware, error handlers, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from loraserve import __version__
+from server.api import routes_admin, routes_generate, routes_ops
+from server.api.errors import install_error_handlers
+from server.api.limits import BodyLimitMiddleware
+from server.settings import ServerSettings
+from server.state import ServerState
+
+log = logging.getLogger("loraserve")
+
+
+def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
+    """`load=False` builds the app without a model (for the OpenAPI spec)."""
+    state = ServerState(settings=settings)
+    app = FastAPI(title="loraserve", version=__version__, lifespan=_lifespan if load else None,
+                  description="Serve many LoRA adapters on one base model: TGI/LoRAX-compatible generation, "
+                              "SSE streaming, and an admin API that hot-loads adapters.")
+    app.state.loraserve = state
+    app.include_router(routes_ops.router)
+    app.include_router(routes_generate.router)
+    app.include_router(routes_admin.public)
+    app.include_router(routes_admin.admin)
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, state=state)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.loraserve
+    await asyncio.to_thread(state.load_model)
+    state.engine.start()
+    try:
+        await state.preload_adapters()
+        state.ready = True
+        log.info("ready: %d adapters", len(state.registry.names()))
+        yield
+    finally:
+        state.ready = False
+        state.engine.stop()
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route template, status and adapter (pure ASGI: streaming stays untouched)."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            adapter = scope.get("state", {}).get("adapter", "-")
+            self.state.metrics.requests.labels(route, str(status["code"]), adapter).inc()

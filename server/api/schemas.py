@@ -1,0 +1,143 @@
+"""Wire formats of the native API (TGI / LoRAX compatible) and the admin API.
+
+Request models convert themselves into the service's GenerationRequest. Clients such as
+huggingface_hub's InferenceClient send every TGI parameter, mostly null; those we do not implement
+are accepted when null or at their neutral value and rejected with a 422 naming them otherwise,
+never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from server.service import GenerationRequest
+
+StopList = Annotated[list[str], Field(max_length=64)]
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    adapter_id: str | None = Field(None, max_length=64, description="Adapter name; none = the base model.")
+    adapter_source: str | None = None
+    max_new_tokens: StrictInt | None = Field(None, description="Tokens to generate at most (capped by the server).")
+    do_sample: StrictBool = False
+    temperature: float | None = Field(None, description="0 = greedy.")
+    top_p: float | None = None
+    top_k: StrictInt | None = None
+    repetition_penalty: float | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopList = Field(default_factory=list)
+    details: StrictBool = False
+    decoder_input_details: StrictBool = False
+    return_full_text: StrictBool | None = None
+    # TGI parameters we do not implement: accepted only when neutral.
+    best_of: StrictInt | None = None
+    typical_p: float | None = None
+    truncate: StrictInt | None = None
+    watermark: StrictBool | None = None
+    top_n_tokens: StrictInt | None = None
+    grammar: Any = None
+    frequency_penalty: float | None = None
+
+    @field_validator("adapter_source")
+    @classmethod
+    def _local_source(cls, value: str | None) -> str | None:
+        if value not in (None, "", "local", "hub"):
+            raise ValueError("adapter_source is not supported; adapters are loaded through /admin/adapters")
+        return value
+
+    def unsupported(self) -> list[str]:
+        neutral = {"best_of": (None, 1), "typical_p": (None, 1.0), "truncate": (None,), "watermark": (None, False),
+                   "top_n_tokens": (None, 0), "grammar": (None,), "frequency_penalty": (None, 0.0),
+                   "return_full_text": (None, False), "decoder_input_details": (False,)}
+        return [name for name, ok in neutral.items() if getattr(self, name) not in ok]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str | None = Field(None, description="Raw prompt, used as is.")
+    instruction: str | None = Field(None, description="Alpaca instruction, formatted with the adapter's template.")
+    input: str = Field("", description="Alpaca input (optional context).")
+    adapter: str | None = Field(None, max_length=64, description="Adapter name (or parameters.adapter_id).")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: StrictBool = False
+
+    def to_generation(self) -> GenerationRequest:
+        p = self.parameters
+        return GenerationRequest(
+            inputs=self.inputs, instruction=self.instruction, input=self.input,
+            adapter=self.adapter or p.adapter_id or None, max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty,
+            seed=p.seed, stop=list(p.stop),
+        )
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class Details(BaseModel):
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None
+    adapter: str | None
+    adapter_version: str | None
+    prefill: list[Token] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+    best_of_sequences: list | None = None
+    top_tokens: list | None = None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None
+    adapter: str | None
+    adapter_version: str | None
+
+
+class StreamResponse(BaseModel):
+    index: int = 0
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+    top_tokens: list | None = None
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1, max_length=512, description="Directory relative to the server's adapter root.")
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    version: str
+    base_model: str
+    rank: int
+    template: str
+    path: str
+    loaded_at: float
+    load_seconds: float
+    training: dict | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str
+    error_type: str
+    param: str | None = None

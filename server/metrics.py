@@ -1,0 +1,26 @@
+"""Prometheus metrics, one registry per app (tests run several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraserve_requests", "HTTP requests", ["route", "status", "adapter"], registry=r)
+        self.generated_tokens = Counter("loraserve_generated_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
+        self.ttft = Histogram("loraserve_time_to_first_token_seconds", "Time to first token", ["adapter"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("loraserve_inter_token_seconds", "Time between tokens of a stream", ["adapter"],
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("loraserve_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.running = Gauge("loraserve_running_generations", "Generations in progress", registry=r)
+        self.adapter_loads = Counter("loraserve_adapter_loads", "Adapter loads", ["outcome"], registry=r)
+        self.adapter_load_seconds = Histogram("loraserve_adapter_load_seconds", "Adapter load latency",
+                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.adapters_loaded = Gauge("loraserve_adapters_loaded", "Adapters currently loaded", registry=r)

@@ -1,0 +1,71 @@
+"""Sampling parameters and the per-row choice of the next token.
+
+Rows in a batch may carry different parameters, so choosing is per row; the forward pass is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A private RNG per request: the same seed gives the same text whatever else is running."""
+    if not params.do_sample:
+        return None
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+    return gen
+
+
+def choose_token(
+    logits: torch.Tensor,  # [V] float32, one row
+    params: SamplingParams,
+    seen_ids: torch.Tensor,  # [N] prompt + generated ids, for the repetition penalty
+    generator: torch.Generator | None,
+) -> tuple[int, float]:
+    """The next token id and its log-probability under the distribution it was drawn from."""
+    logits = _penalize_repeats(logits, seen_ids, params.repetition_penalty)
+    if not params.do_sample:
+        token = int(torch.argmax(logits))
+        return token, float(torch.log_softmax(logits, dim=-1)[token])
+    logits = _warp(logits / max(params.temperature, 1e-5), params)
+    probs = torch.softmax(logits, dim=-1)
+    token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return token, float(torch.log(probs[token].clamp_min(1e-30)))
+
+
+def _penalize_repeats(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    if penalty == 1.0 or seen_ids.numel() == 0:
+        return logits
+    logits = logits.clone()
+    seen = logits[seen_ids]
+    logits[seen_ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def _warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token crossing top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    return logits

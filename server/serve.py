@@ -1,0 +1,61 @@
+"""Run the app under uvicorn with a graceful drain on SIGTERM / Ctrl-C.
+
+First signal: readiness turns 503, new requests are refused, running ones get `drain_seconds` to
+finish; whatever still runs then gets a final error event; then uvicorn exits. A second signal
+exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from server.api.app import create_app
+from server.settings import ServerSettings
+
+log = logging.getLogger("loraserve")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state) -> None:
+        super().__init__(config)
+        self.loraserve = state
+
+    def handle_exit(self, sig, frame) -> None:
+        state = self.loraserve
+        if state.draining or state.engine is None:
+            return super().handle_exit(sig, frame)
+        state.draining = True
+        state.engine.stop_accepting()
+        log.info("draining: %d requests in flight, up to %.0fs", state.engine.in_flight, state.settings.drain_seconds)
+        threading.Thread(target=self._drain_then_exit, name="loraserve-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        engine = self.loraserve.engine
+        deadline = time.monotonic() + self.loraserve.settings.drain_seconds
+        while engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if engine.in_flight:
+            engine.abort_all("the server is shutting down")
+            time.sleep(0.5)  # let the final error events reach their streams
+        self.should_exit = True
+
+
+def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
+    DrainingServer(config, app.state.loraserve).run()
+
+
+def _quiet_libraries() -> None:
+    """transformers prints a load report for every adapter (base keys 'missing'); it is noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,199 @@
+"""Requests → engine work: adapter lookup, prompt formatting, validation of every bound, and the
+one generation path (blocking = draining the stream)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from contract.templates import PromptTemplate
+from server.adapters import AdapterRegistry, AdapterVersion
+from server.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
+from server.errors import GenerationFailed, Invalid
+from server.metrics import Metrics
+from server.sampling import SamplingParams
+from server.settings import ServerSettings
+
+
+@dataclass
+class GenerationRequest:
+    """What every wire format converts itself into."""
+
+    inputs: str | None = None  # a raw prompt, used as is
+    instruction: str | None = None  # or Alpaca fields, formatted with the adapter's template
+    input: str = ""
+    adapter: str | None = None
+    max_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterVersion | None  # pinned until the generation ends, then None
+    adapter_label: str  # for metrics and logs: the adapter name or "base"
+    adapter_name: str | None = None
+    adapter_version: str | None = None
+
+
+class GenerationService:
+    def __init__(self, *, engine: Engine, registry: AdapterRegistry, settings: ServerSettings, metrics: Metrics,
+                 max_context: int, base_template: PromptTemplate) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.tokenizer = engine.tokenizer
+        self.settings = settings
+        self.metrics = metrics
+        self.max_context = max_context
+        self.base_template = base_template
+
+    def prepare(self, req: GenerationRequest) -> Prepared:
+        """Validate and convert; pins the adapter version (call `finish` when done)."""
+        adapter = self.registry.acquire(req.adapter) if req.adapter else None
+        try:
+            prompt = self._prompt(req, adapter)
+            ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+            params = self._sampling(req, adapter, prompt_tokens=len(ids))
+        except BaseException:
+            if adapter:
+                self.registry.release(adapter)
+            raise
+        return Prepared(prompt_ids=ids, params=params, adapter=adapter, adapter_label=req.adapter or "base",
+                        adapter_name=adapter.name if adapter else None,
+                        adapter_version=adapter.version if adapter else None)
+
+    def stream(self, prep: Prepared) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """Admit now (Overloaded raises here), then token events and the final event; the iterator
+        raises GenerationFailed on an in-engine error."""
+        try:
+            events = self.engine.generate(prep.prompt_ids, prep.params, prep.adapter.key if prep.adapter else None)
+        except BaseException:
+            self._release(prep)
+            raise
+        return self._observe(prep, events)
+
+    async def _observe(self, prep: Prepared, events) -> AsyncIterator[TokenEvent | FinalEvent]:
+        label = prep.adapter_label
+        self.metrics.prompt_tokens.labels(label).inc(len(prep.prompt_ids))
+        last = time.monotonic()
+        first = True
+        try:
+            async for event in events:
+                if isinstance(event, ErrorEvent):
+                    raise GenerationFailed(event.message)
+                if isinstance(event, TokenEvent):
+                    now = time.monotonic()
+                    (self.metrics.ttft if first else self.metrics.inter_token).labels(label).observe(now - last)
+                    first, last = False, now
+                    self.metrics.generated_tokens.labels(label).inc()
+                yield event
+        finally:
+            await events.aclose()
+            self._release(prep)
+            await self.registry.collect()
+
+    async def complete(self, prep: Prepared) -> FinalEvent:
+        async for event in self.stream(prep):
+            if isinstance(event, FinalEvent):
+                return event
+        raise GenerationFailed("generation ended without a result")
+
+    def _release(self, prep: Prepared) -> None:
+        if prep.adapter is not None:
+            self.registry.release(prep.adapter)
+            prep.adapter = None
+
+    # -- conversion and bounds ------------------------------------------------------------------
+    def _prompt(self, req: GenerationRequest, adapter: AdapterVersion | None) -> str:
+        if req.inputs is not None and req.instruction is not None:
+            raise Invalid("give either 'inputs' or 'instruction' (+ 'input'), not both", param="inputs")
+        if req.inputs is not None:
+            text = req.inputs
+            self._check_text(text, "inputs")
+            return text
+        if req.instruction is None:
+            raise Invalid("the prompt is missing: give 'inputs' or 'instruction'", param="inputs")
+        self._check_text(req.instruction, "instruction")
+        self._check_text(req.input, "input", allow_empty=True)
+        template = adapter.template if adapter else self.base_template
+        return template.prompt(req.instruction, req.input)
+
+    def _check_text(self, text: str, param: str, *, allow_empty: bool = False) -> None:
+        if not allow_empty and not text.strip():
+            raise Invalid(f"'{param}' is empty", param=param)
+        if len(text) > self.settings.max_input_chars:
+            raise Invalid(f"'{param}' is {len(text)} characters; the limit is {self.settings.max_input_chars}", param=param)
+        if "\x00" in text:
+            raise Invalid(f"'{param}' contains a NUL character", param=param)
+
+    def _sampling(self, req: GenerationRequest, adapter: AdapterVersion | None, *, prompt_tokens: int) -> SamplingParams:
+        s = self.settings
+        max_new = req.max_new_tokens if req.max_new_tokens is not None else s.default_max_new_tokens
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= s.max_new_tokens_cap:
+            raise Invalid(f"max_new_tokens must be an integer from 1 to {s.max_new_tokens_cap}", param="max_new_tokens")
+        if prompt_tokens + max_new > self.max_context:
+            raise Invalid(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new}) exceeds the context of "
+                f"{self.max_context} tokens", param="max_new_tokens")
+        stop = self._stops(req.stop)
+        _check_number(req.temperature, "temperature", low=0.0, high=100.0)
+        _check_number(req.top_p, "top_p", low=0.0, high=1.0, low_open=True)
+        _check_number(req.repetition_penalty, "repetition_penalty", low=0.0, high=100.0, low_open=True)
+        if req.top_k is not None and (isinstance(req.top_k, bool) or req.top_k < 0):
+            raise Invalid("top_k must be 0 or more", param="top_k")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        # Like TGI: any sampling parameter turns sampling on; temperature 0 means greedy (as in OpenAI's API).
+        sampling = req.do_sample or any(v is not None for v in (req.top_p, req.top_k)) or (
+            req.temperature is not None and req.temperature != 1.0)
+        return SamplingParams(
+            max_new_tokens=max_new, do_sample=sampling and temperature > 0, temperature=temperature,
+            top_p=req.top_p if req.top_p is not None else 1.0, top_k=req.top_k or 0,
+            repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+            seed=req.seed, stop=tuple(stop) + _text_stops(adapter),
+            stop_token_ids=self._eos_ids(adapter),
+        )
+
+    def _stops(self, stop: list[str]) -> list[str]:
+        s = self.settings
+        if len(stop) > s.max_stop_sequences:
+            raise Invalid(f"at most {s.max_stop_sequences} stop sequences", param="stop")
+        for item in stop:
+            if not isinstance(item, str) or not item:
+                raise Invalid("stop sequences must be non-empty strings", param="stop")
+            if len(item) > s.max_stop_chars:
+                raise Invalid(f"a stop sequence is limited to {s.max_stop_chars} characters", param="stop")
+        return stop
+
+    def _eos_ids(self, adapter: AdapterVersion | None) -> tuple[int, ...]:
+        ids = {self.tokenizer.eos_token_id}
+        if adapter and adapter.eos_token:
+            token_id = self.tokenizer.convert_tokens_to_ids(adapter.eos_token)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                ids.add(token_id)
+        return tuple(i for i in ids if i is not None)
+
+
+def _check_number(value, param: str, *, low: float, high: float, low_open: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise Invalid(f"{param} must be a finite number", param=param)
+    if value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise Invalid(f"{param} must be in {bound}", param=param)
+
+
+def _text_stops(adapter: AdapterVersion | None) -> tuple[str, ...]:
+    """The manifest's stop strings, minus the EOS token, which is matched by id (it never appears as text)."""
+    if adapter is None:
+        return ()
+    return tuple(s for s in adapter.stop if s and s != adapter.eos_token)

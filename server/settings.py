@@ -1,0 +1,52 @@
+"""Server settings: one pydantic-settings object, env prefix LORASERVE_, read once at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="ignore")
+
+    base_model: str = Field(description="Base model: a local dir (absolute path) or a hub id.")
+    base_model_name: str | None = Field(None, description="Public name of the base model (default: its dir name).")
+    adapter_root: Path | None = Field(None, description="Adapters load only from under this dir.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Adapters to preload: name → path under the root.")
+    backend: str = Field("auto", description="auto (Unsloth on CUDA if installed), unsloth or transformers.")
+    load_in_4bit: bool = False
+    default_template: str = Field("alpaca", description="Template for adapters without a manifest and the base model.")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin; unset = admin API off.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys for generation; empty = open.")
+
+    max_new_tokens_cap: int = Field(1024, ge=1)
+    default_max_new_tokens: int = Field(256, ge=1)
+    max_input_chars: int = Field(100_000, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+    max_stop_chars: int = Field(64, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_batch_size: int = Field(8, ge=1, description="Rows in one forward pass.")
+    max_running: int = Field(32, ge=1, description="Sequences generating at once.")
+    max_queue: int = Field(64, ge=0, description="Requests waiting beyond max_running before 429.")
+    max_adapters: int = Field(16, ge=1)
+    max_adapter_rank: int = Field(256, ge=1)
+    max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
+    drain_seconds: float = Field(10.0, ge=0)
+    sse_ping_seconds: float = Field(15.0, gt=0)
+    log_prompts: bool = False
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in ("auto", "unsloth", "transformers"):
+            raise ValueError("backend must be auto, unsloth or transformers")
+        return value
+
+    @property
+    def public_base_name(self) -> str:
+        return self.base_model_name or Path(self.base_model.rstrip("/")).name

@@ -1,0 +1,61 @@
+"""The composition root: everything one running server holds, built once at start-up."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contract.fingerprint import base_fingerprint
+from server.adapter_files import base_shapes
+from server.adapters import AdapterRegistry, default_template
+from server.engine import Engine
+from server.metrics import Metrics
+from server.runner import ModelRunner, load_runner
+from server.service import GenerationService
+from server.settings import ServerSettings
+
+log = logging.getLogger("loraserve")
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    metrics: Metrics = field(default_factory=Metrics)
+    runner: ModelRunner | None = None
+    engine: Engine | None = None
+    registry: AdapterRegistry | None = None
+    service: GenerationService | None = None
+    fingerprint: str = ""
+    max_context: int = 0
+    ready: bool = False
+    draining: bool = False
+    load_error: str | None = None
+
+    def load_model(self) -> None:
+        """Blocking: load the base model and build the engine, registry and service around it."""
+        s = self.settings
+        runner = load_runner(s.base_model, backend=s.backend, load_in_4bit=s.load_in_4bit)
+        config = runner.model.config
+        self.fingerprint = base_fingerprint(config, runner.tokenizer)
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        self.runner = runner
+        self.engine = Engine(runner, max_batch_size=s.max_batch_size, max_running=s.max_running, max_queue=s.max_queue)
+        self.registry = AdapterRegistry(
+            root=Path(s.adapter_root) if s.adapter_root else None,
+            base=base_shapes(runner.model, self.fingerprint), base_name=s.public_base_name,
+            default_template=default_template(s.default_template), max_adapters=s.max_adapters,
+            max_rank=s.max_adapter_rank, max_bytes=s.max_adapter_bytes,
+            run_on_worker=self.engine.call, attach=runner.attach, detach=runner.detach,
+        )
+        self.service = GenerationService(engine=self.engine, registry=self.registry, settings=s, metrics=self.metrics,
+                                         max_context=self.max_context, base_template=default_template(s.default_template))
+        log.info("base model %s loaded: backend=%s device=%s fingerprint=%s context=%d", s.base_model,
+                 runner.backend, runner.device, self.fingerprint, self.max_context)
+
+    async def preload_adapters(self) -> None:
+        for name, path in self.settings.adapters.items():
+            version = await self.registry.load(name, path)
+            self.metrics.adapter_loads.labels("ok").inc()
+            log.info("adapter %s version %s loaded from %s", name, version.version, path)
+        self.metrics.adapters_loaded.set(len(self.registry.names()))
