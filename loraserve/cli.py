@@ -203,6 +203,19 @@ def openapi(output: Annotated[Path, typer.Option(help="Where to write the spec."
     typer.echo(f"wrote {output}")
 
 
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the tiny base and demo adapters go (reused across runs).")] = Path("demo-work"),
+    port: int = 8000,
+    exit: Annotated[bool, typer.Option("--exit", help="Stop after the showcase instead of serving until Ctrl-C.")] = False,
+    retrain: Annotated[bool, typer.Option(help="Train the demo adapters again even if they exist.")] = False,
+) -> None:
+    """Offline showcase: tiny base, two trained adapters, live server, hot-load, streamed answers."""
+    from loraserve.demo import run_demo
+
+    raise typer.Exit(code=run_demo(workdir, port=port, exit_after=exit, retrain=retrain))
+
+
 @app.command("build-tiny-model")
 def build_tiny_model_cmd(
     output: Annotated[Optional[Path], typer.Argument(help="Where to write it (default: the user cache).")] = None,

@@ -96,6 +96,7 @@ class Group:
     attention_mask: torch.Tensor | None = None  # [B, past]
     next_positions: torch.Tensor | None = None  # [B]
     last_tokens: torch.Tensor | None = None  # [B]
+    decode_state: Any = None  # backend-specific state that must be swapped in before this group's step
     steps: int = 0
 
 
@@ -267,7 +268,9 @@ class Engine:
         """One forward pass for the group and one token per live row. False when the group failed."""
         try:
             self.runner.activate(group.adapter_key)
+            self.runner.swap_decode_state(group.decode_state)
             logits, cache = self.runner.forward(ids, mask, positions, cache)  # [B, V]
+            group.decode_state = self.runner.decode_state()
         except Exception as exc:  # OOM or a kernel error: fail this group, keep serving the others
             log.exception("forward failed for %d rows", len(group.seqs))
             _release_cuda_memory()

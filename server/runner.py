@@ -41,6 +41,7 @@ class ModelRunner:
         self.active: str | None = None
         self.attached: set[str] = set()
         self._adapters_enabled = True
+        self._attn: list | None = None
 
     # -- adapters -------------------------------------------------------------------------------
     def attach(self, key: str, lora_config, state_dict: dict[str, torch.Tensor]) -> None:
@@ -87,6 +88,34 @@ class ModelRunner:
         )
         return out.logits[:, -1, :].float(), out.past_key_values
 
+    # -- per-group decode state ------------------------------------------------------------------
+    def swap_decode_state(self, state: dict | None) -> None:
+        """Make `state` (from `decode_state`, or None for a fresh prefill) the model's decode state.
+
+        Unsloth's fused decode keeps the KV cache in buffers on each attention module, not in the
+        returned cache, and a prefill drops them: two groups stepping in turn would read each
+        other's keys. So each group keeps its own buffers and they are swapped in before its step.
+        References only, no copies. transformers' cache lives in the cache object: nothing to do.
+        """
+        if self.backend != "unsloth":
+            return
+        for index, attn in enumerate(self._attention_modules()):
+            for name in _UNSLOTH_DECODE_BUFFERS:
+                attn.__dict__.pop(name, None)
+            if state is not None:
+                attn.__dict__.update(state[index])
+
+    def decode_state(self) -> dict | None:
+        if self.backend != "unsloth":
+            return None
+        return {i: {n: attn.__dict__[n] for n in _UNSLOTH_DECODE_BUFFERS if n in attn.__dict__}
+                for i, attn in enumerate(self._attention_modules())}
+
+    def _attention_modules(self) -> list:
+        if self._attn is None:
+            self._attn = [m for m in self.model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj")]
+        return self._attn
+
     def new_cache(self):
         if self.backend == "unsloth":
             return None  # Unsloth builds its own cache on the first (prefill) call
@@ -101,6 +130,11 @@ class ModelRunner:
             cache.batch_select_indices(torch.tensor(rows, device=_cache_device(cache)))
             return cache
         return None
+
+
+# Attributes Unsloth's decode path keeps on each attention module (unsloth/models/_decode_graphs.py).
+_UNSLOTH_DECODE_BUFFERS = ("paged_attention", "paged_attention_K", "paged_attention_V", "temp_QA", "temp_KV",
+                           "RH_Q", "temp_O", "attention")
 
 
 def _cache_device(cache) -> torch.device:

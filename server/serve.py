@@ -55,7 +55,11 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
 
 def _quiet_libraries() -> None:
     """transformers prints a load report for every adapter (base keys 'missing'); it is noise here."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -1,0 +1,86 @@
+"""GPU-only: the Unsloth backend end to end (bench/gpu/README.md says how these are run there).
+
+Training through the CLI picks Unsloth automatically on CUDA; the server runs Unsloth +
+for_inference. The mixed-batch check guards against Unsloth's fused decode ignoring per-row
+adapters or sharing KV buffers between groups (DESIGN.md): every row of a concurrent mixed batch
+must equal its single run, and the adapters must answer their trained facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+
+import httpx
+import pytest
+
+from tests.live import LiveServer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs the unsloth extra"),
+]
+
+
+def _rows(adapters, name):
+    data, _template = adapters.sources[name]
+    return [json.loads(line) for line in data.read_text("utf-8").splitlines() if line.strip()]
+
+
+def test_training_used_unsloth(trained_adapters):
+    for path in trained_adapters.dirs.values():
+        manifest = json.loads((path / "loraserve.json").read_text())
+        assert manifest["backend"] == "unsloth"
+        assert "unsloth" in manifest["versions"]
+
+
+def test_unsloth_4bit_training_runs(train_cli, tmp_path, trained_adapters):
+    data, template = trained_adapters.sources["facts-en"]
+    proc = train_cli.run(data=data, template=template, output=tmp_path / "q4", load_in_4bit=True, max_steps=5)
+    assert proc.returncode == 0, train_cli.describe(proc)
+    manifest = json.loads((tmp_path / "q4" / "loraserve.json").read_text())
+    assert manifest["backend"] == "unsloth" and manifest["training"]["load_in_4bit"] is True
+    assert "bitsandbytes" in manifest["versions"]
+
+
+@pytest.fixture(scope="module")
+def unsloth_server(tiny_model_dir, trained_adapters):
+    with LiveServer(tiny_model_dir, trained_adapters.root, adapters={"en": "facts-en", "zh": "facts-zh"},
+                    backend="unsloth") as server:
+        yield server
+
+
+def _requests(trained_adapters):
+    reqs = []
+    for adapter, name in (("en", "facts-en"), ("zh", "facts-zh"), (None, "facts-en")):
+        for row in _rows(trained_adapters, name):
+            reqs.append(({"instruction": row["instruction"], "input": row["input"], "adapter": adapter,
+                          "parameters": {"max_new_tokens": 40, "details": True}}, row["output"]))
+    return reqs
+
+
+async def _post_all(url, bodies):
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        responses = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+    return [r.json() for r in responses]
+
+
+def test_server_runs_unsloth(unsloth_server):
+    assert httpx.get(f"{unsloth_server.url}/info").json()["backend"] == "unsloth"
+
+
+def test_mixed_adapter_batches_match_single_runs(unsloth_server, trained_adapters):
+    reqs = _requests(trained_adapters)
+    singles = [httpx.post(f"{unsloth_server.url}/generate", json=body, timeout=300).json() for body, _ in reqs]
+    mixed = asyncio.run(_post_all(unsloth_server.url, [body for body, _ in reqs]))
+    rows = [(body["adapter"], single["generated_text"], batch["generated_text"], expected)
+            for (body, expected), single, batch in zip(reqs, singles, mixed)]
+    mismatches = [r for r in rows if r[1] != r[2]]
+    print(json.dumps({"rows": len(rows), "mismatches": len(mismatches)}))
+    assert not mismatches, mismatches[:5]
+    for adapter in ("en", "zh"):
+        hits = [single == expected for a, single, _, expected in rows if a == adapter]
+        assert sum(hits) >= 0.9 * len(hits), f"{adapter}: {sum(hits)}/{len(hits)} trained answers"
+    base_hits = sum(single == expected for a, single, _, expected in rows if a is None)
+    assert base_hits <= 1
