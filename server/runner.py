@@ -40,19 +40,36 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.active: str | None = None
         self.attached: set[str] = set()
-        self._adapters_enabled = True
+        self._adapters_enabled: bool | None = True  # None: unknown, settled by the next activate
         self._attn: list | None = None
 
     # -- adapters -------------------------------------------------------------------------------
     def attach(self, key: str, lora_config, state_dict: dict[str, torch.Tensor]) -> None:
-        info = self.model.load_adapter(adapter_name=key, peft_config=lora_config, adapter_state_dict=state_dict)
+        try:
+            info = self.model.load_adapter(adapter_name=key, peft_config=lora_config, adapter_state_dict=state_dict)
+        except BaseException:
+            self._drop_partial(key)
+            raise
         self.attached.add(key)
         missing = [k for k in getattr(info, "missing_keys", ()) if f".{key}." in k]  # other adapters show up too
         unexpected = list(getattr(info, "unexpected_keys", ()))
         if missing or unexpected:
             self.detach(key)
             raise ValueError(f"adapter weights do not fit the base model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.active = None  # load_adapter may change the active adapter; re-select before the next step
+        # load_adapter may change the active adapter, and the first one's fresh layers come enabled even
+        # while base-model rows run: re-select and re-enable/disable before the next step.
+        self.active, self._adapters_enabled = None, None
+
+    def _drop_partial(self, key: str) -> None:
+        """What a failed load_adapter (e.g. out of memory half-way) left of `key`: each retry would leak it."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if key in (getattr(self.model, "peft_config", None) or {}):
+            self.model.delete_adapter(key)
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.delete_adapter(key)
+        self.active, self._adapters_enabled = None, None
 
     def detach(self, key: str) -> None:
         if key in self.attached:
@@ -85,8 +102,13 @@ class ModelRunner:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            return_dict=True,
         )
-        return out.logits[:, -1, :].float(), out.past_key_values
+        if isinstance(out, tuple):  # Unsloth's fused decode step answers a tuple whatever return_dict says
+            logits, cache = out[0], out[1]
+        else:
+            logits, cache = out.logits, out.past_key_values
+        return logits[:, -1, :].float(), cache
 
     # -- per-group decode state ------------------------------------------------------------------
     def swap_decode_state(self, state: dict | None) -> None:

@@ -60,10 +60,15 @@ def _requests(trained_adapters):
     return reqs
 
 
+def _ok(resp: httpx.Response) -> dict:
+    assert resp.status_code == 200, f"HTTP {resp.status_code}: {resp.text[:2000]}"
+    return resp.json()
+
+
 async def _post_all(url, bodies):
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         responses = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
-    return [r.json() for r in responses]
+    return [_ok(r) for r in responses]
 
 
 def test_server_runs_unsloth(unsloth_server):
@@ -72,7 +77,7 @@ def test_server_runs_unsloth(unsloth_server):
 
 def test_mixed_adapter_batches_match_single_runs(unsloth_server, trained_adapters):
     reqs = _requests(trained_adapters)
-    singles = [httpx.post(f"{unsloth_server.url}/generate", json=body, timeout=300).json() for body, _ in reqs]
+    singles = [_ok(httpx.post(f"{unsloth_server.url}/generate", json=body, timeout=300)) for body, _ in reqs]
     mixed = asyncio.run(_post_all(unsloth_server.url, [body for body, _ in reqs]))
     rows = [(body["adapter"], single["generated_text"], batch["generated_text"], expected)
             for (body, expected), single, batch in zip(reqs, singles, mixed)]
