@@ -76,7 +76,7 @@ class AdapterManifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def summary(self) -> dict[str, Any]:
-        """What a public listing shows: enough to recognise the adapter, no paths."""
+        """What a public listing shows: enough to recognise the adapter (the base id is as given at training)."""
         return {
             "template": self.template.name,
             "base_model": self.base_model.id,

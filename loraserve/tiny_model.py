@@ -58,6 +58,7 @@ def build_tiny_model(out_dir: str | Path | None = None, spec: TinySpec = TinySpe
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
     try:
         tokenizer = _train_tokenizer(spec)
         tokenizer.save_pretrained(tmp)

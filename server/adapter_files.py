@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from contract.manifest import AdapterManifest, ManifestError, read_manifest
+from contract.manifest import MANIFEST_FILE, AdapterManifest, ManifestError, adapter_sha256, read_manifest
 from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge
 
 CONFIG_FILE = "adapter_config.json"
@@ -61,11 +61,12 @@ def resolve_under_root(root: Path, relative: str) -> Path:
 def check_adapter_dir(path: Path, root: Path, base: BaseShapes, *, max_rank: int, max_bytes: int) -> CheckedAdapter:
     weights = _inside_root(path / WEIGHTS_FILE, root)
     config_path = _inside_root(path / CONFIG_FILE, root)
+    manifest_path = _inside_root(path / MANIFEST_FILE, root)  # a link out could be /dev/zero or a secret
     if not weights.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise BadRequest(f"only safetensors adapters are loaded; found pickle files {pickles}", param="path")
-        if not (path / "loraserve.json").exists() and not config_path.is_file():
+        if not manifest_path.exists() and not config_path.is_file():
             raise BadRequest("not an adapter directory (no adapter_config.json, no weights)", param="path")
         raise BadRequest(f"{WEIGHTS_FILE} is missing (a directory still being written?)", param="path")
     size = weights.stat().st_size
@@ -78,6 +79,11 @@ def check_adapter_dir(path: Path, root: Path, base: BaseShapes, *, max_rank: int
         raise Conflict(
             f"adapter was trained for base {manifest.base_model.id!r} (fingerprint {manifest.base_model.fingerprint}); "
             f"this server runs fingerprint {base.fingerprint}", param="path")
+    if manifest is not None and manifest.adapter_sha256 and adapter_sha256(path) != manifest.adapter_sha256:
+        # The manifest is written last: files that no longer hash to it were changed or are still being
+        # copied in, and the version it names would be a lie.
+        raise BadRequest(f"the adapter files do not match {MANIFEST_FILE} (adapter_sha256): changed after "
+                         "training, or still being written", param="path")
     _check_weight_shapes(weights, config, base)
     return CheckedAdapter(path=path, config=config, manifest=manifest, weights_bytes=size)
 
@@ -160,7 +166,7 @@ def _check_weight_shapes(weights: Path, config: dict, base: BaseShapes) -> None:
         raise BadRequest(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}", param="path") from exc
     if not shapes:
         raise BadRequest(f"{WEIGHTS_FILE} holds no tensors", param="path")
-    matched = 0
+    found: dict[str, set[str]] = {}
     for key, shape in shapes.items():
         m = _KEY.match(key)
         if not m:
@@ -169,9 +175,24 @@ def _check_weight_shapes(weights: Path, config: dict, base: BaseShapes) -> None:
         if module not in base.linear:
             raise Invalid(f"adapter targets {module!r}, which this base model does not have", param="path")
         _check_shape(key, shape, m["part"], base.linear[module], config["r"])
-        matched += 1
-    if matched == 0:
-        raise Invalid("adapter matches no module of this base model", param="path")
+        found.setdefault(module, set()).add(m["part"])
+    _check_coverage(found, config["target_modules"], base)
+
+
+def _check_coverage(found: dict[str, set[str]], targets: list[str], base: BaseShapes) -> None:
+    """The tensors must be exactly the A and B of every module target_modules selects (PEFT's suffix
+    match); otherwise PEFT fails on the model thread, or leaves modules at their random init."""
+    targeted = {m for m in base.linear if any(m == t or m.endswith("." + t) for t in targets)}
+    if not targeted:
+        raise Invalid(f"target_modules {targets} match no module of this base model", param="path")
+    extra = sorted(set(found) - targeted)
+    if extra:
+        raise Invalid(f"{WEIGHTS_FILE} has weights for {extra[0]!r}, which is not in target_modules {targets}",
+                      param="path")
+    incomplete = sorted(m for m in targeted if found.get(m) != {"lora_A", "lora_B"})
+    if incomplete:
+        raise Invalid(f"{WEIGHTS_FILE} has no weights for {incomplete[0]!r} (lora_A and lora_B), which "
+                      f"target_modules {targets} selects", param="path")
 
 
 def _check_shape(key: str, shape: tuple, part: str, in_out: tuple[int, int], r: int) -> None:

@@ -345,6 +345,7 @@ class Engine:
         if seq.done:
             return
         seq.finish_reason = reason
+        self._retire(seq)  # before the caller hears the end: its next request must find the slot free
         if reason != "cancelled":
             now = time.monotonic()
             seq.emit(FinalEvent(
@@ -352,14 +353,13 @@ class Engine:
                 prompt_tokens=len(seq.prompt_ids), seed=seq.params.seed, tokens=seq.tokens,
                 first_token_seconds=(seq.first_token_at or now) - seq.enqueued, total_seconds=now - seq.enqueued,
             ))
-        self._retire(seq)
 
     def _fail(self, seq: Sequence, message: str) -> None:
         if seq.done:
             return
         seq.finish_reason = "error"
-        seq.emit(ErrorEvent(message))
         self._retire(seq)
+        seq.emit(ErrorEvent(message))
 
     def _retire(self, seq: Sequence) -> None:
         with self._count_lock:

@@ -42,6 +42,12 @@ class Invalid(ServeError):
     status, code = 422, "invalid_parameter"
 
 
+class ClientGone(ServeError):
+    """The client disconnected before its answer was ready (nginx's 499); nobody reads this response."""
+
+    status, code = 499, "client_closed_request"
+
+
 class Overloaded(ServeError):
     status, code = 429, "overloaded"
 

@@ -134,6 +134,8 @@ class GenerationService:
             raise Invalid(f"'{param}' is {len(text)} characters; the limit is {self.settings.max_input_chars}", param=param)
         if "\x00" in text:
             raise Invalid(f"'{param}' contains a NUL character", param=param)
+        if not _is_unicode(text):  # JSON's "\ud800" escapes decode to lone surrogates the tokenizer rejects
+            raise Invalid(f"'{param}' is not valid Unicode (it contains a lone surrogate)", param=param)
 
     def _sampling(self, req: GenerationRequest, adapter: AdapterVersion | None, *, prompt_tokens: int) -> SamplingParams:
         s = self.settings
@@ -180,6 +182,14 @@ class GenerationService:
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
                 ids.add(token_id)
         return tuple(i for i in ids if i is not None)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_number(value, param: str, *, low: float, high: float, low_open: bool = False) -> None:

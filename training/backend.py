@@ -63,6 +63,7 @@ def _load_unsloth(cfg: TrainConfig) -> tuple[Any, Any]:
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=cfg.base_model, max_seq_length=cfg.max_seq_length, dtype=None, load_in_4bit=cfg.load_in_4bit
     )
+    _check_target_modules(model, cfg.target_modules)
     model = FastLanguageModel.get_peft_model(
         model,
         r=cfg.r,
@@ -95,4 +96,13 @@ def _load_transformers(cfg: TrainConfig, backend: Backend) -> tuple[Any, Any]:
         bias="none",
         task_type="CAUSAL_LM",
     )
+    _check_target_modules(model, cfg.target_modules)
     return get_peft_model(model, lora), tokenizer
+
+
+def _check_target_modules(model, names) -> None:
+    """PEFT raises only when no name matches, so a typo among real names would silently train fewer modules."""
+    modules = [full for full, _ in model.named_modules()]
+    missing = [n for n in names if not any(full == n or full.endswith("." + n) for full in modules)]
+    if missing:
+        raise ValueError(f"target modules {missing} not found in the base model")

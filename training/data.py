@@ -116,7 +116,8 @@ def _to_row(record: object, index: int, source: str, columns: dict[str, str]) ->
     values = {}
     for field in ALPACA_COLUMNS:
         column = columns.get(field, field)
-        value = record.get(column, "" if field == "input" else None)
+        # An absent input column means "no inputs", unless the user named the column: then it is a typo.
+        value = record.get(column, "" if field == "input" and field not in columns else None)
         if value is None:
             if column not in record:
                 raise DataError(f"{source}: row {index} has no column {column!r} (for {field}); columns: {sorted(record)}")

@@ -45,7 +45,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda m: print(m, file
     log(f"rows kept: {len(texts)}; rows over --max-seq-length {cfg.max_seq_length} (dropped): {over}")
     if not texts:
         raise ConfigError(f"every row is longer than --max-seq-length {cfg.max_seq_length} tokens")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.tmp-", dir=cfg.output.parent))
+    tmp = _private_tempdir(cfg.output)
     try:
         progress, seconds = _fit(cfg, backend, model, tokenizer, texts, workdir=tmp / "_trainer")
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
@@ -57,6 +57,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda m: print(m, file
         shutil.rmtree(tmp, ignore_errors=True)
     tokens = sum(len(t["ids"]) for t in texts) * _epochs_seen(progress, cfg, len(texts))
     return TrainResult(cfg.output, manifest, seconds, tokens / max(seconds, 1e-9), len(texts), over)
+
+
+def _private_tempdir(output: Path) -> Path:
+    """A temp dir beside `output` (same filesystem, so the final rename is atomic). mkdtemp makes it
+    0700; it gets the usual umask-based mode so a server running as another user can read the adapter."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 def _check_output(cfg: TrainConfig) -> None:

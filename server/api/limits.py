@@ -17,18 +17,31 @@ class BodyLimitMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._reject(send)
         seen = 0
+        tripped = started = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, tripped
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
+                tripped = True
                 raise _TooLarge()
             return message
 
+        async def guarded_send(message):
+            # FastAPI turns any error while reading the body into its own 400 ("error parsing the body"),
+            # so _TooLarge may never reach us: once the limit tripped, the 413 below replaces that answer.
+            nonlocal started
+            if tripped and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
+            pass
+        if tripped and not started:
             await self._reject(send)
 
     async def _reject(self, send) -> None:

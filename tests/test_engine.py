@@ -1,0 +1,247 @@
+"""The engine in-process, on the tiny model and the two trained fixture adapters (tier b of DESIGN.md).
+
+What the HTTP tests cannot pin down: exactly which requests share a batch. An engine whose worker has
+not started yet only queues what it is given, so everything submitted before `start()` is admitted in
+the same step: rows of one adapter form one group, and the groups of different adapters (and of the
+base model) advance step by step side by side, switching the active adapter between forward passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from server.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
+from server.errors import Overloaded, Unavailable
+from server.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "loraserve" / "demo_data"
+EN, ZH = "facts-en", "facts-zh"
+ENDLESS = "hello hello hello hello"  # the base model does not emit EOS on it within 1,000 greedy tokens
+
+
+def rows_of(adapter: str) -> list[dict]:
+    path = DEMO_DATA / ("facts_en.jsonl" if adapter == EN else "facts_zh.jsonl")
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def state(tiny_model_dir, trained_adapters):
+    """The server's own composition root with both adapters loaded; each test builds its engines on its runner."""
+    from server.settings import ServerSettings
+    from server.state import ServerState
+
+    settings = ServerSettings(base_model=str(tiny_model_dir), backend="transformers",
+                              adapter_root=trained_adapters.root, adapters={EN: EN, ZH: ZH})
+    state = ServerState(settings=settings)
+    state.load_model()
+    state.engine.start()  # registry loads attach on the worker thread
+    try:
+        asyncio.run(state.preload_adapters())
+    finally:
+        state.engine.stop()
+    return state
+
+
+def make_engine(state, **limits) -> Engine:
+    limits = {"max_batch_size": 8, "max_running": 32, "max_queue": 64, **limits}
+    return Engine(state.runner, **limits)
+
+
+def request(state, *, adapter: str | None = None, row: dict | None = None, inputs: str | None = None,
+            max_new_tokens: int = 64, **params) -> tuple[list[int], SamplingParams, str | None]:
+    """Prompt ids, parameters and adapter key, prepared the way the service does it."""
+    version = state.registry.get(adapter) if adapter else None
+    if inputs is None:
+        template = version.template if version else state.service.base_template
+        inputs = template.prompt(row["instruction"], row["input"])
+    ids = state.runner.tokenizer(inputs, add_special_tokens=True).input_ids
+    eos = state.runner.tokenizer.eos_token_id
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(eos,), **params)
+    return ids, sampling, version.key if version else None
+
+
+async def drain(events) -> tuple[list[TokenEvent], FinalEvent | ErrorEvent]:
+    tokens = []
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            tokens.append(event)
+        else:
+            return tokens, event
+    raise AssertionError("the stream ended without a final or error event")
+
+
+async def run_together(engine: Engine, requests: list[tuple]) -> list[tuple]:
+    """Submit everything before the worker starts: all of it is admitted in one step."""
+    streams = [engine.generate(*r) for r in requests]
+    engine.start()
+    try:
+        return await asyncio.gather(*(drain(s) for s in streams))
+    finally:
+        engine.stop()
+
+
+async def run_alone(engine: Engine, requests: list[tuple]) -> list[tuple]:
+    engine.start()
+    try:
+        return [await drain(engine.generate(*r)) for r in requests]
+    finally:
+        engine.stop()
+
+
+def ids_of(result) -> list[int]:
+    return [t.id for t in result[0]]
+
+
+# -- batching -------------------------------------------------------------------------------------------------
+
+
+def test_mixed_adapter_groups_match_single_runs(state):
+    en, zh = rows_of(EN), rows_of(ZH)
+    requests, answers = [], []
+    for i in range(8):  # interleaved: one group per adapter plus one for the base model, all in the same steps
+        requests += [request(state, adapter=EN, row=en[i]), request(state, adapter=ZH, row=zh[i]),
+                     request(state, row=en[8 + i], max_new_tokens=24)]
+        answers += [en[i]["output"], zh[i]["output"], None]
+    together = asyncio.run(run_together(make_engine(state), requests))
+    alone = asyncio.run(run_alone(make_engine(state), requests))
+    for i, (mixed, single, answer) in enumerate(zip(together, alone, answers)):
+        assert isinstance(mixed[1], FinalEvent) and isinstance(single[1], FinalEvent)
+        assert ids_of(mixed) == ids_of(single), f"row {i}: batched tokens differ from the single run"
+        assert mixed[1].generated_text == single[1].generated_text
+        if answer is not None:
+            assert mixed[1].generated_text == answer, i
+            assert mixed[1].finish_reason == "eos_token"
+
+
+def test_rows_finishing_at_different_steps_leave_the_others_intact(state):
+    """Left padding of different prompt lengths, and rows dropped from the cache as they finish."""
+    prompts = [ENDLESS, "a", "Once upon a time", "The quick brown fox jumps over the lazy dog. " * 6, "0123456789",
+               "中国的首都是北京。", "Question: Who wrote the poem? Answer:", "hello"]
+    requests = [request(state, inputs=p, max_new_tokens=n) for p, n in zip(prompts, (40, 3, 25, 9, 33, 17, 1, 40))]
+    together = asyncio.run(run_together(make_engine(state), requests))
+    alone = asyncio.run(run_alone(make_engine(state), requests))
+    for i, (mixed, single) in enumerate(zip(together, alone)):
+        assert ids_of(mixed) == ids_of(single), f"row {i} ({prompts[i]!r})"
+        assert mixed[1].finish_reason == single[1].finish_reason
+        assert mixed[1].generated_tokens == len(mixed[0]) <= requests[i][1].max_new_tokens
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(state):
+    requests = [request(state, inputs=ENDLESS, max_new_tokens=20, do_sample=True, temperature=1.3, seed=seed)
+                for seed in (1, 2, 3, 1)]
+    together = asyncio.run(run_together(make_engine(state), requests))
+    alone = asyncio.run(run_alone(make_engine(state), requests))
+    assert [ids_of(r) for r in together] == [ids_of(r) for r in alone]
+    assert ids_of(together[0]) == ids_of(together[3])  # same seed, same tokens, even in the same batch
+    assert len({tuple(ids_of(r)) for r in together}) >= 2
+    assert all(t.logprob <= 0 for r in together for t in r[0])
+
+
+# -- cancellation, capacity, shutdown -------------------------------------------------------------------------
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_closing_the_stream_cancels_within_a_step(state):
+    engine = make_engine(state)
+    engine.start()
+
+    async def read_two_then_close():
+        events = engine.generate(*request(state, inputs=ENDLESS, max_new_tokens=1000))
+        assert isinstance(await anext(events), TokenEvent)
+        assert isinstance(await anext(events), TokenEvent)
+        assert engine.in_flight == 1
+        await events.aclose()
+
+    try:
+        asyncio.run(read_two_then_close())
+        assert wait_until(lambda: engine.in_flight == 0 and engine.stats.running == 0, timeout=2.0), engine.stats
+        produced = engine.stats.generated_tokens
+        time.sleep(0.3)
+        assert engine.stats.generated_tokens == produced < 100
+    finally:
+        engine.stop()
+
+
+def test_over_capacity_is_refused_at_once_and_the_slot_comes_back(state):
+    engine = make_engine(state, max_batch_size=1, max_running=1, max_queue=1)
+    engine.start()
+
+    async def scenario():
+        long = request(state, inputs=ENDLESS, max_new_tokens=60)
+        first, second = engine.generate(*long), engine.generate(*long)  # one running, one queued
+        with pytest.raises(Overloaded) as refused:
+            engine.generate(*long)
+        assert refused.value.headers.get("Retry-After")
+        assert engine.in_flight == 2
+        results = await asyncio.gather(drain(first), drain(second))
+        assert all(isinstance(final, FinalEvent) and final.finish_reason == "length" for _, final in results)
+        assert engine.in_flight == 0
+        return await drain(engine.generate(*request(state, adapter=EN, row=rows_of(EN)[0])))
+
+    try:
+        _, final = asyncio.run(scenario())
+        assert final.generated_text == rows_of(EN)[0]["output"]
+    finally:
+        engine.stop()
+
+
+def test_abort_all_fails_running_and_waiting_requests(state):
+    engine = make_engine(state, max_batch_size=1, max_running=1, max_queue=4)
+    engine.start()
+
+    async def scenario():
+        streams = [engine.generate(*request(state, inputs=ENDLESS, max_new_tokens=1000)) for _ in range(3)]
+        assert isinstance(await anext(streams[0]), TokenEvent)  # one runs, two wait
+        engine.abort_all("the server is shutting down")
+        results = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), 10)
+        engine.stop_accepting()
+        with pytest.raises(Unavailable):
+            engine.generate(*request(state, inputs="hello"))
+        return results
+
+    try:
+        results = asyncio.run(scenario())
+        for _, final in results:
+            assert isinstance(final, ErrorEvent) and final.message == "the server is shutting down"
+        assert engine.in_flight == 0
+    finally:
+        engine.stop()
+
+
+def test_adapter_jobs_run_between_steps_while_generating(state):
+    """`call` runs on the worker thread (the only one that may touch the model) even under load."""
+    engine = make_engine(state)
+    engine.start()
+
+    async def scenario():
+        events = engine.generate(*request(state, inputs=ENDLESS, max_new_tokens=200))
+        await anext(events)
+        thread = await asyncio.wait_for(engine.call(lambda: threading.current_thread().name), 5)
+        with pytest.raises(ZeroDivisionError):
+            await engine.call(lambda: 1 / 0)  # an error reaches the caller; the worker keeps going
+        _, final = await drain(events)
+        return thread, final
+
+    try:
+        thread, final = asyncio.run(scenario())
+        assert thread == "loraserve-engine"
+        assert isinstance(final, FinalEvent) and final.generated_tokens == 200
+    finally:
+        engine.stop()
+
