@@ -15,10 +15,6 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
-class UserError(Exception):
-    """Base for errors shown to the user as one line, exit code 2, no traceback."""
-
-
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -67,7 +63,12 @@ def train(
     deploy_path: Annotated[Optional[str], typer.Option(help="The adapter's path relative to the server's adapter root (default: the output dir's name).")] = None,
 ) -> None:
     """Fine-tune a LoRA adapter on Alpaca-style data."""
+    import os
+
     from contract.templates import TemplateError
+
+    if deploy and not os.environ.get("LORASERVE_ADMIN_TOKEN"):  # checked before, not after, an hour of training
+        _fail("--deploy needs the server's admin token in LORASERVE_ADMIN_TOKEN")
     from training.config import ConfigError, TrainConfig
     from training.data import DataError
 
@@ -104,9 +105,7 @@ def _deploy(url: str, *, name: str, path: str) -> None:
 
     import httpx
 
-    token = os.environ.get("LORASERVE_ADMIN_TOKEN")
-    if not token:
-        _fail("--deploy needs the server's admin token in LORASERVE_ADMIN_TOKEN")
+    token = os.environ["LORASERVE_ADMIN_TOKEN"]
     try:
         resp = httpx.post(f"{url.rstrip('/')}/admin/adapters", json={"name": name, "path": path},
                           headers={"Authorization": f"Bearer {token}"}, timeout=600)

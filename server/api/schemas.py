@@ -83,13 +83,20 @@ class Token(BaseModel):
     special: bool
 
 
-class Details(BaseModel):
+class StreamDetails(BaseModel):
+    """Details on the last event of a stream."""
+
     finish_reason: str
     generated_tokens: int
     prompt_tokens: int
     seed: int | None
     adapter: str | None
     adapter_version: str | None
+
+
+class Details(StreamDetails):
+    """Details of a blocking generation: also every token."""
+
     prefill: list[Token] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
     best_of_sequences: list | None = None
@@ -99,15 +106,6 @@ class Details(BaseModel):
 class GenerateResponse(BaseModel):
     generated_text: str
     details: Details | None = None
-
-
-class StreamDetails(BaseModel):
-    finish_reason: str
-    generated_tokens: int
-    prompt_tokens: int
-    seed: int | None
-    adapter: str | None
-    adapter_version: str | None
 
 
 class StreamResponse(BaseModel):
