@@ -292,7 +292,10 @@ class Engine:
                     self._finish(seq, "cancelled")
                 chosen.append(self.tokenizer.pad_token_id)
                 continue
-            seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device)
+            # The repetition penalty needs every id seen so far; skip building that per token otherwise.
+            penalized = seq.params.repetition_penalty != 1.0
+            seen = torch.tensor(seq.prompt_ids + seq.generated if penalized else [], dtype=torch.long,
+                                device=logits.device)
             token, logprob = choose_token(logits[row], seq.params, seen, seq.generator)
             self._accept(seq, token, logprob)
             chosen.append(token)
