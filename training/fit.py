@@ -45,7 +45,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda m: print(m, file
     log(f"rows kept: {len(texts)}; rows over --max-seq-length {cfg.max_seq_length} (dropped): {over}")
     if not texts:
         raise ConfigError(f"every row is longer than --max-seq-length {cfg.max_seq_length} tokens")
-    tmp = _private_tempdir(cfg.output)
+    tmp = _staging_dir(cfg.output)
     try:
         progress, seconds = _fit(cfg, backend, model, tokenizer, texts, workdir=tmp / "_trainer")
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
@@ -59,7 +59,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda m: print(m, file
     return TrainResult(cfg.output, manifest, seconds, tokens / max(seconds, 1e-9), len(texts), over)
 
 
-def _private_tempdir(output: Path) -> Path:
+def _staging_dir(output: Path) -> Path:
     """A temp dir beside `output` (same filesystem, so the final rename is atomic). mkdtemp makes it
     0700; it gets the usual umask-based mode so a server running as another user can read the adapter."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
