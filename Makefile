@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/loraserve demo
 
+# The browser test drives Debian's Chromium: install it first (a no-op when present or without root).
 test: setup
+	bash scripts/install-browser.sh
 	$(PY) -m pytest -q
 
 openapi: setup

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from contract.templates import PromptTemplate
+from server import chat
 from server.adapters import AdapterRegistry, AdapterVersion
 from server.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
 from server.errors import GenerationFailed, Invalid
@@ -24,6 +25,7 @@ class GenerationRequest:
     inputs: str | None = None  # a raw prompt, used as is
     instruction: str | None = None  # or Alpaca fields, formatted with the adapter's template
     input: str = ""
+    messages: list[chat.ChatMessage] | None = None  # or a conversation, rendered by server.chat
     adapter: str | None = None
     max_new_tokens: int | None = None
     do_sample: bool = False
@@ -60,8 +62,8 @@ class GenerationService:
         """Validate and convert; pins the adapter version (call `finish` when done)."""
         adapter = self.registry.acquire(req.adapter) if req.adapter else None
         try:
-            prompt = self._prompt(req, adapter)
-            ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+            prompt, add_special_tokens = self._prompt(req, adapter)
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
             params = self._sampling(req, adapter, prompt_tokens=len(ids))
         except BaseException:
             if adapter:
@@ -113,19 +115,33 @@ class GenerationService:
             prep.adapter = None
 
     # -- conversion and bounds ------------------------------------------------------------------
-    def _prompt(self, req: GenerationRequest, adapter: AdapterVersion | None) -> str:
-        if req.inputs is not None and req.instruction is not None:
+    def _prompt(self, req: GenerationRequest, adapter: AdapterVersion | None) -> tuple[str, bool]:
+        """The prompt text, and whether the tokenizer should add its special tokens (BOS) to it."""
+        if sum(x is not None for x in (req.inputs, req.instruction, req.messages)) > 1:
             raise Invalid("give either 'inputs' or 'instruction' (+ 'input'), not both", param="inputs")
+        if req.messages is not None:
+            return self._chat_prompt(req.messages, adapter)
         if req.inputs is not None:
             text = req.inputs
             self._check_text(text, "inputs")
-            return text
+            return text, True
         if req.instruction is None:
             raise Invalid("the prompt is missing: give 'inputs' or 'instruction'", param="inputs")
         self._check_text(req.instruction, "instruction")
         self._check_text(req.input, "input", allow_empty=True)
         template = adapter.template if adapter else self.base_template
-        return template.prompt(req.instruction, req.input)
+        return template.prompt(req.instruction, req.input), True
+
+    def _chat_prompt(self, messages: list[chat.ChatMessage], adapter: AdapterVersion | None) -> tuple[str, bool]:
+        template = adapter.template if adapter else self.base_template
+        if chat.uses_chat_template(template.name, self.tokenizer, is_base=adapter is None):
+            text = chat.render_chat_template(self.tokenizer, messages)
+            self._check_text(text, "messages")
+            return text, False  # chat templates write their own BOS; adding one would double it
+        instruction, input = chat.to_alpaca(messages)
+        self._check_text(instruction, "messages")
+        self._check_text(input, "messages", allow_empty=True)
+        return template.prompt(instruction, input), True
 
     def _check_text(self, text: str, param: str, *, allow_empty: bool = False) -> None:
         if not allow_empty and not text.strip():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class ServerState:
     service: GenerationService | None = None
     fingerprint: str = ""
     max_context: int = 0
+    loaded_at: float = 0.0  # when the base model finished loading (unix time)
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
@@ -40,6 +42,7 @@ class ServerState:
         self.fingerprint = base_fingerprint(config, runner.tokenizer)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
         self.runner = runner
+        self.loaded_at = time.time()
         self.engine = Engine(runner, max_batch_size=s.max_batch_size, max_running=s.max_running, max_queue=s.max_queue)
         self.registry = AdapterRegistry(
             root=Path(s.adapter_root) if s.adapter_root else None,

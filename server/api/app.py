@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from loraserve import __version__
-from server.api import routes_admin, routes_generate, routes_ops
+from server.api import routes_admin, routes_generate, routes_openai, routes_ops, routes_playground
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
 from server.settings import ServerSettings
@@ -29,6 +29,8 @@ def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
     app.include_router(routes_generate.router)
     app.include_router(routes_admin.public)
     app.include_router(routes_admin.admin)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_playground.router)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, state=state)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from typing import AsyncIterator, Awaitable
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
 from server.api.deps import ReadyState, require_api_key
+from server.api.disconnect import unless_disconnected
 from server.api.errors import error_body
 from server.api.schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
 from server.engine import FinalEvent, TokenEvent
-from server.errors import ClientGone, Invalid, ServeError
+from server.errors import Invalid, ServeError
 from server.service import Prepared
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["generate"])
@@ -36,33 +36,10 @@ def _prepare(state, body: GenerateRequest, request: Request) -> Prepared:
 async def generate(body: GenerateRequest, state: ReadyState, request: Request) -> GenerateResponse:
     prep = _prepare(state, body, request)
     started = time.monotonic()
-    final = await _unless_disconnected(request, state.service.complete(prep))
+    final = await unless_disconnected(request, state.service.complete(prep))
     _log(prep, final, started, route="/generate")
     details = _details(prep, final, tokens=True) if body.parameters.details else None
     return GenerateResponse(generated_text=final.generated_text, details=details)
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[FinalEvent]) -> FinalEvent:
-    """Await a blocking generation, cancelled if the client goes away first: the engine then drops the
-    row within a step, instead of holding a slot to generate for nobody (e.g. after a client timeout)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # its cleanup releases the adapter
-    if task.cancelled():
-        raise ClientGone("the client disconnected; the generation was stopped")
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has disconnected (the body is already read: nothing else arrives)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 @router.post("/generate_stream", summary="Generate text as server-sent events",
