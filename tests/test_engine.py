@@ -245,3 +245,44 @@ def test_adapter_jobs_run_between_steps_while_generating(state):
     finally:
         engine.stop()
 
+
+
+def test_out_of_memory_fails_only_that_group_and_the_engine_recovers(state, monkeypatch):
+    """DESIGN hostile input 20: an OOM mid-generation fails the requests of the batch it hit; the other
+    adapter's requests finish exactly, and the next request for the same adapter succeeds."""
+    zh_key = state.registry.get(ZH).key
+    real_forward = state.runner.forward
+    calls = {"zh": 0}
+
+    def forward_with_oom(ids, mask, positions, cache):
+        if state.runner.active == zh_key:
+            calls["zh"] += 1
+            if calls["zh"] == 3:  # in the middle of the zh group's generation
+                import torch
+
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(ids, mask, positions, cache)
+
+    en_rows, zh_rows = rows_of(EN)[:2], rows_of(ZH)[:2]
+    requests = [request(state, adapter=EN, row=r) for r in en_rows] + [request(state, adapter=ZH, row=r) for r in zh_rows]
+    async def oom_then_retry(engine: Engine):
+        streams = [engine.generate(*r) for r in requests]  # admitted together, before the worker starts
+        engine.start()
+        first = await asyncio.gather(*(drain(s) for s in streams))
+        assert engine.in_flight == 0
+        monkeypatch.setattr(state.runner, "forward", real_forward)
+        return first, [await drain(engine.generate(*request(state, adapter=ZH, row=zh_rows[0])))]
+
+    engine = make_engine(state)
+    monkeypatch.setattr(state.runner, "forward", forward_with_oom)
+    try:
+        results, again = asyncio.run(oom_then_retry(engine))
+    finally:
+        engine.stop()
+    en_results, zh_results = results[:2], results[2:]
+    for (_, final), row in zip(en_results, en_rows):
+        assert isinstance(final, FinalEvent) and final.generated_text == row["output"]
+    for _, final in zh_results:
+        assert isinstance(final, ErrorEvent) and "OutOfMemoryError" in final.message
+    (_, final), = again
+    assert isinstance(final, FinalEvent) and final.generated_text == zh_rows[0]["output"]
