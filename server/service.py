@@ -59,7 +59,7 @@ class GenerationService:
         self.base_template = base_template
 
     def prepare(self, req: GenerationRequest) -> Prepared:
-        """Validate and convert; pins the adapter version (call `finish` when done)."""
+        """Validate and convert; pins the adapter version until the stream from `stream` ends."""
         adapter = self.registry.acquire(req.adapter) if req.adapter else None
         try:
             prompt, add_special_tokens = self._prompt(req, adapter)
