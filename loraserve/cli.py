@@ -210,9 +210,13 @@ def demo(
     retrain: Annotated[bool, typer.Option(help="Train the demo adapters again even if they exist.")] = False,
 ) -> None:
     """Offline showcase: tiny base, two trained adapters, live server, hot-load, streamed answers."""
-    from loraserve.demo import run_demo
+    from loraserve.demo import DemoError, run_demo
 
-    raise typer.Exit(code=run_demo(workdir, port=port, exit_after=exit, retrain=retrain))
+    try:
+        code = run_demo(workdir, port=port, exit_after=exit, retrain=retrain)
+    except DemoError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code=code)
 
 
 @app.command("build-tiny-model")

@@ -46,6 +46,7 @@ def run_demo(workdir: Path, *, port: int, exit_after: bool, retrain: bool) -> in
         _say(f"2/5 training adapter {adapter.name!r} ({adapter.template} template) [{i + 1}/{len(ADAPTERS)}]")
         _train(base, root / adapter.name, adapter, retrain=retrain)
     token = secrets.token_urlsafe(16)
+    _check_port_free(port)
     _say(f"3/5 starting the server on http://127.0.0.1:{port}")
     server = _start_server(base, root, port=port, token=token)
     try:
@@ -81,6 +82,21 @@ def _train(base: Path, output: Path, adapter: DemoAdapter, *, retrain: bool) -> 
                f"version {result.manifest.version}")
 
 
+def _check_port_free(port: int) -> None:
+    """Another server on the port would answer our readiness check and fail the showcase confusingly."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise DemoError(f"port {port} is in use; pass --port to pick another") from None
+
+
+class DemoError(RuntimeError):
+    """A problem the demo reports as one line."""
+
+
 def _start_server(base: Path, root: Path, *, port: int, token: str) -> subprocess.Popen:
     env = {**os.environ, "LORASERVE_BASE_MODEL": str(base), "LORASERVE_ADAPTER_ROOT": str(root),
            "LORASERVE_PORT": str(port), "LORASERVE_ADMIN_TOKEN": token, "HF_HUB_OFFLINE": "1"}
@@ -91,14 +107,14 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 120) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode}")
+            raise DemoError(f"the server exited with code {server.returncode} (its log is above)")
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise RuntimeError("the server did not become ready")
+    raise DemoError("the server did not become ready")
 
 
 def _admin_load(url: str, token: str, name: str) -> dict:
