@@ -8,7 +8,8 @@ Scheduling: requests waiting in the inbox are admitted between steps, grouped by
 groups of at most `max_batch_size` rows. Each group has its own KV cache and runs under its one
 adapter; every loop iteration advances every group by one token, so a newcomer starts (its prefill)
 at the next iteration instead of waiting for running requests to finish, and requests for different
-adapters run concurrently. Rows that finish leave their group at once where the cache allows it.
+adapters run concurrently. Where the cache allows it (transformers' DynamicCache), a newcomer's rows
+then join a running group of the same adapter, and rows that finish leave their group at once.
 """
 
 from __future__ import annotations
@@ -239,11 +240,30 @@ class Engine:
                 self._waiting.remove(seq)
             group = Group(adapter_key=key, seqs=rows)
             running += len(rows)
-            if self._prefill(group):
+            if self._prefill(group) and not self._join_running(group):
                 self._groups.append(group)
         self.stats.waiting = len(self._waiting)
         self.stats.running = sum(len(g.seqs) for g in self._groups)
         self.stats.groups = len(self._groups)
+
+    def _join_running(self, new: Group) -> bool:
+        """Continuous batching: a freshly prefilled group joins a running group of the same adapter
+        with room for it, so requests that arrive while others generate share their forward passes."""
+        for group in self._groups:
+            if group.adapter_key != new.adapter_key or len(group.seqs) + len(new.seqs) > self.max_batch_size:
+                continue
+            cache = self.runner.merge_rows(group.cache, new.cache)
+            if cache is None:
+                return False
+            length = max(group.attention_mask.shape[-1], new.attention_mask.shape[-1])
+            group.cache = cache
+            group.attention_mask = torch.cat([_left_pad_mask(group.attention_mask, length),
+                                              _left_pad_mask(new.attention_mask, length)])  # [B1+B2, L]
+            group.next_positions = torch.cat([group.next_positions, new.next_positions])
+            group.last_tokens = torch.cat([group.last_tokens, new.last_tokens])
+            group.seqs = group.seqs + new.seqs
+            return True
+        return False
 
     def _prefill(self, group: Group) -> bool:
         width = max(len(s.prompt_ids) for s in group.seqs)
@@ -373,6 +393,10 @@ class Engine:
             self._fail(seq, message)
         self._waiting.clear()
         self._groups.clear()
+
+
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (length - mask.shape[-1], 0))
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Any], None]:

@@ -146,6 +146,24 @@ class ModelRunner:
         return DynamicCache(config=self.model.config)
 
     @staticmethod
+    def merge_rows(cache, other):
+        """`other`'s rows appended to `cache`'s, the shorter left-padded with zeros to the longer
+        (the caller pads the attention masks to match, so the padding is never attended). None when
+        these caches cannot be merged (Unsloth's cache lives in per-module buffers)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if type(cache) is not DynamicCache or type(other) is not DynamicCache:
+            return None
+        if any(type(layer) is not DynamicLayer for layer in (*cache.layers, *other.layers)):
+            return None
+        for mine, theirs in zip(cache.layers, other.layers):
+            length = max(mine.keys.shape[-2], theirs.keys.shape[-2])
+            mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])  # [B1+B2, H, L, D]
+            mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
+        return cache
+
+    @staticmethod
     def select_rows(cache, rows: list[int]):
         """Keep only `rows` of the cache; None when this cache type cannot drop rows."""
         if hasattr(cache, "batch_select_indices"):
@@ -157,6 +175,11 @@ class ModelRunner:
 # Attributes Unsloth's decode path keeps on each attention module (unsloth/models/_decode_graphs.py).
 _UNSLOTH_DECODE_BUFFERS = ("paged_attention", "paged_attention_K", "paged_attention_V", "temp_QA", "temp_KV",
                            "RH_Q", "temp_O", "attention")
+
+
+def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, H, S, D] → [B, H, length, D] with zeros in front."""
+    return torch.nn.functional.pad(states, (0, 0, length - states.shape[-2], 0))
 
 
 def _cache_device(cache) -> torch.device:

@@ -145,6 +145,39 @@ def test_seeded_sampling_is_the_same_alone_and_batched(state):
     assert all(t.logprob <= 0 for r in together for t in r[0])
 
 
+def test_late_arrivals_join_the_running_batch_and_match_single_runs(state):
+    """Continuous batching: requests submitted while another generates join its group (one forward
+    pass per step for all of them), with prompts of other lengths, and still equal their single runs."""
+    prompts = [ENDLESS, "Once upon a time", "0123456789", "The quick brown fox jumps over the lazy dog."]
+    requests = [request(state, inputs=p, max_new_tokens=40) for p in prompts]
+    en_row = rows_of(EN)[2]
+    adapter_requests = [request(state, adapter=EN, row=en_row), request(state, adapter=EN, row=rows_of(EN)[3])]
+
+    async def staggered(engine: Engine):
+        engine.start()
+        first = asyncio.ensure_future(drain(engine.generate(*requests[0])))
+        late, max_rows = [], 0
+        for req in requests[1:] + adapter_requests:
+            await asyncio.sleep(0.05)  # the earlier ones are mid-generation by now
+            late.append(asyncio.ensure_future(drain(engine.generate(*req))))
+        while not all(t.done() for t in [first, *late]):
+            base_groups = [g for g in engine._groups if g.adapter_key is None]
+            max_rows = max([max_rows] + [len(g.seqs) for g in base_groups])
+            await asyncio.sleep(0.005)
+        return [first.result(), *[t.result() for t in late]], max_rows
+
+    engine = make_engine(state)
+    try:
+        results, max_rows = asyncio.run(staggered(engine))
+    finally:
+        engine.stop()
+    alone = asyncio.run(run_alone(make_engine(state), requests + adapter_requests))
+    assert max_rows >= 3, "late base-model requests did not join the running group"
+    for i, (mixed, single) in enumerate(zip(results, alone)):
+        assert ids_of(mixed) == ids_of(single), f"request {i}"
+    assert results[-2][1].generated_text == en_row["output"]
+
+
 # -- cancellation, capacity, shutdown -------------------------------------------------------------------------
 
 
