@@ -39,6 +39,7 @@ class TokenEvent:
     text: str  # text released by this token; may be "" while held back (UTF-8 or stop string)
     logprob: float
     special: bool
+    last: bool = False  # the FinalEvent follows at once: streams can close without waiting a step
 
 
 @dataclass
@@ -338,7 +339,7 @@ class Engine:
             reason = None
         if reason:
             text += seq.stops.flush()
-        event = TokenEvent(id=token, text=text, logprob=logprob, special=is_eos)
+        event = TokenEvent(id=token, text=text, logprob=logprob, special=is_eos, last=reason is not None)
         seq.tokens.append(event)
         seq.emit(event)
         if reason:

@@ -62,18 +62,17 @@ async def compat(body: GenerateRequest, state: ReadyState, request: Request):
 
 
 async def _sse(prep: Prepared, first: TokenEvent, events: AsyncIterator) -> AsyncIterator[dict]:
-    """One event per token; TGI puts the full text and details on the last token's event, so each
-    token is held until the next event shows whether it was the last."""
+    """One event per token, sent as soon as it is generated. TGI puts the full text and details on the
+    last token's event: the engine marks that token, and queues the FinalEvent right behind it."""
     started = time.monotonic()
-    pending = first
+    token = first
     try:
-        async for event in events:
-            if isinstance(event, FinalEvent):
-                yield {"data": _stream_chunk(prep, pending, final=event)}
-                _log(prep, event, started, route="/generate_stream")
-                return
-            yield {"data": _stream_chunk(prep, pending, final=None)}
-            pending = event
+        while not token.last:
+            yield {"data": _stream_chunk(prep, token, final=None)}
+            token = await anext(events)
+        final = await anext(events)
+        yield {"data": _stream_chunk(prep, token, final=final)}
+        _log(prep, final, started, route="/generate_stream")
     except ServeError as exc:  # after the first byte, errors travel in-band, then the stream ends
         yield {"data": json.dumps(error_body(exc.message, exc.code))}
     finally:
