@@ -5,7 +5,6 @@ finished, --requests per level (or for --duration s). Open loop (--rates 1,2,4):
 many req/s. Each request is a raw `inputs` prompt of ~--input-len tokens (random words, scaled by one
 calibration request) with max_new_tokens = the output length. The server has no ignore_eos: the actual
 generated_tokens and any finish_reason other than "length" are recorded and reported.
-Client-side TTFT includes one decode step: the server sends each token once the next one exists.
 Prints a table per mode (a row per level); --json writes everything, per request, with machine info.
 
     python bench/serving.py --url http://127.0.0.1:8000 --adapters facts-en,facts-zh \
