@@ -147,31 +147,37 @@ def test_seeded_sampling_is_the_same_alone_and_batched(state):
 
 def test_late_arrivals_join_the_running_batch_and_match_single_runs(state):
     """Continuous batching: requests submitted while another generates join its group (one forward
-    pass per step for all of them), with prompts of other lengths, and still equal their single runs."""
+    pass per step for all of them), with prompts of other lengths, and still equal their single runs.
+    Each request is submitted only once the one before it has produced a token, so every one of them
+    arrives mid-generation whatever the machine's speed (the first runs 300 tokens)."""
     prompts = [ENDLESS, "Once upon a time", "0123456789", "The quick brown fox jumps over the lazy dog."]
-    requests = [request(state, inputs=p, max_new_tokens=40) for p in prompts]
+    requests = [request(state, inputs=p, max_new_tokens=300 if i == 0 else 40) for i, p in enumerate(prompts)]
     en_row = rows_of(EN)[2]
-    adapter_requests = [request(state, adapter=EN, row=en_row), request(state, adapter=EN, row=rows_of(EN)[3])]
+    requests += [request(state, adapter=EN, row=en_row), request(state, adapter=EN, row=rows_of(EN)[3])]
+
+    async def rest(first: TokenEvent, stream):
+        tokens, final = await drain(stream)
+        return [first, *tokens], final
 
     async def staggered(engine: Engine):
         engine.start()
-        first = asyncio.ensure_future(drain(engine.generate(*requests[0])))
-        late, max_rows = [], 0
-        for req in requests[1:] + adapter_requests:
-            await asyncio.sleep(0.05)  # the earlier ones are mid-generation by now
-            late.append(asyncio.ensure_future(drain(engine.generate(*req))))
-        while not all(t.done() for t in [first, *late]):
+        tasks, max_rows = [], 0
+        for req in requests:
+            stream = engine.generate(*req)
+            first = await anext(stream)  # running now: the next request arrives mid-generation
+            tasks.append(asyncio.ensure_future(rest(first, stream)))
+        while not all(t.done() for t in tasks):
             base_groups = [g for g in engine._groups if g.adapter_key is None]
             max_rows = max([max_rows] + [len(g.seqs) for g in base_groups])
-            await asyncio.sleep(0.005)
-        return [first.result(), *[t.result() for t in late]], max_rows
+            await asyncio.sleep(0.002)
+        return [t.result() for t in tasks], max_rows
 
     engine = make_engine(state)
     try:
         results, max_rows = asyncio.run(staggered(engine))
     finally:
         engine.stop()
-    alone = asyncio.run(run_alone(make_engine(state), requests + adapter_requests))
+    alone = asyncio.run(run_alone(make_engine(state), requests))
     assert max_rows >= 3, "late base-model requests did not join the running group"
     for i, (mixed, single) in enumerate(zip(results, alone)):
         assert ids_of(mixed) == ids_of(single), f"request {i}"
