@@ -40,6 +40,7 @@ class CheckedAdapter:
     config: dict
     manifest: AdapterManifest | None
     weights_bytes: int
+    sha256: str  # of the adapter's own files: the version when there is no manifest
 
 
 def resolve_under_root(root: Path, relative: str) -> Path:
@@ -79,13 +80,14 @@ def check_adapter_dir(path: Path, root: Path, base: BaseShapes, *, max_rank: int
         raise Conflict(
             f"adapter was trained for base {manifest.base_model.id!r} (fingerprint {manifest.base_model.fingerprint}); "
             f"this server runs fingerprint {base.fingerprint}", param="path")
-    if manifest is not None and manifest.adapter_sha256 and adapter_sha256(path) != manifest.adapter_sha256:
+    sha = adapter_sha256(path)  # hashed once: checked against the manifest, or the version without one
+    if manifest is not None and manifest.adapter_sha256 and sha != manifest.adapter_sha256:
         # The manifest is written last: files that no longer hash to it were changed or are still being
         # copied in, and the version it names would be a lie.
         raise BadRequest(f"the adapter files do not match {MANIFEST_FILE} (adapter_sha256): changed after "
                          "training, or still being written", param="path")
     _check_weight_shapes(weights, config, base)
-    return CheckedAdapter(path=path, config=config, manifest=manifest, weights_bytes=size)
+    return CheckedAdapter(path=path, config=config, manifest=manifest, weights_bytes=size, sha256=sha)
 
 
 def load_weights(checked: CheckedAdapter) -> dict[str, torch.Tensor]:

@@ -14,14 +14,14 @@ import itertools
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from contract.manifest import AdapterManifest, adapter_sha256
+from contract.manifest import AdapterManifest
 from contract.templates import BUILTIN, PromptTemplate, TemplateError
 from server.adapter_files import BaseShapes, CheckedAdapter, check_adapter_dir, load_weights, lora_config, resolve_under_root
-from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, ServeError, Unavailable
+from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, ServeError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -133,7 +133,7 @@ class AdapterRegistry:
 
     def _new_version(self, name: str, path: str, checked: CheckedAdapter, started: float) -> AdapterVersion:
         manifest = checked.manifest
-        version = manifest.version if manifest else adapter_sha256(checked.path)[:12]
+        version = manifest.version if manifest else checked.sha256[:12]
         return AdapterVersion(
             name=name, version=version, key=f"{name}__{next(self._keys)}", path=path, rank=int(checked.config["r"]),
             template=self._template_of(manifest), eos_token=manifest.eos_token if manifest else None,
@@ -165,5 +165,3 @@ def default_template(name: str) -> PromptTemplate:
         raise ServeError(f"unknown default template {name!r}")
     return BUILTIN[name]
 
-
-__all__ = ["AdapterRegistry", "AdapterVersion", "Unavailable"]

@@ -20,13 +20,13 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import torch
 
 from server.detokenize import Detokenizer, StopMatcher
-from server.errors import GenerationFailed, Overloaded, Unavailable
+from server.errors import Overloaded, Unavailable
 from server.runner import ModelRunner
 from server.sampling import SamplingParams, choose_token, make_generator
 
@@ -315,8 +315,7 @@ class Engine:
                 continue
             # The repetition penalty needs every id seen so far; skip building that per token otherwise.
             penalized = seq.params.repetition_penalty != 1.0
-            seen = torch.tensor(seq.prompt_ids + seq.generated if penalized else [], dtype=torch.long,
-                                device=logits.device)
+            seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device) if penalized else None
             token, logprob = choose_token(logits[row], seq.params, seen, seq.generator)
             self._accept(seq, token, logprob)
             chosen.append(token)
@@ -423,5 +422,3 @@ def _release_cuda_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-__all__ = ["Engine", "TokenEvent", "FinalEvent", "ErrorEvent", "GenerationFailed"]

@@ -15,9 +15,9 @@ from server.state import ServerState
 async def generate_once(*, base_model: str, adapter_dir: Path | None, instruction: str | None, input: str,
                         prompt: str | None, max_new_tokens: int, temperature: float | None, seed: int | None,
                         backend: str, write: Callable[[str], object]) -> FinalEvent:
-    from server.serve import _quiet_libraries
+    from server.serve import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     adapter_dir = adapter_dir.resolve() if adapter_dir else None
     settings = ServerSettings(base_model=base_model, backend=backend, max_new_tokens_cap=max(max_new_tokens, 1),
                               adapter_root=adapter_dir.parent if adapter_dir else None)

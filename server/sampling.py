@@ -35,7 +35,7 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 def choose_token(
     logits: torch.Tensor,  # [V] float32, one row
     params: SamplingParams,
-    seen_ids: torch.Tensor,  # [N] prompt + generated ids, for the repetition penalty
+    seen_ids: torch.Tensor | None,  # [N] prompt + generated ids; None when no repetition penalty applies
     generator: torch.Generator | None,
 ) -> tuple[int, float]:
     """The next token id and its log-probability under the distribution it was drawn from."""
@@ -49,8 +49,8 @@ def choose_token(
     return token, float(torch.log(probs[token].clamp_min(1e-30)))
 
 
-def _penalize_repeats(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    if penalty == 1.0 or seen_ids.numel() == 0:
+def _penalize_repeats(logits: torch.Tensor, seen_ids: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    if penalty == 1.0 or seen_ids is None or seen_ids.numel() == 0:
         return logits
     logits = logits.clone()
     seen = logits[seen_ids]

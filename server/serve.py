@@ -46,14 +46,14 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
     DrainingServer(config, app.state.loraserve).run()
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """transformers prints a load report for every adapter (base keys 'missing'); it is noise here."""
     import warnings
 

@@ -42,9 +42,13 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterVersion | None  # pinned until the generation ends, then None
-    adapter_label: str  # for metrics and logs: the adapter name or "base"
     adapter_name: str | None = None
     adapter_version: str | None = None
+
+    @property
+    def adapter_label(self) -> str:
+        """For metrics and logs: the adapter name, or "base"."""
+        return self.adapter_name or "base"
 
 
 class GenerationService:
@@ -69,7 +73,7 @@ class GenerationService:
             if adapter:
                 self.registry.release(adapter)
             raise
-        return Prepared(prompt_ids=ids, params=params, adapter=adapter, adapter_label=req.adapter or "base",
+        return Prepared(prompt_ids=ids, params=params, adapter=adapter,
                         adapter_name=adapter.name if adapter else None,
                         adapter_version=adapter.version if adapter else None)
 

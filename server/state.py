@@ -37,6 +37,7 @@ class ServerState:
     def load_model(self) -> None:
         """Blocking: load the base model and build the engine, registry and service around it."""
         s = self.settings
+        template = default_template(s.default_template)  # a bad name fails before a long model load
         runner = load_runner(s.base_model, backend=s.backend, load_in_4bit=s.load_in_4bit)
         config = runner.model.config
         self.fingerprint = base_fingerprint(config, runner.tokenizer)
@@ -47,12 +48,12 @@ class ServerState:
         self.registry = AdapterRegistry(
             root=Path(s.adapter_root) if s.adapter_root else None,
             base=base_shapes(runner.model, self.fingerprint), base_name=s.public_base_name,
-            default_template=default_template(s.default_template), max_adapters=s.max_adapters,
+            default_template=template, max_adapters=s.max_adapters,
             max_rank=s.max_adapter_rank, max_bytes=s.max_adapter_bytes,
             run_on_worker=self.engine.call, attach=runner.attach, detach=runner.detach,
         )
         self.service = GenerationService(engine=self.engine, registry=self.registry, settings=s, metrics=self.metrics,
-                                         max_context=self.max_context, base_template=default_template(s.default_template))
+                                         max_context=self.max_context, base_template=template)
         log.info("base model %s loaded: backend=%s device=%s fingerprint=%s context=%d", s.base_model,
                  runner.backend, runner.device, self.fingerprint, self.max_context)
 
