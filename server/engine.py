@@ -4,12 +4,11 @@ What it knows: token ids, sampling parameters, an adapter key per request, a tok
 detokenizing and stop strings. What it does NOT know: HTTP, prompts or templates, adapter files,
 adapter names beyond the opaque handle it is given.
 
-Scheduling: requests waiting in the inbox are admitted between steps, grouped by adapter into
-groups of at most `max_batch_size` rows. Each group has its own KV cache and runs under its one
-adapter; every loop iteration advances every group by one token, so a newcomer starts (its prefill)
-at the next iteration instead of waiting for running requests to finish, and requests for different
-adapters run concurrently. Where the cache allows it (transformers' DynamicCache), a newcomer's rows
-then join a running group of the same adapter, and rows that finish leave their group at once.
+Scheduling is continuous batching over the runner's KV slots. A request waits until a KV slot (and,
+for an adapter, a device adapter slot) is free, then its prompt is prefilled in chunks of at most
+`prefill_chunk_tokens`, inside the same forward passes that advance every running sequence by one
+token. All running sequences share each pass whatever their adapters (the runner applies each row's
+own LoRA); a newcomer joins at the next step and a finished sequence leaves at once, freeing its slot.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ import torch
 from server.detokenize import Detokenizer, StopMatcher
 from server.errors import Overloaded, Unavailable
 from server.runner import ModelRunner
-from server.sampling import SamplingParams, choose_token, make_generator
+from server.sampling import SamplingParams, choose_tokens, make_generator
+from server.step_plan import StepPlan, plan_step
 
 log = logging.getLogger("loraserve.engine")
 
@@ -79,6 +79,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.enqueued = time.monotonic()
         self.first_token_at: float | None = None
+        self.slot: int | None = None  # KV slot while running
+        self.lora_slot = -1  # device adapter slot while running; -1 for the base model
+        self.cached = 0  # positions of this sequence written to its KV slot
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -89,41 +92,28 @@ class Sequence:
 
 
 @dataclass
-class Group:
-    """Rows that share an adapter and a KV cache; row i of every tensor is seqs[i]."""
-
-    adapter_key: str | None
-    seqs: list[Sequence]
-    cache: Any = None
-    attention_mask: torch.Tensor | None = None  # [B, past]
-    next_positions: torch.Tensor | None = None  # [B]
-    last_tokens: torch.Tensor | None = None  # [B]
-    decode_state: Any = None  # backend-specific state that must be swapped in before this group's step
-    steps: int = 0
-
-
-@dataclass
 class EngineStats:
     waiting: int = 0
     running: int = 0
-    groups: int = 0
     steps: int = 0
     generated_tokens: int = 0
+    prefill_tokens: int = 0
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, *, max_batch_size: int, max_running: int, max_queue: int) -> None:
+    def __init__(self, runner: ModelRunner, *, max_running: int, max_queue: int, prefill_chunk_tokens: int = 512) -> None:
         self.runner = runner
         self.tokenizer = runner.tokenizer
-        self.max_batch_size = max_batch_size
         self.max_running = max_running
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_queue = max_queue
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._waiting: list[Sequence] = []
-        self._groups: list[Group] = []
+        self._slots: list[Sequence] = []  # running sequences; _slots[i] owns KV slot i
+        self._prefilling: list[Sequence] = []  # running sequences whose prompt is not all cached, oldest first
         self._accepting = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
@@ -198,13 +188,15 @@ class Engine:
                 self._fail_all(self._abort_message)
             self._run_jobs()
             self._take_inbox()
-            self._start_groups()
-            if not self._groups:
+            self._drop_cancelled()
+            self._start_waiting()
+            plan = plan_step(self._slots, self._prefilling, cache=self.runner.cache,
+                             chunk_tokens=self.prefill_chunk_tokens, device=self.runner.device)
+            if plan is None:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            for group in list(self._groups):
-                self._advance(group)
+            self._run_step(plan)
         self._take_inbox()
         self._fail_all("server stopped")
 
@@ -231,95 +223,71 @@ class Engine:
             self._finish(seq, "cancelled")
         self.stats.waiting = len(self._waiting)
 
-    def _start_groups(self) -> None:
-        running = sum(len(g.seqs) for g in self._groups)
-        while self._waiting and running < self.max_running:
-            key = self._waiting[0].adapter_key
-            room = min(self.max_batch_size, self.max_running - running)
-            rows = [s for s in self._waiting if s.adapter_key == key][:room]
-            for seq in rows:
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._slots if s.cancelled.is_set()]:
+            self._finish(seq, "cancelled")
+
+    def _start_waiting(self) -> None:
+        """Give waiting requests, oldest first, a KV slot and their adapter's device slot. A full KV
+        cache stops admission (they wait); an adapter whose slot cannot be had yet (every adapter
+        slot pinned by running requests) waits without holding up requests for other adapters."""
+        cache, lora = self.runner.cache, self.runner.lora
+        for seq in list(self._waiting):
+            if cache.free == 0:
+                break
+            if not seq.prompt_ids or len(seq.prompt_ids) + seq.params.max_new_tokens > cache.max_len:
                 self._waiting.remove(seq)
-            group = Group(adapter_key=key, seqs=rows)
-            running += len(rows)
-            if self._prefill(group) and not self._join_running(group):
-                self._groups.append(group)
+                self._fail(seq, f"prompt ({len(seq.prompt_ids)} tokens) plus max_new_tokens must fit the "
+                                f"context of {cache.max_len} tokens")
+                continue
+            if seq.adapter_key is not None:
+                if seq.adapter_key not in lora.host:
+                    self._waiting.remove(seq)
+                    self._fail(seq, "the adapter was unloaded before the request started")
+                    continue
+                slot = lora.acquire(seq.adapter_key)
+                if slot is None:
+                    continue
+                seq.lora_slot = slot
+            self._waiting.remove(seq)
+            seq.slot = cache.allocate()
+            self._slots.append(seq)
+            self._prefilling.append(seq)
         self.stats.waiting = len(self._waiting)
-        self.stats.running = sum(len(g.seqs) for g in self._groups)
-        self.stats.groups = len(self._groups)
+        self.stats.running = len(self._slots)
 
-    def _join_running(self, new: Group) -> bool:
-        """Continuous batching: a freshly prefilled group joins a running group of the same adapter
-        with room for it, so requests that arrive while others generate share their forward passes."""
-        for group in self._groups:
-            if group.adapter_key != new.adapter_key or len(group.seqs) + len(new.seqs) > self.max_batch_size:
-                continue
-            cache = self.runner.merge_rows(group.cache, new.cache)
-            if cache is None:
-                return False
-            length = max(group.attention_mask.shape[-1], new.attention_mask.shape[-1])
-            group.cache = cache
-            group.attention_mask = torch.cat([_left_pad_mask(group.attention_mask, length),
-                                              _left_pad_mask(new.attention_mask, length)])  # [B1+B2, L]
-            group.next_positions = torch.cat([group.next_positions, new.next_positions])
-            group.last_tokens = torch.cat([group.last_tokens, new.last_tokens])
-            group.seqs = group.seqs + new.seqs
-            return True
-        return False
-
-    def _prefill(self, group: Group) -> bool:
-        width = max(len(s.prompt_ids) for s in group.seqs)
-        pad = self.tokenizer.pad_token_id
-        device = self.runner.device
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group.seqs], device=device)  # [B, S]
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in group.seqs], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens count from 0
-        return self._step(group, ids, mask, positions, cache=self.runner.new_cache())
-
-    def _advance(self, group: Group) -> None:
-        self._drop_finished_rows(group)
-        if not group.seqs:
-            self._groups.remove(group)
-            return
-        ids = group.last_tokens.unsqueeze(-1)  # [B, 1]
-        mask = torch.cat([group.attention_mask, torch.ones_like(group.last_tokens).unsqueeze(-1)], dim=-1)
-        if not self._step(group, ids, mask, group.next_positions.unsqueeze(-1), cache=group.cache):
-            self._groups.remove(group)
-
-    def _step(self, group: Group, ids, mask, positions, *, cache) -> bool:
-        """One forward pass for the group and one token per live row. False when the group failed."""
+    def _run_step(self, plan: StepPlan) -> None:
         try:
-            self.runner.activate(group.adapter_key)
-            self.runner.swap_decode_state(group.decode_state)
-            logits, cache = self.runner.forward(ids, mask, positions, cache)  # [B, V]
-            group.decode_state = self.runner.decode_state()
-        except Exception as exc:  # OOM or a kernel error: fail this group, keep serving the others
-            log.exception("forward failed for %d rows", len(group.seqs))
-            _release_cuda_memory()
-            for seq in group.seqs:
-                self._fail(seq, f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
-            return False
-        group.cache, group.attention_mask = cache, mask
-        group.next_positions = positions[:, -1] + 1
-        group.last_tokens = self._sample_rows(group, logits)
-        group.steps += 1
+            logits = self.runner.decoder.forward(plan.step)  # [R, V]
+        except Exception as exc:  # OOM or a kernel error: fail who is most likely the cause, keep serving
+            self._step_failed(plan, exc)
+            return
         self.stats.steps += 1
-        return True
+        for seq in plan.decoding:
+            seq.cached += 1
+        for seq, chunk in zip(plan.prefilling, plan.step.chunks):
+            seq.cached += chunk.length
+            self.stats.prefill_tokens += chunk.length
+        for seq in plan.prefilling:
+            if seq.cached == len(seq.prompt_ids):
+                self._prefilling.remove(seq)
+        self._sample(plan.sampled, logits)
 
-    def _sample_rows(self, group: Group, logits: torch.Tensor) -> torch.Tensor:
-        chosen = []
-        for row, seq in enumerate(group.seqs):
-            if seq.done or seq.cancelled.is_set():
-                if not seq.done:
-                    self._finish(seq, "cancelled")
-                chosen.append(self.tokenizer.pad_token_id)
-                continue
-            # The repetition penalty needs every id seen so far; skip building that per token otherwise.
-            penalized = seq.params.repetition_penalty != 1.0
-            seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device) if penalized else None
-            token, logprob = choose_token(logits[row], seq.params, seen, seq.generator)
-            self._accept(seq, token, logprob)
-            chosen.append(token)
-        return torch.tensor(chosen, device=self.runner.device)
+    def _step_failed(self, plan: StepPlan, exc: Exception) -> None:
+        """A failed step wrote nothing it would not write again, so decoding rows can retry it. When
+        the step carried prompt chunks (the memory-hungry part), only those requests fail."""
+        log.exception("forward failed (%d decoding, %d prefilling)", len(plan.decoding), len(plan.prefilling))
+        _release_cuda_memory()
+        message = f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"
+        for seq in plan.prefilling or plan.decoding:
+            self._fail(seq, message)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        for seq, (token, logprob) in zip(seqs, choose_tokens(logits, seqs)):
+            if seq.cancelled.is_set():
+                self._finish(seq, "cancelled")
+            else:
+                self._accept(seq, token, logprob)
 
     def _accept(self, seq: Sequence, token: int, logprob: float) -> None:
         if seq.first_token_at is None:
@@ -344,26 +312,6 @@ class Engine:
         if reason:
             self._finish(seq, reason)
 
-    def _drop_finished_rows(self, group: Group) -> None:
-        for seq in group.seqs:
-            if seq.cancelled.is_set() and not seq.done:
-                self._finish(seq, "cancelled")
-        keep = [i for i, s in enumerate(group.seqs) if not s.done]
-        if not keep:
-            group.seqs = []
-            return
-        if len(keep) == len(group.seqs):
-            return
-        cache = self.runner.select_rows(group.cache, keep)
-        if cache is None:
-            return  # this cache cannot drop rows: finished rows ride along, their tokens ignored
-        index = torch.tensor(keep, device=group.attention_mask.device)
-        group.cache = cache
-        group.seqs = [group.seqs[i] for i in keep]
-        group.attention_mask = group.attention_mask[index]
-        group.next_positions = group.next_positions[index]
-        group.last_tokens = group.last_tokens[index]
-
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.done:
             return
@@ -385,18 +333,30 @@ class Engine:
         seq.emit(ErrorEvent(message))
 
     def _retire(self, seq: Sequence) -> None:
+        self._free_slots(seq)
         with self._count_lock:
             self._admitted -= 1
 
+    def _free_slots(self, seq: Sequence) -> None:
+        """Give back the sequence's KV slot (the highest running one moves into it) and its adapter pin."""
+        if seq.slot is None:
+            return
+        top = self._slots[-1]
+        moved = self.runner.cache.release(seq.slot, top_length=top.cached)
+        if moved is not None:
+            self._slots[seq.slot], top.slot = top, seq.slot
+        self._slots.pop()
+        seq.slot = None
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq.adapter_key is not None:
+            self.runner.lora.release(seq.adapter_key)
+        self.stats.running = len(self._slots)
+
     def _fail_all(self, message: str) -> None:
-        for seq in self._waiting + [s for g in self._groups for s in g.seqs]:
+        for seq in self._waiting + list(self._slots):
             self._fail(seq, message)
         self._waiting.clear()
-        self._groups.clear()
-
-
-def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.nn.functional.pad(mask, (length - mask.shape[-1], 0))
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Any], None]:

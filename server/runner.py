@@ -1,191 +1,62 @@
-"""The model and the operations the engine's worker thread performs on it.
+"""The loaded model with the engine-owned state around it: KV cache slots and LoRA slots.
 
 This is the only module on the server side that imports `unsloth`; it does so only when the
-Unsloth backend is chosen (CUDA and the package present, or asked for). Every method here must be
-called from the engine's worker thread: Unsloth's inference path is not thread-safe, and adapters
-are switched by mutating the model.
+Unsloth backend is chosen (CUDA and the package present, or asked for). Unsloth is the loader there
+(its fast 16-bit and 4-bit loading); the forward pass is always our decoder, which reads the base
+weights through the model's modules and applies every row's adapter itself (Unsloth's fused decode
+ignores per-row adapters: DESIGN.md). Every method must be called from the engine's worker thread.
 
-LoRA adapters are attached through transformers' PEFT integration with a config and a state dict we
-read and checked ourselves (never a path handed to a loader that might fall back to pickle). A batch
-runs under one active adapter: PEFT's per-row `adapter_names` is ignored by Unsloth's fused decode
-path (DESIGN.md), so the engine groups rows by adapter instead.
+Adapters arrive as a LoRA config and a state dict we read and checked ourselves (never a path
+handed to a loader that might fall back to pickle); they are never merged into the base weights.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
-from typing import Any
-
 import torch
+
+from server.decoder import Decoder, check_architecture, projection_shapes
+from server.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
+from server.lora_slots import LoraSlots
 
 log = logging.getLogger("loraserve.runner")
 
 
-@dataclass
-class BaseInfo:
-    backend: str
-    device: str
-    dtype: str
-    max_context: int
-    fingerprint: str
-
-
 class ModelRunner:
-    def __init__(self, model, tokenizer, *, backend: str) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.backend = backend
+    def __init__(self, model, tokenizer, *, backend: str, max_context: int, kv_slots: int, adapter_slots: int,
+                 max_lora_rank: int = 256, kv_memory_fraction: float = 0.9) -> None:
+        check_architecture(model.config)
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.device = next(model.parameters()).device
-        self.active: str | None = None
-        self.attached: set[str] = set()
-        self._adapters_enabled: bool | None = True  # None: unknown, settled by the next activate
-        self._attn: list | None = None
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.max_context = max_context
+        self.max_lora_rank = max_lora_rank
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv = dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim, max_len=max_context)
+        slots = plan_slots(kv_slots, per_slot=bytes_per_slot(**kv, dtype=self.dtype), device=self.device,
+                           memory_fraction=kv_memory_fraction)
+        self.cache = SlotKVCache(**kv, slots=slots, device=self.device, dtype=self.dtype)
+        self.lora = LoraSlots(projection_shapes(model), slots=adapter_slots, device=self.device, dtype=self.dtype)
+        self.decoder = Decoder(model, cache=self.cache, lora=self.lora)
+        log.info("KV cache: %d slots × %d positions; %d adapter slots", slots, max_context, adapter_slots)
 
-    # -- adapters -------------------------------------------------------------------------------
+    @property
+    def attached(self) -> set[str]:
+        return set(self.lora.host)
+
     def attach(self, key: str, lora_config, state_dict: dict[str, torch.Tensor]) -> None:
-        try:
-            info = self.model.load_adapter(adapter_name=key, peft_config=lora_config, adapter_state_dict=state_dict)
-        except BaseException:
-            self._drop_partial(key)
-            raise
-        self.attached.add(key)
-        missing = [k for k in getattr(info, "missing_keys", ()) if f".{key}." in k]  # other adapters show up too
-        unexpected = list(getattr(info, "unexpected_keys", ()))
-        if missing or unexpected:
-            self.detach(key)
-            raise ValueError(f"adapter weights do not fit the base model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        # load_adapter may change the active adapter, and the first one's fresh layers come enabled even
-        # while base-model rows run: re-select and re-enable/disable before the next step.
-        self.active, self._adapters_enabled = None, None
-
-    def _drop_partial(self, key: str) -> None:
-        """What a failed load_adapter (e.g. out of memory half-way) left of `key`: each retry would leak it."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if key in (getattr(self.model, "peft_config", None) or {}):
-            self.model.delete_adapter(key)
-        for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.delete_adapter(key)
-        self.active, self._adapters_enabled = None, None
+        """Keep adapter `key` ready to serve: host copy now, a device slot when a request needs it.
+        Raises ValueError when it does not fit this model or this server's rank limit."""
+        rank = int(lora_config.r)
+        if rank > self.max_lora_rank:
+            raise ValueError(f"rank {rank} is over this server's limit of {self.max_lora_rank}")
+        scaling = lora_config.lora_alpha / (rank ** 0.5 if lora_config.use_rslora else rank)
+        self.lora.add(key, rank=rank, scaling=scaling, state_dict=state_dict)
 
     def detach(self, key: str) -> None:
-        if key in self.attached:
-            self.model.delete_adapter(key)
-            self.attached.discard(key)
-            self.active = None
-
-    def activate(self, key: str | None) -> None:
-        if key == self.active and self._adapters_enabled == (key is not None):
-            return
-        if key is None:
-            if self.attached:
-                self.model.disable_adapters()
-            self._adapters_enabled = False
-        else:
-            if not self._adapters_enabled:
-                self.model.enable_adapters()
-            self.model.set_adapter(key)
-            self._adapters_enabled = True
-        self.active = key
-
-    # -- forward --------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, input_ids, attention_mask, position_ids, cache) -> tuple[torch.Tensor, Any]:
-        """Logits of the last position per row [B, V] (float32) and the updated cache."""
-        out = self.model(
-            input_ids=input_ids,  # [B, S]
-            attention_mask=attention_mask,  # [B, past + S]
-            position_ids=position_ids,  # [B, S]
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            return_dict=True,
-        )
-        if isinstance(out, tuple):  # Unsloth's fused decode step answers a tuple whatever return_dict says
-            logits, cache = out[0], out[1]
-        else:
-            logits, cache = out.logits, out.past_key_values
-        return logits[:, -1, :].float(), cache
-
-    # -- per-group decode state ------------------------------------------------------------------
-    def swap_decode_state(self, state: dict | None) -> None:
-        """Make `state` (from `decode_state`, or None for a fresh prefill) the model's decode state.
-
-        Unsloth's fused decode keeps the KV cache in buffers on each attention module, not in the
-        returned cache, and a prefill drops them: two groups stepping in turn would read each
-        other's keys. So each group keeps its own buffers and they are swapped in before its step.
-        References only, no copies. transformers' cache lives in the cache object: nothing to do.
-        """
-        if self.backend != "unsloth":
-            return
-        for index, attn in enumerate(self._attention_modules()):
-            for name in _UNSLOTH_DECODE_BUFFERS:
-                attn.__dict__.pop(name, None)
-            if state is not None:
-                attn.__dict__.update(state[index])
-
-    def decode_state(self) -> dict | None:
-        if self.backend != "unsloth":
-            return None
-        return {i: {n: attn.__dict__[n] for n in _UNSLOTH_DECODE_BUFFERS if n in attn.__dict__}
-                for i, attn in enumerate(self._attention_modules())}
-
-    def _attention_modules(self) -> list:
-        if self._attn is None:
-            self._attn = [m for m in self.model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj")]
-        return self._attn
-
-    def new_cache(self):
-        if self.backend == "unsloth":
-            return None  # Unsloth builds its own cache on the first (prefill) call
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    @staticmethod
-    def merge_rows(cache, other):
-        """`other`'s rows appended to `cache`'s, the shorter left-padded with zeros to the longer
-        (the caller pads the attention masks to match, so the padding is never attended). None when
-        these caches cannot be merged (Unsloth's cache lives in per-module buffers)."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        if type(cache) is not DynamicCache or type(other) is not DynamicCache:
-            return None
-        if any(type(layer) is not DynamicLayer for layer in (*cache.layers, *other.layers)):
-            return None
-        for mine, theirs in zip(cache.layers, other.layers):
-            length = max(mine.keys.shape[-2], theirs.keys.shape[-2])
-            mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])  # [B1+B2, H, L, D]
-            mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
-        return cache
-
-    @staticmethod
-    def select_rows(cache, rows: list[int]):
-        """Keep only `rows` of the cache; None when this cache type cannot drop rows."""
-        if hasattr(cache, "batch_select_indices"):
-            cache.batch_select_indices(torch.tensor(rows, device=_cache_device(cache)))
-            return cache
-        return None
-
-
-# Attributes Unsloth's decode path keeps on each attention module (unsloth/models/_decode_graphs.py).
-_UNSLOTH_DECODE_BUFFERS = ("paged_attention", "paged_attention_K", "paged_attention_V", "temp_QA", "temp_KV",
-                           "RH_Q", "temp_O", "attention")
-
-
-def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
-    """[B, H, S, D] → [B, H, length, D] with zeros in front."""
-    return torch.nn.functional.pad(states, (0, 0, length - states.shape[-2], 0))
-
-
-def _cache_device(cache) -> torch.device:
-    layer = cache.layers[0] if getattr(cache, "layers", None) else None
-    keys = getattr(layer, "keys", None)
-    return keys.device if keys is not None else torch.device("cpu")
+        self.lora.remove(key)
 
 
 def choose_backend(requested: str) -> str:
@@ -198,7 +69,8 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int | None = None) -> ModelRunner:
+def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int | None,
+                kv_slots: int, adapter_slots: int, max_lora_rank: int, kv_memory_fraction: float) -> ModelRunner:
     backend = choose_backend(backend)
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(base_model, load_in_4bit=load_in_4bit, max_context=max_context)
@@ -206,7 +78,10 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
         model, tokenizer = _load_transformers(base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ModelRunner(model, tokenizer, backend=backend)
+    limit = int(getattr(model.config, "max_position_embeddings", 2048))
+    return ModelRunner(model, tokenizer, backend=backend, max_context=min(max_context or limit, limit),
+                       kv_slots=kv_slots, adapter_slots=adapter_slots, max_lora_rank=max_lora_rank,
+                       kv_memory_fraction=kv_memory_fraction)
 
 
 def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int | None):

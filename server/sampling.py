@@ -1,6 +1,7 @@
 """Sampling parameters and the per-row choice of the next token.
 
-Rows in a batch may carry different parameters, so choosing is per row; the forward pass is not.
+Rows in a batch may carry different parameters, so choosing is per row (plain greedy rows together);
+the forward pass is not.
 """
 
 from __future__ import annotations
@@ -69,3 +70,24 @@ def _warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     return logits
+
+
+def choose_tokens(logits: torch.Tensor, seqs: list) -> list[tuple[int, float]]:
+    """The next (token, logprob) of each row of logits [R, V] for seqs[i] (with `params`,
+    `generator`, `prompt_ids`, `generated`). Plain greedy rows are chosen together with one transfer
+    from the device; rows that sample or penalize repeats go through `choose_token` one by one."""
+    chosen: list[tuple[int, float] | None] = [None] * len(seqs)
+    plain = [i for i, seq in enumerate(seqs) if not seq.params.do_sample and seq.params.repetition_penalty == 1.0]
+    if plain:
+        rows = logits[torch.tensor(plain, device=logits.device)]  # [P, V]
+        tokens = rows.argmax(dim=-1)  # [P]
+        logprobs = torch.log_softmax(rows, dim=-1).gather(-1, tokens[:, None])[:, 0]  # [P]
+        for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist()):
+            chosen[i] = (token, logprob)
+    for i, seq in enumerate(seqs):
+        if chosen[i] is None:
+            # The repetition penalty needs every id seen so far; skip building that per token otherwise.
+            penalized = seq.params.repetition_penalty != 1.0
+            seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device) if penalized else None
+            chosen[i] = choose_token(logits[i], seq.params, seen, seq.generator)
+    return chosen

@@ -38,13 +38,15 @@ class ServerState:
         """Blocking: load the base model and build the engine, registry and service around it."""
         s = self.settings
         template = default_template(s.default_template)  # a bad name fails before a long model load
-        runner = load_runner(s.base_model, backend=s.backend, load_in_4bit=s.load_in_4bit)
-        config = runner.model.config
-        self.fingerprint = base_fingerprint(config, runner.tokenizer)
-        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        runner = load_runner(s.base_model, backend=s.backend, load_in_4bit=s.load_in_4bit, max_context=s.max_context,
+                             kv_slots=s.max_running, adapter_slots=s.adapter_slots, max_lora_rank=s.max_adapter_rank,
+                             kv_memory_fraction=s.kv_memory_fraction)
+        self.fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
+        self.max_context = runner.max_context
         self.runner = runner
         self.loaded_at = time.time()
-        self.engine = Engine(runner, max_batch_size=s.max_batch_size, max_running=s.max_running, max_queue=s.max_queue)
+        self.engine = Engine(runner, max_running=runner.cache.slots, max_queue=s.max_queue,
+                             prefill_chunk_tokens=s.prefill_chunk_tokens)
         self.registry = AdapterRegistry(
             root=Path(s.adapter_root) if s.adapter_root else None,
             base=base_shapes(runner.model, self.fingerprint), base_name=s.public_base_name,
@@ -54,8 +56,8 @@ class ServerState:
         )
         self.service = GenerationService(engine=self.engine, registry=self.registry, settings=s, metrics=self.metrics,
                                          max_context=self.max_context, base_template=template)
-        log.info("base model %s loaded: backend=%s device=%s fingerprint=%s context=%d", s.base_model,
-                 runner.backend, runner.device, self.fingerprint, self.max_context)
+        log.info("base model %s loaded: backend=%s device=%s fingerprint=%s context=%d kv_slots=%d", s.base_model,
+                 runner.backend, runner.device, self.fingerprint, self.max_context, runner.cache.slots)
 
     async def preload_adapters(self) -> None:
         for name, path in self.settings.adapters.items():

@@ -31,7 +31,8 @@ async def info(state: State) -> dict:
     return {
         "model_id": s.public_base_name, "backend": state.runner.backend if state.runner else None,
         "fingerprint": state.fingerprint, "max_context": state.max_context,
-        "max_new_tokens_cap": s.max_new_tokens_cap, "max_batch_size": s.max_batch_size,
+        "max_new_tokens_cap": s.max_new_tokens_cap, "max_running": s.max_running,
+        "kv_slots": state.runner.cache.slots if state.runner else None,
         "adapters": state.registry.names() if state.registry else [],
     }
 

@@ -1,0 +1,178 @@
+"""One forward pass of a Llama-family model over the engine's KV cache, with per-row LoRA.
+
+The weights are the loaded model's own modules (embedding, norms, projections, head: plain, 4-bit or
+Unsloth-loaded alike); what this module owns is the shape of a step. A step is a flat list of
+tokens: first one row per KV slot in use (the decode rows: row i is slot i), then chunks of prompts
+being prefilled. Every token carries its position, the cache cell it writes and its adapter slot,
+so one pass serves any mix of adapters and of decoding and prefilling sequences:
+
+    [ decode rows: slots 0..n-1 | prompt chunk of seq a | prompt chunk of seq b | ... ]   T tokens
+
+Decode rows attend over the view K[:n, :, :span] under a length mask; each prompt chunk attends
+causally over its own slot. The projections, norms and MLP run once over all T tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from server.kv_cache import SlotKVCache
+from server.lora_slots import PROJECTIONS, LoraSlots
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class Chunk:
+    slot: int
+    start: int  # position of its first token
+    length: int
+
+
+@dataclass
+class Step:
+    ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] RoPE positions
+    write_slots: torch.Tensor  # [T] the KV cell each token writes: (slot, position)
+    write_positions: torch.Tensor  # [T]
+    lora_slots: torch.Tensor  # [T] adapter slot per token, -1 for the base model
+    decode_rows: int  # n: tokens 0..n-1 are the decode rows, row i in KV slot i
+    decode_lengths: torch.Tensor  # [n] positions each decode row attends (1 for rows riding along)
+    chunks: list[Chunk]
+    logit_rows: torch.Tensor  # [R] tokens whose next-token logits are wanted
+
+
+def check_architecture(config) -> None:
+    """Refuse models whose layers this decoder would run wrongly (a silent wrong answer is worse)."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope not in _STATIC_ROPE_TYPES:
+        raise ValueError(f"rope type {rope!r} is not supported (supported: {', '.join(_STATIC_ROPE_TYPES)})")
+    window = getattr(config, "sliding_window", None)
+    if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
+        raise ValueError("sliding-window attention is not supported")
+
+
+class Decoder:
+    def __init__(self, model, *, cache: SlotKVCache, lora: LoraSlots) -> None:
+        config = model.config
+        self.model, self.cache, self.lora = model, cache, lora
+        self.layers = list(model.model.layers)
+        self.norm = model.model.norm
+        self.embed = model.get_input_embeddings()
+        self.head = model.get_output_embeddings()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cos, self.sin = rope_tables(config, length=cache.max_len + 1, device=cache.K[0].device,
+                                         dtype=cache.K[0].dtype)  # [max_len + 1, D]
+
+    @torch.inference_mode()
+    def forward(self, step: Step) -> torch.Tensor:
+        """Run the step, writing its keys and values into the cache; logits [R, V] float32."""
+        x = self.embed(step.ids)  # [T, H]
+        cos, sin = self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1)  # [T, 1, D]
+        mask = self.lora.row_mask(step.lora_slots)  # [T, slots * R] or None
+        for index, layer in enumerate(self.layers):
+            x = self._layer(index, layer, x, step, rope=(cos, sin), lora_mask=mask)
+        last = rms_norm(x[step.logit_rows], self.norm)  # [R, H]
+        return self.head(last).float()  # [R, V]
+
+    def _layer(self, index: int, layer, x: torch.Tensor, step: Step, *, rope, lora_mask) -> torch.Tensor:
+        attn, mlp = layer.self_attn, layer.mlp
+        h = rms_norm(x, layer.input_layernorm)
+        q = self._proj(index, "q_proj", attn.q_proj, h, lora_mask).view(-1, self.heads, self.head_dim)  # [T, Hq, D]
+        k = self._proj(index, "k_proj", attn.k_proj, h, lora_mask).view(-1, self.kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self._proj(index, "v_proj", attn.v_proj, h, lora_mask).view(-1, self.kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        K, V = self.cache.K[index], self.cache.V[index]
+        K[step.write_slots, :, step.write_positions] = k
+        V[step.write_slots, :, step.write_positions] = v
+        o = self._attention(q, K, V, step)  # [T, Hq * D]
+        x = x + self._proj(index, "o_proj", attn.o_proj, o, lora_mask)
+        h = rms_norm(x, layer.post_attention_layernorm)
+        gate = self._proj(index, "gate_proj", mlp.gate_proj, h, lora_mask)
+        up = self._proj(index, "up_proj", mlp.up_proj, h, lora_mask)
+        return x + self._proj(index, "down_proj", mlp.down_proj, mlp.act_fn(gate) * up, lora_mask)
+
+    def _proj(self, index: int, name: str, module, x: torch.Tensor, lora_mask) -> torch.Tensor:
+        return self.lora.apply(index, name, x, module(x), lora_mask)
+
+    def _attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, step: Step) -> torch.Tensor:
+        parts = []
+        if step.decode_rows:
+            parts.append(self._decode_attention(q[:step.decode_rows], K, V, step.decode_lengths))
+        offset = step.decode_rows
+        for chunk in step.chunks:
+            parts.append(self._chunk_attention(q[offset:offset + chunk.length], K, V, chunk))
+            offset += chunk.length
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _decode_attention(self, q: torch.Tensor, K, V, lengths: torch.Tensor) -> torch.Tensor:
+        n, span = q.shape[0], int(lengths.max())
+        group = self.heads // self.kv_heads
+        # The query heads sharing a KV head ride in the query-length axis: no repeated keys.
+        q = q.view(n, self.kv_heads, group, self.head_dim)  # [n, Hkv, G, D]
+        visible = torch.arange(span, device=q.device)[None, :] < lengths[:, None]  # [n, span]
+        out = F.scaled_dot_product_attention(q, K[:n, :, :span], V[:n, :, :span], attn_mask=visible[:, None, None, :])
+        return out.reshape(n, self.heads * self.head_dim)
+
+    def _chunk_attention(self, q: torch.Tensor, K, V, chunk: Chunk) -> torch.Tensor:
+        s, span = chunk.length, chunk.start + chunk.length
+        group = self.heads // self.kv_heads
+        q = q.view(s, self.kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(1, self.kv_heads, group * s, self.head_dim)
+        rows = chunk.start + torch.arange(s, device=q.device)  # [S] absolute positions
+        causal = torch.arange(span, device=q.device)[None, :] <= rows[:, None]  # [S, span]
+        out = F.scaled_dot_product_attention(q, K[chunk.slot:chunk.slot + 1, :, :span], V[chunk.slot:chunk.slot + 1, :, :span],
+                                             attn_mask=causal.repeat(group, 1))  # [1, Hkv, G*S, D]
+        return out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """LlamaRMSNorm's arithmetic (float32 inside), from the module's weight and epsilon; computed
+    here because Unsloth swaps the module's forward for its own kernels."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return norm.weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_tables(config, *, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions 0..length-1, [length, D]: computed in float32, then cast, as
+    transformers does. From the config, not the model's rotary module (Unsloth replaces it)."""
+    inv_freq, scaling = _inverse_frequencies(config)
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq.float().cpu())  # [length, D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * scaling).to(device, dtype), (angles.sin() * scaling).to(device, dtype)
+
+
+def _inverse_frequencies(config) -> tuple[torch.Tensor, float]:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
+    if params.get("rope_type", "default") == "default":
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None)
+
+
+def projection_shapes(model) -> dict[tuple[int, str], tuple[int, int]]:
+    """(layer, projection) → (in_features, out_features) of the modules LoRA may target."""
+    shapes = {}
+    for index, layer in enumerate(model.model.layers):
+        for name in PROJECTIONS:
+            parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+            module = getattr(parent, name)
+            shapes[(index, name)] = (int(module.in_features), int(module.out_features))
+    return shapes

@@ -1,0 +1,167 @@
+"""LoRA weights for a batch that mixes adapters row by row, in a fixed number of device slots.
+
+Every loaded adapter keeps a host copy (the "CPU tier"); at most `slots` of them are resident on the
+device at once. Each projection p of each layer holds all slots side by side:
+
+    A[p]: [in, slots * R]     slot s owns columns s*R ... s*R + rank_s (the rest zero)
+    B[p]: [slots * R, out]    the matching rows, pre-multiplied by the adapter's scaling
+
+so a batch whose row i runs adapter slot[i] gets its LoRA term from two matmuls and a mask,
+
+    delta = ((x @ A[p]) * mask) @ B[p]      mask[i, c] = 1 where c // R == slot[i]
+
+whatever the mix of adapters: the number of kernel launches does not grow with the number of
+distinct adapters in the batch. R grows to the largest rank attached (buffers re-laid out once).
+Zeroed columns contribute exact zeros, so a row's result does not depend on its neighbours.
+
+A resident adapter that no running sequence uses may be evicted (least recently used first) when
+another needs its slot; its host copy stays, so it comes back with one copy. This module knows
+nothing of requests: callers pin a slot with `acquire` and unpin it with `release`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class HostAdapter:
+    """One adapter in host memory: per (layer, projection), A^T [in, r] and scaling * B^T [r, out]."""
+
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LoraSlots:
+    def __init__(self, shapes: dict[tuple[int, str], tuple[int, int]], *, slots: int, device, dtype) -> None:
+        self.shapes = shapes  # (layer, projection) → (in_features, out_features)
+        self.slots = slots
+        self.device, self.dtype = device, dtype
+        self.rank = 0  # R: the column width of one slot; 0 until an adapter is attached
+        self.A: dict[tuple[int, str], torch.Tensor] = {}
+        self.B: dict[tuple[int, str], torch.Tensor] = {}
+        self.host: dict[str, HostAdapter] = {}
+        self.resident: OrderedDict[str, int] = OrderedDict()  # key → slot, least recently used first
+        self.pins: dict[str, int] = {}
+        self.uploads = 0  # host → device copies so far (a reload counter for metrics and tests)
+
+    # -- the host tier ---------------------------------------------------------------------------
+    def add(self, key: str, *, rank: int, scaling: float, state_dict: dict[str, torch.Tensor]) -> None:
+        """Keep `key`'s weights in host memory (pinned when the slots live on a GPU). Raises
+        ValueError when the tensors are not LoRA A/B weights of this model's projections."""
+        weights = _host_weights(state_dict, self.shapes, rank=rank, scaling=scaling, dtype=self.dtype)
+        if self.device.type == "cuda":
+            weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
+        self.host[key] = HostAdapter(rank=rank, weights=weights)
+        if rank > self.rank:
+            self._grow(rank)
+
+    def remove(self, key: str) -> None:
+        if self.pins.get(key):
+            raise RuntimeError(f"adapter {key} is in use by running sequences")
+        self.host.pop(key, None)
+        slot = self.resident.pop(key, None)
+        if slot is not None:
+            self._clear(slot)
+
+    # -- the device tier -------------------------------------------------------------------------
+    def acquire(self, key: str) -> int | None:
+        """The device slot holding `key`, uploading it (evicting an unpinned one) when needed, and
+        pinned until `release`. None when every slot is pinned by running sequences."""
+        slot = self.resident.get(key)
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._upload(key, slot)
+        self.resident.move_to_end(key)
+        self.pins[key] = self.pins.get(key, 0) + 1
+        return slot
+
+    def release(self, key: str) -> None:
+        self.pins[key] -= 1
+        if not self.pins[key]:
+            del self.pins[key]
+
+    def row_mask(self, row_slots: torch.Tensor) -> torch.Tensor | None:
+        """[T] slot per row (-1: no adapter) → [T, slots * R] 0/1 in the compute dtype, or None when
+        no row uses an adapter (the LoRA term is then skipped, which adds nothing either way)."""
+        if self.rank == 0 or not bool((row_slots >= 0).any()):
+            return None
+        columns = torch.arange(self.slots * self.rank, device=row_slots.device) // self.rank  # [slots * R]
+        return (columns[None, :] == row_slots[:, None]).to(self.dtype)
+
+    def apply(self, layer: int, proj: str, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """out + the LoRA term of projection `proj` for every row of x [T, in]; out is [T, out]."""
+        if mask is None:
+            return out
+        hidden = (x @ self.A[(layer, proj)]) * mask  # [T, slots * R]
+        return torch.addmm(out, hidden, self.B[(layer, proj)])
+
+    # -- slot bookkeeping --------------------------------------------------------------------------
+    def _free_slot(self) -> int | None:
+        used = set(self.resident.values())
+        for slot in range(self.slots):
+            if slot not in used:
+                return slot
+        for key, slot in self.resident.items():  # least recently used first
+            if not self.pins.get(key):
+                del self.resident[key]
+                return slot
+        return None
+
+    def _upload(self, key: str, slot: int) -> None:
+        adapter = self.host[key]
+        self._clear(slot)
+        start = slot * self.rank
+        for name, (a, b) in adapter.weights.items():
+            self.A[name][:, start:start + adapter.rank].copy_(a, non_blocking=True)
+            self.B[name][start:start + adapter.rank, :].copy_(b, non_blocking=True)
+        self.resident[key] = slot
+        self.uploads += 1
+
+    def _clear(self, slot: int) -> None:
+        start, stop = slot * self.rank, (slot + 1) * self.rank
+        for name in self.A:
+            self.A[name][:, start:stop].zero_()
+            self.B[name][start:stop, :].zero_()
+
+    def _grow(self, rank: int) -> None:
+        """Re-lay out the device buffers for a wider slot; resident adapters are uploaded again."""
+        self.rank = rank
+        self.A = {name: torch.zeros(i, self.slots * rank, device=self.device, dtype=self.dtype)
+                  for name, (i, _) in self.shapes.items()}
+        self.B = {name: torch.zeros(self.slots * rank, o, device=self.device, dtype=self.dtype)
+                  for name, (_, o) in self.shapes.items()}
+        for key, slot in list(self.resident.items()):
+            self._upload(key, slot)
+
+
+def _host_weights(state_dict: dict[str, torch.Tensor], shapes: dict[tuple[int, str], tuple[int, int]], *,
+                  rank: int, scaling: float, dtype) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        match = _KEY.search(key)
+        name = (int(match["layer"]), match["proj"]) if match else None
+        if name not in shapes:
+            raise ValueError(f"{key!r} is not a LoRA weight of a servable projection "
+                             f"({', '.join(PROJECTIONS)} of layers 0-{max(l for l, _ in shapes)})")
+        parts.setdefault(name, {})[match["part"]] = tensor
+    weights = {}
+    for name, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"layer {name[0]} {name[1]} has lora_{next(iter(ab))} without its pair")
+        in_features, out_features = shapes[name]
+        if ab["A"].shape != (rank, in_features) or ab["B"].shape != (out_features, rank):
+            raise ValueError(f"layer {name[0]} {name[1]}: A {tuple(ab['A'].shape)} / B {tuple(ab['B'].shape)} do not fit "
+                             f"rank {rank} and the base shape [{out_features}, {in_features}]")
+        # Scaling folded into B in float32 before the cast: one rounding, as PEFT's (x@A@B)*s gets.
+        weights[name] = (ab["A"].t().to(dtype).contiguous(), (ab["B"].float() * scaling).t().to(dtype).contiguous())
+    return weights

@@ -1,0 +1,84 @@
+"""What the next forward pass computes: which sequences decode, which prompt chunks prefill.
+
+Pure bookkeeping over the running sequences (anything with `prompt_ids`, `generated`, `slot`,
+`lora_slot` and `cached`); the tensors it builds are the decoder's `Step`.
+
+Every KV slot in use gets a decode row, because decode attention reads the slots as one view. A
+sequence still prefilling rides along in its row: it writes to the cache's scratch position and its
+output is ignored. Prompt chunks are cut at fixed multiples of the chunk size, so how a prompt is
+split never depends on what else is running, and at most `chunk_tokens` prompt tokens (or one
+chunk) enter a step, so a long prompt delays running streams by a bounded amount per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.decoder import Chunk, Step
+
+
+@dataclass
+class StepPlan:
+    step: Step
+    decoding: list  # sequences advanced by one token
+    prefilling: list  # sequences whose prompt chunk is in the step, in chunk order
+    sampled: list  # sequences that get a token from this step, in logit-row order
+
+
+def plan_step(slots: list, prefilling: list, *, cache, chunk_tokens: int, device) -> StepPlan | None:
+    """The next step over `slots` (slots[i] owns KV slot i) and `prefilling` (oldest first)."""
+    decoding = [seq for seq in slots if seq.generated]
+    chunks = _next_chunks(prefilling, chunk_tokens)
+    if not decoding and not chunks:
+        return None
+    rows = _decode_rows(slots, cache.scratch) if decoding else []
+    tokens = rows + [t for seq, chunk in chunks for t in _chunk_tokens(seq, chunk)]
+    ids, positions, write_slots, write_positions, lora_slots = (torch.tensor(c, dtype=torch.long, device=device) for c in zip(*tokens))
+    completing = [(seq, end) for (seq, chunk), end in zip(chunks, _chunk_ends(len(rows), chunks))
+                  if chunk.start + chunk.length == len(seq.prompt_ids)]
+    logit_rows = [seq.slot for seq in decoding] + [end - 1 for _, end in completing]
+    step = Step(
+        ids=ids, positions=positions, write_slots=write_slots, write_positions=write_positions, lora_slots=lora_slots,
+        decode_rows=len(rows), chunks=[chunk for _, chunk in chunks], logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
+        decode_lengths=torch.tensor([seq.cached + 1 if seq.generated else 1 for seq in slots] if rows else [],
+                                    dtype=torch.long, device=device),
+    )
+    return StepPlan(step=step, decoding=decoding, prefilling=[seq for seq, _ in chunks],
+                    sampled=decoding + [seq for seq, _ in completing])
+
+
+def _decode_rows(slots: list, scratch: int) -> list[tuple[int, int, int, int, int]]:
+    """(id, position, write slot, write position, adapter slot) of every slot's decode row."""
+    rows = []
+    for index, seq in enumerate(slots):
+        if seq.generated:
+            rows.append((seq.generated[-1], seq.cached, index, seq.cached, seq.lora_slot))
+        else:  # still prefilling: rides along without touching its cache or an adapter
+            rows.append((0, 0, index, scratch, -1))
+    return rows
+
+
+def _next_chunks(prefilling: list, chunk_tokens: int) -> list[tuple[object, Chunk]]:
+    chunks, budget = [], chunk_tokens
+    for seq in prefilling:
+        start = seq.cached
+        length = min(chunk_tokens - start % chunk_tokens, len(seq.prompt_ids) - start)
+        if chunks and length > budget:
+            break
+        chunks.append((seq, Chunk(slot=seq.slot, start=start, length=length)))
+        budget -= length
+    return chunks
+
+
+def _chunk_tokens(seq, chunk: Chunk) -> list[tuple[int, int, int, int, int]]:
+    return [(seq.prompt_ids[p], p, chunk.slot, p, seq.lora_slot) for p in range(chunk.start, chunk.start + chunk.length)]
+
+
+def _chunk_ends(offset: int, chunks: list) -> list[int]:
+    ends = []
+    for _, chunk in chunks:
+        offset += chunk.length
+        ends.append(offset)
+    return ends
