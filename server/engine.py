@@ -233,7 +233,7 @@ class Engine:
         slot pinned by running requests) waits without holding up requests for other adapters."""
         cache, lora = self.runner.cache, self.runner.lora
         for seq in list(self._waiting):
-            if cache.free == 0:
+            if cache.free == 0 or len(self._slots) >= self.max_running:
                 break
             if not seq.prompt_ids or len(seq.prompt_ids) + seq.params.max_new_tokens > cache.max_len:
                 self._waiting.remove(seq)

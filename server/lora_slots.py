@@ -59,9 +59,9 @@ class LoraSlots:
         weights = _host_weights(state_dict, self.shapes, rank=rank, scaling=scaling, dtype=self.dtype)
         if self.device.type == "cuda":
             weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
-        self.host[key] = HostAdapter(rank=rank, weights=weights)
         if rank > self.rank:
-            self._grow(rank)
+            self._grow(rank)  # all or nothing: a failure (out of memory) leaves the old layout serving
+        self.host[key] = HostAdapter(rank=rank, weights=weights)
 
     def remove(self, key: str) -> None:
         if self.pins.get(key):
@@ -135,11 +135,11 @@ class LoraSlots:
 
     def _grow(self, rank: int) -> None:
         """Re-lay out the device buffers for a wider slot; resident adapters are uploaded again."""
-        self.rank = rank
-        self.A = {name: torch.zeros(i, self.slots * rank, device=self.device, dtype=self.dtype)
-                  for name, (i, _) in self.shapes.items()}
-        self.B = {name: torch.zeros(self.slots * rank, o, device=self.device, dtype=self.dtype)
-                  for name, (_, o) in self.shapes.items()}
+        A = {name: torch.zeros(i, self.slots * rank, device=self.device, dtype=self.dtype)
+             for name, (i, _) in self.shapes.items()}
+        B = {name: torch.zeros(self.slots * rank, o, device=self.device, dtype=self.dtype)
+             for name, (_, o) in self.shapes.items()}
+        self.rank, self.A, self.B = rank, A, B
         for key, slot in list(self.resident.items()):
             self._upload(key, slot)
 

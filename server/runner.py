@@ -69,8 +69,9 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int | None,
-                kv_slots: int, adapter_slots: int, max_lora_rank: int, kv_memory_fraction: float) -> ModelRunner:
+def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int | None = None,
+                kv_slots: int = 4, adapter_slots: int = 8, max_lora_rank: int = 256,
+                kv_memory_fraction: float = 0.9) -> ModelRunner:
     backend = choose_backend(backend)
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(base_model, load_in_4bit=load_in_4bit, max_context=max_context)

@@ -563,70 +563,77 @@ def test_manifest_that_does_not_match_the_files(root, adapter, base):
 
 
 def test_failed_attach_leaves_no_half_attached_adapter(tiny_model_dir, root, adapter, base, monkeypatch):
-    import peft.tuners.lora.layer as lora_layer
-
+    """An out-of-memory half-way through laying out the device adapter slots (the first adapter, or one
+    of a larger rank than those loaded) leaves the runner serving exactly as before, and a retry loads."""
+    import server.lora_slots as lora_slots
     from server.adapter_files import lora_config
     from server.runner import load_runner
+    from tests.steps import prompt_logits
 
     runner = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False)
     checked = check(root, "a", base)
-    real = lora_layer.LoraLayer.update_layer
+    config, weights = lora_config(checked), load_weights(checked)
+    wider_config, wider_weights = widened(config, weights, extra=8)  # the same adapter as a higher-rank one
+    real_zeros = torch.zeros
 
-    def attach_failing_midway(key: str) -> None:
+    def attach_failing_midway(key: str, config, weights) -> None:
         calls = []
 
-        def oom_midway(self, *args, **kwargs):
+        def oom_midway(*args, **kwargs):
             calls.append(1)
             if len(calls) == 5:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return real(self, *args, **kwargs)
+            return real_zeros(*args, **kwargs)
 
+        before = (set(runner.attached), runner.lora.rank)
         with monkeypatch.context() as mp:
-            mp.setattr(lora_layer.LoraLayer, "update_layer", oom_midway)
+            mp.setattr(lora_slots.torch, "zeros", oom_midway)
             with pytest.raises(torch.OutOfMemoryError):
-                runner.attach(key, lora_config(checked), load_weights(checked))
-        assert len(calls) == 5  # it failed half-way, after some layers got `key`
-        assert key not in (getattr(runner.model, "peft_config", None) or {})
-        assert not [n for n, _ in runner.model.named_parameters() if f".{key}." in n]
+                runner.attach(key, config, weights)
+        assert len(calls) == 5  # it failed half-way through the new layout
+        assert (set(runner.attached), runner.lora.rank) == before
 
-    attach_failing_midway("a0")  # the first adapter on a bare model
-    runner.attach("a1", lora_config(checked), load_weights(checked))
-    ids = runner.tokenizer("The capital of France is", return_tensors="pt").input_ids  # [1, S]
-
-    def logits():
-        runner.activate("a1")
-        mask = torch.ones_like(ids)
-        return runner.forward(ids, mask, mask.cumsum(-1) - 1, runner.new_cache())[0]  # [1, V]
-
-    before = logits()
-    attach_failing_midway("a2")  # beside a live one
+    ids = runner.tokenizer("The capital of France is").input_ids
+    attach_failing_midway("a0", config, weights)  # the first adapter on a bare model
+    runner.attach("a1", config, weights)
+    before = prompt_logits(runner, ids, "a1")
+    attach_failing_midway("a2", wider_config, wider_weights)  # beside a live one
     assert runner.attached == {"a1"}
-    torch.testing.assert_close(logits(), before)
-    runner.attach("a2", lora_config(checked), load_weights(checked))  # and the same key loads on retry
+    torch.testing.assert_close(prompt_logits(runner, ids, "a1"), before, rtol=0, atol=0)
+    runner.attach("a2", wider_config, wider_weights)  # and the same key loads on retry
     assert runner.attached == {"a1", "a2"}
+    torch.testing.assert_close(prompt_logits(runner, ids, "a2"), before)  # zero-padded rank: the same function
+    torch.testing.assert_close(prompt_logits(runner, ids, "a1"), before)
+
+
+def widened(config, weights: dict, *, extra: int):
+    """`config`/`weights` as a rank r+extra adapter computing the same function (zero rows/columns)."""
+    import dataclasses
+
+    wider = {}
+    for key, tensor in weights.items():
+        pad = (0, 0, 0, extra) if ".lora_A." in key else (0, extra)  # A: [r, in] more rows; B: [out, r] more columns
+        wider[key] = torch.nn.functional.pad(tensor, pad)
+    scale = config.lora_alpha / config.r
+    return dataclasses.replace(config, r=config.r + extra, lora_alpha=scale * (config.r + extra)), wider
 
 
 def test_base_rows_stay_base_after_the_first_hot_load(tiny_model_dir, root, adapter, base):
     """A server that ran base-model rows, then hot-loads its first adapter: base rows must not get it."""
     from server.adapter_files import lora_config
     from server.runner import load_runner
+    from tests.steps import prompt_logits
 
     runner = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False)
     checked = check(root, "a", base)
-    ids = runner.tokenizer("The capital of France is", return_tensors="pt").input_ids  # [1, S]
-
-    def logits(key):
-        runner.activate(key)
-        mask = torch.ones_like(ids)
-        return runner.forward(ids, mask, mask.cumsum(-1) - 1, runner.new_cache())[0]  # [1, V]
-
-    plain = logits(None)
+    ids = runner.tokenizer("The capital of France is").input_ids
+    plain = prompt_logits(runner, ids)
     runner.attach("x", lora_config(checked), load_weights(checked))
-    torch.testing.assert_close(logits(None), plain)
-    assert not torch.allclose(logits("x"), plain)  # the adapter does change the answer
-    torch.testing.assert_close(logits(None), plain)
+    torch.testing.assert_close(prompt_logits(runner, ids), plain, rtol=0, atol=0)
+    assert not torch.allclose(prompt_logits(runner, ids, "x"), plain)  # the adapter does change the answer
+    torch.testing.assert_close(prompt_logits(runner, ids), plain, rtol=0, atol=0)
     runner.detach("x")
-    torch.testing.assert_close(logits(None), plain)
+    torch.testing.assert_close(prompt_logits(runner, ids), plain, rtol=0, atol=0)
 
 
 def test_registry_keeps_the_old_version_when_attach_fails(root, adapter, base, trained_adapters):

@@ -2,8 +2,7 @@
 
 What the HTTP tests cannot pin down: exactly which requests share a batch. An engine whose worker has
 not started yet only queues what it is given, so everything submitted before `start()` is admitted in
-the same step: rows of one adapter form one group, and the groups of different adapters (and of the
-base model) advance step by step side by side, switching the active adapter between forward passes.
+the same step, and every running sequence, whatever its adapter, shares each forward pass.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
 from server.errors import Overloaded, Unavailable
@@ -51,7 +51,7 @@ def state(tiny_model_dir, trained_adapters):
 
 
 def make_engine(state, **limits) -> Engine:
-    limits = {"max_batch_size": 8, "max_running": 32, "max_queue": 64, **limits}
+    limits = {"max_running": 32, "max_queue": 64, **limits}
     return Engine(state.runner, **limits)
 
 
@@ -103,10 +103,10 @@ def ids_of(result) -> list[int]:
 # -- batching -------------------------------------------------------------------------------------------------
 
 
-def test_mixed_adapter_groups_match_single_runs(state):
+def test_mixed_adapter_batch_matches_single_runs(state):
     en, zh = rows_of(EN), rows_of(ZH)
     requests, answers = [], []
-    for i in range(8):  # interleaved: one group per adapter plus one for the base model, all in the same steps
+    for i in range(8):  # interleaved: both adapters and the base model in every forward pass
         requests += [request(state, adapter=EN, row=en[i]), request(state, adapter=ZH, row=zh[i]),
                      request(state, row=en[8 + i], max_new_tokens=24)]
         answers += [en[i]["output"], zh[i]["output"], None]
@@ -122,7 +122,7 @@ def test_mixed_adapter_groups_match_single_runs(state):
 
 
 def test_rows_finishing_at_different_steps_leave_the_others_intact(state):
-    """Left padding of different prompt lengths, and rows dropped from the cache as they finish."""
+    """Prompts of different lengths, and rows leaving (their KV slots refilled) as they finish."""
     prompts = [ENDLESS, "a", "Once upon a time", "The quick brown fox jumps over the lazy dog. " * 6, "0123456789",
                "中国的首都是北京。", "Question: Who wrote the poem? Answer:", "hello"]
     requests = [request(state, inputs=p, max_new_tokens=n) for p, n in zip(prompts, (40, 3, 25, 9, 33, 17, 1, 40))]
@@ -146,8 +146,9 @@ def test_seeded_sampling_is_the_same_alone_and_batched(state):
 
 
 def test_late_arrivals_join_the_running_batch_and_match_single_runs(state):
-    """Continuous batching: requests submitted while another generates join its group (one forward
-    pass per step for all of them), with prompts of other lengths, and still equal their single runs.
+    """Continuous batching: requests submitted while another generates join its batch (one forward
+    pass per step for all of them), with prompts of other lengths and another adapter, and still equal
+    their single runs.
     Each request is submitted only once the one before it has produced a token, so every one of them
     arrives mid-generation whatever the machine's speed (the first runs 300 tokens)."""
     prompts = [ENDLESS, "Once upon a time", "0123456789", "The quick brown fox jumps over the lazy dog."]
@@ -161,24 +162,24 @@ def test_late_arrivals_join_the_running_batch_and_match_single_runs(state):
 
     async def staggered(engine: Engine):
         engine.start()
-        tasks, max_rows = [], 0
+        tasks = []
         for req in requests:
             stream = engine.generate(*req)
             first = await anext(stream)  # running now: the next request arrives mid-generation
             tasks.append(asyncio.ensure_future(rest(first, stream)))
-        while not all(t.done() for t in tasks):
-            base_groups = [g for g in engine._groups if g.adapter_key is None]
-            max_rows = max([max_rows] + [len(g.seqs) for g in base_groups])
-            await asyncio.sleep(0.002)
-        return [t.result() for t in tasks], max_rows
+        await asyncio.gather(*tasks)
+        return [t.result() for t in tasks]
 
     engine = make_engine(state)
     try:
-        results, max_rows = asyncio.run(staggered(engine))
+        results = asyncio.run(staggered(engine))
     finally:
         engine.stop()
     alone = asyncio.run(run_alone(make_engine(state), requests))
-    assert max_rows >= 3, "late base-model requests did not join the running group"
+    # One pass advances every running sequence and takes in newcomers' prompts: the run takes about as
+    # many steps as its longest request has tokens, where one batch at a time would take their sum (454).
+    longest = max(final.generated_tokens for _, final in results)
+    assert engine.stats.steps <= longest + len(requests), (engine.stats.steps, longest)
     for i, (mixed, single) in enumerate(zip(results, alone)):
         assert ids_of(mixed) == ids_of(single), f"request {i}"
     assert results[-2][1].generated_text == en_row["output"]
@@ -218,7 +219,7 @@ def test_closing_the_stream_cancels_within_a_step(state):
 
 
 def test_over_capacity_is_refused_at_once_and_the_slot_comes_back(state):
-    engine = make_engine(state, max_batch_size=1, max_running=1, max_queue=1)
+    engine = make_engine(state, max_running=1, max_queue=1)
     engine.start()
 
     async def scenario():
@@ -241,7 +242,7 @@ def test_over_capacity_is_refused_at_once_and_the_slot_comes_back(state):
 
 
 def test_abort_all_fails_running_and_waiting_requests(state):
-    engine = make_engine(state, max_batch_size=1, max_running=1, max_queue=4)
+    engine = make_engine(state, max_running=1, max_queue=4)
     engine.start()
 
     async def scenario():
@@ -286,42 +287,133 @@ def test_adapter_jobs_run_between_steps_while_generating(state):
 
 
 
-def test_out_of_memory_fails_only_that_group_and_the_engine_recovers(state, monkeypatch):
-    """DESIGN hostile input 20: an OOM mid-generation fails the requests of the batch it hit; the other
-    adapter's requests finish exactly, and the next request for the same adapter succeeds."""
-    zh_key = state.registry.get(ZH).key
-    real_forward = state.runner.forward
-    calls = {"zh": 0}
+def test_out_of_memory_in_a_prefill_fails_only_those_requests_and_the_engine_recovers(state, monkeypatch):
+    """DESIGN hostile input 20: an OOM mid-generation. The step that failed was prefilling newcomers (the
+    memory-hungry part): those requests fail, the running ones finish exactly, and the next request
+    for the same adapter succeeds."""
+    decoder = state.runner.decoder
+    real_forward = decoder.forward
+    armed = {"on": False}
 
-    def forward_with_oom(ids, mask, positions, cache):
-        if state.runner.active == zh_key:
-            calls["zh"] += 1
-            if calls["zh"] == 3:  # in the middle of the zh group's generation
-                import torch
+    def forward_with_oom(step):
+        if armed["on"] and step.chunks:
+            armed["on"] = False
+            import torch
 
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_forward(ids, mask, positions, cache)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(step)
 
     en_rows, zh_rows = rows_of(EN)[:2], rows_of(ZH)[:2]
-    requests = [request(state, adapter=EN, row=r) for r in en_rows] + [request(state, adapter=ZH, row=r) for r in zh_rows]
+
     async def oom_then_retry(engine: Engine):
-        streams = [engine.generate(*r) for r in requests]  # admitted together, before the worker starts
         engine.start()
-        first = await asyncio.gather(*(drain(s) for s in streams))
+        running = [engine.generate(*request(state, adapter=EN, row=r)) for r in en_rows]
+        firsts = [await anext(s) for s in running]  # both decoding now
+        armed["on"] = True
+        newcomers = [engine.generate(*request(state, adapter=ZH, row=r)) for r in zh_rows]
+        failed = await asyncio.gather(*(drain(s) for s in newcomers))
+        finished = await asyncio.gather(*(drain(s) for s in running))
         assert engine.in_flight == 0
-        monkeypatch.setattr(state.runner, "forward", real_forward)
-        return first, [await drain(engine.generate(*request(state, adapter=ZH, row=zh_rows[0])))]
+        again = await drain(engine.generate(*request(state, adapter=ZH, row=zh_rows[0])))
+        return firsts, finished, failed, again
 
     engine = make_engine(state)
-    monkeypatch.setattr(state.runner, "forward", forward_with_oom)
+    monkeypatch.setattr(decoder, "forward", forward_with_oom)
     try:
-        results, again = asyncio.run(oom_then_retry(engine))
+        firsts, finished, failed, again = asyncio.run(oom_then_retry(engine))
     finally:
         engine.stop()
-    en_results, zh_results = results[:2], results[2:]
-    for (_, final), row in zip(en_results, en_rows):
-        assert isinstance(final, FinalEvent) and final.generated_text == row["output"]
-    for _, final in zh_results:
+    for first, (tokens, final), row in zip(firsts, finished, en_rows):
+        assert isinstance(final, FinalEvent) and first.text + "".join(t.text for t in tokens) == row["output"]
+    for _, final in failed:
         assert isinstance(final, ErrorEvent) and "OutOfMemoryError" in final.message
-    (_, final), = again
-    assert isinstance(final, FinalEvent) and final.generated_text == zh_rows[0]["output"]
+    assert isinstance(again[1], FinalEvent) and again[1].generated_text == zh_rows[0]["output"]
+
+
+# -- KV slots and adapter slots ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_state(tiny_model_dir, trained_adapters):
+    """A server with 2 KV slots and 1 device adapter slot: most requests wait, adapters take turns."""
+    from server.settings import ServerSettings
+    from server.state import ServerState
+
+    settings = ServerSettings(base_model=str(tiny_model_dir), backend="transformers", max_running=2, adapter_slots=1,
+                              adapter_root=trained_adapters.root, adapters={EN: EN, ZH: ZH})
+    state = ServerState(settings=settings)
+    state.load_model()
+    state.engine.start()
+    try:
+        asyncio.run(state.preload_adapters())
+    finally:
+        state.engine.stop()
+    return state
+
+
+def test_full_kv_cache_and_adapter_slots_queue_requests_instead_of_failing(small_state, monkeypatch):
+    state = small_state
+    decoder, rows_seen = state.runner.decoder, []
+    real_forward = decoder.forward
+
+    def recording_forward(step):
+        rows_seen.append((step.decode_rows, len(step.chunks), set(step.lora_slots.tolist()) - {-1}))
+        return real_forward(step)
+
+    monkeypatch.setattr(decoder, "forward", recording_forward)
+    en, zh = rows_of(EN), rows_of(ZH)
+    requests = [request(state, adapter=EN if i % 2 else ZH, row=(en if i % 2 else zh)[i]) for i in range(8)]
+    requests.append(request(state, inputs="hello", max_new_tokens=12))
+    uploads = state.runner.lora.uploads
+    results = asyncio.run(run_together(make_engine(state, max_running=32), requests))
+    for i, (_, final) in enumerate(results[:8]):
+        assert isinstance(final, FinalEvent), final
+        assert final.generated_text == (en if i % 2 else zh)[i]["output"], i
+    assert isinstance(results[8][1], FinalEvent) and results[8][1].generated_tokens == 12
+    assert max(max(rows, chunks) for rows, chunks, _ in rows_seen) <= 2  # never more running than KV slots
+    assert all(len(slots) <= 1 for _, _, slots in rows_seen)  # one device adapter slot
+    assert state.runner.lora.uploads - uploads >= 2  # adapters were evicted and uploaded again
+    assert state.runner.cache.used == 0 and not state.runner.lora.pins
+
+
+def test_kernel_launches_do_not_grow_with_distinct_adapters(state):
+    """Batched LoRA: a pass over rows of two adapters and the base model runs the same operations as a
+    pass whose rows all use one adapter (no per-adapter loop)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from server.decoder import Step
+    from tests.steps import prompt_step
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    runner = state.runner
+    keys = [state.registry.get(EN).key, state.registry.get(ZH).key]
+    prompts = [runner.tokenizer(p).input_ids for p in ("The capital of France is", "hello there", "0123", "a b c d")]
+
+    def ops_for(adapters: list[str | None]) -> list[str]:
+        slots = [runner.lora.acquire(k) if k else -1 for k in adapters]
+        steps = [prompt_step(ids, slot=i, lora_slot=s) for i, (ids, s) in enumerate(zip(prompts, slots))]
+        step = Step(**{f: torch.cat([getattr(s, f) for s in steps]) for f in
+                       ("ids", "positions", "write_slots", "write_positions", "lora_slots")},
+                    decode_rows=0, decode_lengths=steps[0].decode_lengths, chunks=[s.chunks[0] for s in steps],
+                    logit_rows=torch.tensor([len(p) for p in prompts]).cumsum(0) - 1)  # each prompt's last token
+        try:
+            with CountOps() as counter:
+                runner.decoder.forward(step)
+            return counter.ops
+        finally:
+            for key in adapters:
+                if key:
+                    runner.lora.release(key)
+
+    one = ops_for([keys[0]] * 4)
+    mixed = ops_for([keys[0], keys[1], None, keys[0]])
+    assert len(one) > 100 and one == mixed
+    assert any("mm" in op for op in one)

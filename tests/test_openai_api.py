@@ -303,7 +303,7 @@ def keyed_server(tiny_model_dir, tmp_path_factory):
     """API keys, and room for one sequence: one running, none queued, batches of one."""
     log = tmp_path_factory.mktemp("live-openai-keyed") / "server.log"
     with LiveServer(tiny_model_dir, admin_token=None, log_path=log, api_keys=["key-1"],
-                    max_running=1, max_queue=0, max_batch_size=1) as live:
+                    max_running=1, max_queue=0) as live:
         yield live
 
 

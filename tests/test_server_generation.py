@@ -735,7 +735,7 @@ def small_server(tiny_model_dir, trained_adapters, tmp_path_factory):
     """One running slot, one queue slot, batches of one, and no admin token configured."""
     log = tmp_path_factory.mktemp("live-small") / "server.log"
     with LiveServer(tiny_model_dir, trained_adapters.root, adapters={EN: EN}, admin_token=None, log_path=log,
-                    max_running=1, max_queue=1, max_batch_size=1) as live:
+                    max_running=1, max_queue=1) as live:
         yield live
 
 
