@@ -42,8 +42,10 @@ class Step:
     lora_slots: torch.Tensor  # [T] adapter slot per token, -1 for the base model
     decode_rows: int  # n: tokens 0..n-1 are the decode rows, row i in KV slot i
     decode_lengths: torch.Tensor  # [n] positions each decode row attends (1 for rows riding along)
+    decode_span: int  # max(decode_lengths), known on the host: no device sync to learn it
     chunks: list[Chunk]
     logit_rows: torch.Tensor  # [R] tokens whose next-token logits are wanted
+    any_adapter: bool  # some token has a lora slot >= 0 (else the LoRA terms are skipped)
 
 
 def check_architecture(config) -> None:
@@ -77,13 +79,14 @@ class Decoder:
         """Run the step, writing its keys and values into the cache; logits [R, V] float32."""
         x = self.embed(step.ids)  # [T, H]
         cos, sin = self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1)  # [T, 1, D]
-        mask = self.lora.row_mask(step.lora_slots)  # [T, slots * R] or None
+        lora_mask = self.lora.row_mask(step.lora_slots) if step.any_adapter else None  # [T, slots * R]
+        masks = self._attention_masks(step)  # the same for every layer: built once
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, step, rope=(cos, sin), lora_mask=mask)
+            x = self._layer(index, layer, x, step, rope=(cos, sin), lora_mask=lora_mask, attn_masks=masks)
         last = rms_norm(x[step.logit_rows], self.norm)  # [R, H]
         return self.head(last).float()  # [R, V]
 
-    def _layer(self, index: int, layer, x: torch.Tensor, step: Step, *, rope, lora_mask) -> torch.Tensor:
+    def _layer(self, index: int, layer, x: torch.Tensor, step: Step, *, rope, lora_mask, attn_masks) -> torch.Tensor:
         attn, mlp = layer.self_attn, layer.mlp
         h = rms_norm(x, layer.input_layernorm)
         q = self._proj(index, "q_proj", attn.q_proj, h, lora_mask).view(-1, self.heads, self.head_dim)  # [T, Hq, D]
@@ -93,7 +96,7 @@ class Decoder:
         K, V = self.cache.K[index], self.cache.V[index]
         K[step.write_slots, :, step.write_positions] = k
         V[step.write_slots, :, step.write_positions] = v
-        o = self._attention(q, K, V, step)  # [T, Hq * D]
+        o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
         x = x + self._proj(index, "o_proj", attn.o_proj, o, lora_mask)
         h = rms_norm(x, layer.post_attention_layernorm)
         gate = self._proj(index, "gate_proj", mlp.gate_proj, h, lora_mask)
@@ -103,33 +106,42 @@ class Decoder:
     def _proj(self, index: int, name: str, module, x: torch.Tensor, lora_mask) -> torch.Tensor:
         return self.lora.apply(index, name, x, module(x), lora_mask)
 
-    def _attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, step: Step) -> torch.Tensor:
-        parts = []
+    def _attention_masks(self, step: Step) -> list[torch.Tensor]:
+        """Boolean masks (True = attend): the decode rows' [n, 1, 1, span], then each chunk's causal
+        [G * S, start + S] (the G query heads of a KV head are stacked along the query axis)."""
+        masks, group = [], self.heads // self.kv_heads
+        device = step.ids.device
         if step.decode_rows:
-            parts.append(self._decode_attention(q[:step.decode_rows], K, V, step.decode_lengths))
+            visible = torch.arange(step.decode_span, device=device)[None, :] < step.decode_lengths[:, None]  # [n, span]
+            masks.append(visible[:, None, None, :])
+        for chunk in step.chunks:
+            rows = chunk.start + torch.arange(chunk.length, device=device)  # [S] absolute positions
+            causal = torch.arange(chunk.start + chunk.length, device=device)[None, :] <= rows[:, None]  # [S, span]
+            masks.append(causal.repeat(group, 1))
+        return masks
+
+    def _attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, step: Step, masks) -> torch.Tensor:
+        parts, masks = [], iter(masks)
+        if step.decode_rows:
+            parts.append(self._decode_attention(q[:step.decode_rows], K, V, span=step.decode_span, mask=next(masks)))
         offset = step.decode_rows
         for chunk in step.chunks:
-            parts.append(self._chunk_attention(q[offset:offset + chunk.length], K, V, chunk))
+            parts.append(self._chunk_attention(q[offset:offset + chunk.length], K, V, chunk, mask=next(masks)))
             offset += chunk.length
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _decode_attention(self, q: torch.Tensor, K, V, lengths: torch.Tensor) -> torch.Tensor:
-        n, span = q.shape[0], int(lengths.max())
-        group = self.heads // self.kv_heads
+    def _decode_attention(self, q: torch.Tensor, K, V, *, span: int, mask: torch.Tensor) -> torch.Tensor:
+        n, group = q.shape[0], self.heads // self.kv_heads
         # The query heads sharing a KV head ride in the query-length axis: no repeated keys.
         q = q.view(n, self.kv_heads, group, self.head_dim)  # [n, Hkv, G, D]
-        visible = torch.arange(span, device=q.device)[None, :] < lengths[:, None]  # [n, span]
-        out = F.scaled_dot_product_attention(q, K[:n, :, :span], V[:n, :, :span], attn_mask=visible[:, None, None, :])
+        out = F.scaled_dot_product_attention(q, K[:n, :, :span], V[:n, :, :span], attn_mask=mask)  # [n, Hkv, G, D]
         return out.reshape(n, self.heads * self.head_dim)
 
-    def _chunk_attention(self, q: torch.Tensor, K, V, chunk: Chunk) -> torch.Tensor:
-        s, span = chunk.length, chunk.start + chunk.length
-        group = self.heads // self.kv_heads
+    def _chunk_attention(self, q: torch.Tensor, K, V, chunk: Chunk, *, mask: torch.Tensor) -> torch.Tensor:
+        s, span, group = chunk.length, chunk.start + chunk.length, self.heads // self.kv_heads
         q = q.view(s, self.kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(1, self.kv_heads, group * s, self.head_dim)
-        rows = chunk.start + torch.arange(s, device=q.device)  # [S] absolute positions
-        causal = torch.arange(span, device=q.device)[None, :] <= rows[:, None]  # [S, span]
-        out = F.scaled_dot_product_attention(q, K[chunk.slot:chunk.slot + 1, :, :span], V[chunk.slot:chunk.slot + 1, :, :span],
-                                             attn_mask=causal.repeat(group, 1))  # [1, Hkv, G*S, D]
+        keys, values = K[chunk.slot:chunk.slot + 1, :, :span], V[chunk.slot:chunk.slot + 1, :, :span]  # [1, Hkv, span, D]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [1, Hkv, G*S, D]
         return out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
 
 

@@ -91,9 +91,9 @@ class LoraSlots:
             del self.pins[key]
 
     def row_mask(self, row_slots: torch.Tensor) -> torch.Tensor | None:
-        """[T] slot per row (-1: no adapter) → [T, slots * R] 0/1 in the compute dtype, or None when
-        no row uses an adapter (the LoRA term is then skipped, which adds nothing either way)."""
-        if self.rank == 0 or not bool((row_slots >= 0).any()):
+        """[T] slot per row (-1: no adapter) → [T, slots * R] 0/1 in the compute dtype; None when no
+        adapter is attached. (Callers skip it when no row has an adapter: that adds nothing either way.)"""
+        if self.rank == 0:
             return None
         columns = torch.arange(self.slots * self.rank, device=row_slots.device) // self.rank  # [slots * R]
         return (columns[None, :] == row_slots[:, None]).to(self.dtype)

@@ -39,11 +39,12 @@ def plan_step(slots: list, prefilling: list, *, cache, chunk_tokens: int, device
     completing = [(seq, end) for (seq, chunk), end in zip(chunks, _chunk_ends(len(rows), chunks))
                   if chunk.start + chunk.length == len(seq.prompt_ids)]
     logit_rows = [seq.slot for seq in decoding] + [end - 1 for _, end in completing]
+    lengths = [seq.cached + 1 if seq.generated else 1 for seq in slots] if rows else []
     step = Step(
         ids=ids, positions=positions, write_slots=write_slots, write_positions=write_positions, lora_slots=lora_slots,
         decode_rows=len(rows), chunks=[chunk for _, chunk in chunks], logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
-        decode_lengths=torch.tensor([seq.cached + 1 if seq.generated else 1 for seq in slots] if rows else [],
-                                    dtype=torch.long, device=device),
+        decode_lengths=torch.tensor(lengths, dtype=torch.long, device=device), decode_span=max(lengths, default=0),
+        any_adapter=any(token[4] >= 0 for token in tokens),
     )
     return StepPlan(step=step, decoding=decoding, prefilling=[seq for seq, _ in chunks],
                     sampled=decoding + [seq for seq, _ in completing])

@@ -402,7 +402,8 @@ def test_kernel_launches_do_not_grow_with_distinct_adapters(state):
         steps = [prompt_step(ids, slot=i, lora_slot=s) for i, (ids, s) in enumerate(zip(prompts, slots))]
         step = Step(**{f: torch.cat([getattr(s, f) for s in steps]) for f in
                        ("ids", "positions", "write_slots", "write_positions", "lora_slots")},
-                    decode_rows=0, decode_lengths=steps[0].decode_lengths, chunks=[s.chunks[0] for s in steps],
+                    decode_rows=0, decode_lengths=steps[0].decode_lengths, decode_span=0, any_adapter=True,
+                    chunks=[s.chunks[0] for s in steps],
                     logit_rows=torch.tensor([len(p) for p in prompts]).cumsum(0) - 1)  # each prompt's last token
         try:
             with CountOps() as counter:
