@@ -163,5 +163,6 @@ def _host_weights(state_dict: dict[str, torch.Tensor], shapes: dict[tuple[int, s
             raise ValueError(f"layer {name[0]} {name[1]}: A {tuple(ab['A'].shape)} / B {tuple(ab['B'].shape)} do not fit "
                              f"rank {rank} and the base shape [{out_features}, {in_features}]")
         # Scaling folded into B in float32 before the cast: one rounding, as PEFT's (x@A@B)*s gets.
-        weights[name] = (ab["A"].t().to(dtype).contiguous(), (ab["B"].float() * scaling).t().to(dtype).contiguous())
+        a, b = ab["A"].t().to("cpu", dtype), (ab["B"].float() * scaling).t().to("cpu", dtype)  # the host tier
+        weights[name] = (a.contiguous(), b.contiguous())
     return weights
