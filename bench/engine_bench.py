@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from bench.serving import percentile  # noqa: E402
 
-METHODS = ("hf_peft", "hf_static", "unsloth", "ours")
+METHODS = ("hf_peft", "hf_static", "unsloth", "ours", "ours_eager")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOWEST_PROMPT_ID = 10  # below: the special tokens of the tiny tokenizer (and most real ones)
 TTFT_REPS = 3
@@ -501,13 +501,13 @@ async def ours_scenario(engine, work: Workload, scenario: Scenario) -> tuple[dic
     return record, [r.token_ids for r in runs]
 
 
-async def run_ours_async(work: Workload, result: MethodResult) -> None:
+async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: bool) -> None:
     from server.engine import Engine
     from server.runner import ModelRunner
 
     runner = ModelRunner(work.model, work.tokenizer, backend="transformers", max_context=work.max_context,
                          kv_slots=work.max_streams, adapter_slots=len(work.adapters),
-                         max_lora_rank=work.lora_config.r)
+                         max_lora_rank=work.lora_config.r, cuda_graphs=cuda_graphs)
     engine = Engine(runner, max_running=work.max_streams, max_queue=10_000)
     engine.start()
     try:
@@ -530,9 +530,9 @@ async def run_ours_async(work: Workload, result: MethodResult) -> None:
         engine.stop()
 
 
-def run_ours(work: Workload) -> MethodResult:
+def run_ours(work: Workload, *, cuda_graphs: bool = True) -> MethodResult:
     result = MethodResult()
-    asyncio.run(run_ours_async(work, result))
+    asyncio.run(run_ours_async(work, result, cuda_graphs=cuda_graphs))
     return result
 
 
@@ -869,13 +869,13 @@ def run_method(method: str, work: Workload, args, hf_model) -> MethodResult:
         return run_hf_static(hf_model, work, adapters=args.hf_static_adapters)
     if method == "unsloth":
         return run_unsloth(work, timeout=args.unsloth_timeout)
-    return run_ours(work)
+    return run_ours(work, cuda_graphs=method == "ours")
 
 
 def run_all(args, work: Workload) -> dict[str, MethodResult]:
     """Unsloth first (it needs the untouched model on disk), then HF on a PEFT wrapping of the model, then
     ours on the model that unwrapping gives back: one copy of the weights in this process throughout."""
-    order = [m for m in ("unsloth", "hf_peft", "hf_static", "ours") if m in args.methods]
+    order = [m for m in ("unsloth", "hf_peft", "hf_static", "ours_eager", "ours") if m in args.methods]
     results, hf_model = {}, None
     for method in order:
         reason = skip_reason(method, args)
@@ -886,7 +886,7 @@ def run_all(args, work: Workload) -> dict[str, MethodResult]:
         try:
             if method in ("hf_peft", "hf_static") and hf_model is None:
                 hf_model = peft_model(work)
-            if method == "ours" and hf_model is not None:
+            if method.startswith("ours") and hf_model is not None:
                 work.model, hf_model = hf_model.unload(), None
             results[method] = run_method(method, work, args, hf_model)
         except Exception as exc:  # e.g. ours before the new engine lands: record and go on

@@ -3,8 +3,9 @@
 Closed loop (--concurrency 1,2,4,8): N workers, each sending its next request as soon as its last one
 finished, --requests per level (or for --duration s). Open loop (--rates 1,2,4): Poisson arrivals at that
 many req/s. Each request is a raw `inputs` prompt of ~--input-len tokens (random words, scaled by one
-calibration request) with max_new_tokens = the output length. The server has no ignore_eos: the actual
-generated_tokens and any finish_reason other than "length" are recorded and reported.
+calibration request) with max_new_tokens = the output length and ignore_eos, so every request generates
+exactly that many tokens; the actual generated_tokens and any finish_reason other than "length" are
+still recorded and reported.
 Prints a table per mode (a row per level); --json writes everything, per request, with machine info.
 
     python bench/serving.py --url http://127.0.0.1:8000 --adapters facts-en,facts-zh \
@@ -90,7 +91,8 @@ async def tokens_per_word(client, url: str, rng: random.Random, probe: int = 200
 
 async def send(client: httpx.AsyncClient, url: str, req: Request) -> Result:
     res = Result(req.adapter, req.output_len)
-    body = {"inputs": req.prompt, "parameters": {"adapter_id": req.adapter, "max_new_tokens": req.output_len}}
+    body = {"inputs": req.prompt, "parameters": {"adapter_id": req.adapter, "max_new_tokens": req.output_len,
+                                                 "ignore_eos": True}}
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/generate_stream", json=body) as resp:

@@ -258,7 +258,7 @@ class Engine:
 
     def _run_step(self, plan: StepPlan) -> None:
         try:
-            logits = self.runner.decoder.forward(plan.step)  # [R, V]
+            logits = self.runner.forward(plan.step)  # [R, V]
         except Exception as exc:  # OOM or a kernel error: fail who is most likely the cause, keep serving
             self._step_failed(plan, exc)
             return

@@ -45,6 +45,7 @@ class LoraSlots:
         self.slots = slots
         self.device, self.dtype = device, dtype
         self.rank = 0  # R: the column width of one slot; 0 until an adapter is attached
+        self.layout = 0  # bumped when the buffers are re-laid out (captured CUDA graphs read the old ones)
         self.A: dict[tuple[int, str], torch.Tensor] = {}
         self.B: dict[tuple[int, str], torch.Tensor] = {}
         self.host: dict[str, HostAdapter] = {}
@@ -140,6 +141,7 @@ class LoraSlots:
         B = {name: torch.zeros(self.slots * rank, o, device=self.device, dtype=self.dtype)
              for name, (_, o) in self.shapes.items()}
         self.rank, self.A, self.B = rank, A, B
+        self.layout += 1
         for key, slot in list(self.resident.items()):
             self._upload(key, slot)
 

@@ -16,7 +16,8 @@ import importlib.util
 import logging
 import torch
 
-from server.decoder import Decoder, check_architecture, projection_shapes
+from server.cuda_graphs import DecodeGraphs
+from server.decoder import Decoder, Step, check_architecture, projection_shapes
 from server.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.lora_slots import LoraSlots
 
@@ -25,7 +26,7 @@ log = logging.getLogger("loraserve.runner")
 
 class ModelRunner:
     def __init__(self, model, tokenizer, *, backend: str, max_context: int, kv_slots: int, adapter_slots: int,
-                 max_lora_rank: int = 256, kv_memory_fraction: float = 0.9) -> None:
+                 max_lora_rank: int = 256, kv_memory_fraction: float = 0.9, cuda_graphs: bool = True) -> None:
         check_architecture(model.config)
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.device = next(model.parameters()).device
@@ -40,7 +41,14 @@ class ModelRunner:
         self.cache = SlotKVCache(**kv, slots=slots, device=self.device, dtype=self.dtype)
         self.lora = LoraSlots(projection_shapes(model), slots=adapter_slots, device=self.device, dtype=self.dtype)
         self.decoder = Decoder(model, cache=self.cache, lora=self.lora)
-        log.info("KV cache: %d slots × %d positions; %d adapter slots", slots, max_context, adapter_slots)
+        self.graphs = DecodeGraphs(self.decoder) if cuda_graphs and self.device.type == "cuda" else None
+        log.info("KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s", slots, max_context,
+                 adapter_slots, "on" if self.graphs else "off")
+
+    def forward(self, step: Step) -> torch.Tensor:
+        """Logits [R, V] of the step: a CUDA graph replay for decode-only steps where possible."""
+        logits = self.graphs.forward(step) if self.graphs else None
+        return self.decoder.forward(step) if logits is None else logits
 
     @property
     def attached(self) -> set[str]:
@@ -71,7 +79,7 @@ def choose_backend(requested: str) -> str:
 
 def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int | None = None,
                 kv_slots: int = 4, adapter_slots: int = 8, max_lora_rank: int = 256,
-                kv_memory_fraction: float = 0.9) -> ModelRunner:
+                kv_memory_fraction: float = 0.9, cuda_graphs: bool = True) -> ModelRunner:
     backend = choose_backend(backend)
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(base_model, load_in_4bit=load_in_4bit, max_context=max_context)
@@ -82,7 +90,7 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
     limit = int(getattr(model.config, "max_position_embeddings", 2048))
     return ModelRunner(model, tokenizer, backend=backend, max_context=min(max_context or limit, limit),
                        kv_slots=kv_slots, adapter_slots=adapter_slots, max_lora_rank=max_lora_rank,
-                       kv_memory_fraction=kv_memory_fraction)
+                       kv_memory_fraction=kv_memory_fraction, cuda_graphs=cuda_graphs)
 
 
 def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int | None):

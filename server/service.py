@@ -35,6 +35,7 @@ class GenerationRequest:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
 
 
 @dataclass
@@ -181,7 +182,7 @@ class GenerationService:
             top_p=req.top_p if req.top_p is not None else 1.0, top_k=req.top_k or 0,
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
             seed=req.seed, stop=tuple(stop) + _text_stops(adapter),
-            stop_token_ids=self._eos_ids(adapter),
+            stop_token_ids=() if req.ignore_eos else self._eos_ids(adapter),
         )
 
     def _stops(self, stop: list[str]) -> list[str]:

@@ -35,6 +35,7 @@ class ServerSettings(BaseSettings):
     kv_memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of free GPU memory the KV cache may take.")
     prefill_chunk_tokens: int = Field(512, ge=16, description="Prompt tokens prefilled per step, beside decoding.")
     adapter_slots: int = Field(8, ge=1, description="Adapters resident on the device; more stay in host memory (LRU).")
+    cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU only).")
     max_queue: int = Field(64, ge=0, description="Requests waiting beyond max_running before 429.")
     max_adapters: int = Field(16, ge=1)
     max_adapter_rank: int = Field(256, ge=1)

@@ -40,7 +40,7 @@ class ServerState:
         template = default_template(s.default_template)  # a bad name fails before a long model load
         runner = load_runner(s.base_model, backend=s.backend, load_in_4bit=s.load_in_4bit, max_context=s.max_context,
                              kv_slots=s.max_running, adapter_slots=s.adapter_slots, max_lora_rank=s.max_adapter_rank,
-                             kv_memory_fraction=s.kv_memory_fraction)
+                             kv_memory_fraction=s.kv_memory_fraction, cuda_graphs=s.cuda_graphs)
         self.fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
         self.max_context = runner.max_context
         self.runner = runner

@@ -56,6 +56,7 @@ class _OpenAIRequest(BaseModel):
     user: str | None = Field(None, description="Accepted and ignored.")
     top_k: StrictInt | None = Field(None, description="Extension: as in the native API.")
     repetition_penalty: float | None = Field(None, description="Extension: as in the native API.")
+    ignore_eos: StrictBool = Field(False, description="Extension (as vLLM's): generate exactly max_tokens.")
 
     def check(self) -> None:
         """Refuse, naming it, any parameter that would change the answer in a way this server cannot."""
@@ -85,7 +86,7 @@ class _OpenAIRequest(BaseModel):
         return [GenerationRequest(
             **prompt, adapter=adapter, max_new_tokens=self.max_new_tokens(), do_sample=temperature > 0,
             temperature=temperature, top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-            seed=None if self.seed is None else (self.seed + i) % (SEED_MAX + 1), stop=stop,
+            seed=None if self.seed is None else (self.seed + i) % (SEED_MAX + 1), stop=stop, ignore_eos=self.ignore_eos,
         ) for i in range(self.choices)]
 
 

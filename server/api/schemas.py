@@ -30,6 +30,8 @@ class GenerateParameters(BaseModel):
     repetition_penalty: float | None = None
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopList = Field(default_factory=list)
+    ignore_eos: StrictBool = Field(False, description="Extension (as vLLM's): keep generating past EOS, "
+                                                      "to exactly max_new_tokens (for benchmarks).")
     details: StrictBool = False
     decoder_input_details: StrictBool = False
     return_full_text: StrictBool | None = None
@@ -72,7 +74,7 @@ class GenerateRequest(BaseModel):
             inputs=self.inputs, instruction=self.instruction, input=self.input,
             adapter=self.adapter or p.adapter_id or None, max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty,
-            seed=p.seed, stop=list(p.stop),
+            seed=p.seed, stop=list(p.stop), ignore_eos=p.ignore_eos,
         )
 
 

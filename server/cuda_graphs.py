@@ -1,0 +1,126 @@
+"""Decode steps replayed as CUDA graphs: the GPU fast path for the common case.
+
+An eager step launches a couple of thousand small kernels; at small batches the GPU finishes each
+before the CPU has issued the next, so a step costs the launches, not the memory traffic (DESIGN.md,
+Performance method). A decode-only step has the same shape whenever it has the same number of rows
+and attention span, so it is captured once per (rows bucket, span bucket) and replayed:
+
+    rows buckets 1, 2, 4, 8, ... (capped at the KV slots); span buckets 256, 512, ... (capped at the context)
+
+A step with fewer rows is padded with rows that write to the cache's scratch position (slots past
+those in use are free); a shorter span is masked, as it is eagerly. Steps with prompt chunks run
+eagerly. The adapter slots' buffers are read in place, so uploads and evictions need no recapture;
+a re-layout for a larger rank does (`LoraSlots.layout`).
+
+Each new graph's first replay is checked against the eager step on the same inputs (writing the
+same keys and values twice is harmless); a mismatch or a capture error turns graphs off for good,
+logged, and the engine goes on eagerly. This module knows nothing of requests or sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from server.decoder import Decoder, Step
+
+log = logging.getLogger("loraserve.cuda_graphs")
+
+_INPUTS = ("ids", "positions", "write_slots", "write_positions", "lora_slots", "decode_lengths")
+SPAN_BUCKET = 256
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: Step  # static buffers, refilled before each replay
+    logits: torch.Tensor  # [rows, V] written by each replay
+    layout: int  # LoraSlots.layout at capture
+    checked: bool = False
+
+
+class DecodeGraphs:
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.enabled = True
+        self.max_rows = decoder.cache.slots
+        self.max_span = decoder.cache.max_len
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def forward(self, step: Step) -> torch.Tensor | None:
+        """The step's logits [R, V] by graph replay; None when this step must run eagerly."""
+        if not self.enabled or step.chunks or not step.decode_rows or step.logit_rows.numel() != step.decode_rows:
+            return None
+        key = (_bucket(step.decode_rows, self.max_rows), min(_round_up(step.decode_span, SPAN_BUCKET), self.max_span))
+        try:
+            entry = self._graphs.get(key)
+            if entry is None or entry.layout != self.decoder.lora.layout:
+                entry = self._graphs[key] = self._capture(*key)
+            logits = self._replay(entry, step)
+            if not entry.checked:
+                self._check(entry, step, logits)
+            return logits
+        except Exception:  # never fail a request for the fast path: log it and run eagerly from now on
+            log.exception("CUDA graphs disabled after an error; decoding eagerly")
+            self.enabled = False
+            self._graphs.clear()
+            return None
+
+    def _capture(self, rows: int, span: int) -> _Graph:
+        cache = self.decoder.cache
+        device = cache.K[0].device
+        inputs = Step(
+            ids=torch.zeros(rows, dtype=torch.long, device=device),
+            positions=torch.zeros(rows, dtype=torch.long, device=device),
+            write_slots=torch.arange(rows, device=device),
+            write_positions=torch.full((rows,), cache.scratch, dtype=torch.long, device=device),  # capture writes nothing real
+            lora_slots=torch.full((rows,), -1, dtype=torch.long, device=device),
+            decode_rows=rows, decode_lengths=torch.ones(rows, dtype=torch.long, device=device), decode_span=span,
+            chunks=[], logit_rows=torch.arange(rows, device=device), any_adapter=self.decoder.lora.rank > 0,
+        )
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph: kernels chosen, workspaces allocated
+                self.decoder.forward(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.decoder.forward(inputs)
+        log.info("captured a decode graph: %d rows, span %d", rows, span)
+        return _Graph(graph=graph, inputs=inputs, logits=logits, layout=self.decoder.lora.layout)
+
+    def _replay(self, entry: _Graph, step: Step) -> torch.Tensor:
+        n, static = step.decode_rows, entry.inputs
+        for name in _INPUTS:
+            getattr(static, name)[:n].copy_(getattr(step, name))
+        rows = static.ids.shape[0]
+        if n < rows:  # padding rows: free slots, writing only to the scratch position
+            static.ids[n:].zero_()
+            static.positions[n:].zero_()
+            static.write_slots[n:].copy_(torch.arange(n, rows, device=static.ids.device))
+            static.write_positions[n:].fill_(self.decoder.cache.scratch)
+            static.lora_slots[n:].fill_(-1)
+            static.decode_lengths[n:].fill_(1)
+        entry.graph.replay()
+        return entry.logits[:n]
+
+    def _check(self, entry: _Graph, step: Step, logits: torch.Tensor) -> None:
+        eager = self.decoder.forward(replace(step, any_adapter=entry.inputs.any_adapter))
+        if not torch.equal(logits.argmax(-1), eager.argmax(-1)) or not torch.allclose(logits, eager, rtol=1e-2, atol=1e-2):
+            raise RuntimeError(f"graph replay differs from the eager step (max diff {(logits - eager).abs().max():.3g})")
+        entry.checked = True
+
+
+def _bucket(rows: int, cap: int) -> int:
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    return min(bucket, cap)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
