@@ -11,9 +11,11 @@ LORASERVE_BASE_MODEL=$files/model LORASERVE_ADAPTER_ROOT=$files/adapters LORASER
   LORASERVE_MAX_RUNNING=64 LORASERVE_MAX_CONTEXT=1024 LORASERVE_BACKEND=${BACKEND:-transformers} \
   python3 -m loraserve serve --port 8011 --log-level warning > "$out/serve8b.log" 2>&1 &
 server=$!
+started=$(date +%s)
 for _ in $(seq 1 240); do curl -sf localhost:8011/ready > /dev/null && break; sleep 1; done
+echo "server ready after $(( $(date +%s) - started ))s"
 curl -s localhost:8011/info; echo
 python3 bench/serving.py --url http://127.0.0.1:8011 --adapters a0,a1,a2,a3,a4,a5,a6,a7 \
-  --concurrency ${LEVELS:-1,8,32,64} --requests ${REQUESTS:-64} --warmup 8 --input-len 128 --output-len 128 \
+  --concurrency ${LEVELS:-1,8,32,64} --duration ${DURATION:-12} --warmup 8 --input-len 128 --output-len 128 \
   --json "$out/serving_8b.json" 2>&1 | tail -20
 kill $server; wait $server
