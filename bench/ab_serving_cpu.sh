@@ -9,7 +9,7 @@ run() { # dir port label
     LORASERVE_ADAPTERS='{"facts-en":"facts-en","facts-zh":"facts-zh"}' LORASERVE_PORT=$2 \
     python -m loraserve serve --log-level warning > /tmp/ab-$3.log 2>&1 &)
   for i in $(seq 60); do curl -sf localhost:$2/ready >/dev/null && break; sleep 0.5; done
-  python "$repo/bench/serving.py" --url http://127.0.0.1:$2 --adapters facts-en,facts-zh --concurrency 1,2,4,8 \
+  python "$repo/bench/serving.py" --url http://127.0.0.1:$2 --adapters facts-en,facts-zh --concurrency ${LEVELS:-1,2,4,8} \
     --requests 32 --input-len 64 --output-len 32 --warmup 2 --seed 0 --json /tmp/ab-$3.json 2>&1 | tail -7
   pkill -f "LORASERVE_PORT=$2" ; kill $(lsof -t -i :$2 2>/dev/null) 2>/dev/null; sleep 1
 }

@@ -3,6 +3,11 @@ given bench/serving.py results, server tok/s and latency against concurrency. Wr
 
     python bench/plot_results.py engine.json --out engine.png
     python bench/plot_results.py engine.json --serving before.json --serving after.json --out all.png
+    python bench/plot_results.py run1.json run3.json --out both.png     # methods of several runs, labelled by file
+
+Several engine files: each method is drawn from the file that has it (the first one wins), labelled
+with the file's name when it is not the first, so runs are never mixed up silently; the roofline is the
+first file's.
 """
 
 from __future__ import annotations
@@ -48,12 +53,16 @@ def engine_title(engine: dict) -> str:
             f"out {cfg['output_len']}, {cfg['adapters']} adapters")
 
 
-def plot_engine(ax, engine: dict) -> None:
-    methods = engine["methods"]
-    for name in [m for m in METHOD_ORDER if m in methods] + [m for m in methods if m not in METHOD_ORDER]:
-        points = decode_points(methods[name])
-        if points:
-            ax.plot(*zip(*points), marker="o", label=name)
+def plot_engine(ax, engines: dict[str, dict]) -> None:
+    drawn: set[str] = set()
+    for index, (stem, engine) in enumerate(engines.items()):
+        methods = engine["methods"]
+        for name in [m for m in METHOD_ORDER if m in methods] + [m for m in methods if m not in METHOD_ORDER]:
+            points = decode_points(methods[name])
+            if points and name not in drawn:
+                drawn.add(name)
+                ax.plot(*zip(*points), marker="o", label=name if index == 0 else f"{name} ({stem})")
+    engine = next(iter(engines.values()))
     roof = roofline_points(engine)
     if roof:
         ax.plot(*zip(*roof), linestyle="--", color="gray", label="memory roofline")
@@ -87,16 +96,16 @@ def plot_serving(ax_tput, ax_latency, runs: dict[str, dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("engine", help="bench/engine_bench.py --json output")
+    p.add_argument("engine", nargs="+", help="bench/engine_bench.py --json output(s)")
     p.add_argument("--serving", action="append", default=[], help="bench/serving.py --json output (repeatable)")
     p.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)
     plt = load_pyplot()
-    engine = json.loads(Path(args.engine).read_text())
+    engines = {Path(path).stem: json.loads(Path(path).read_text()) for path in args.engine}
     serving = {Path(path).stem: json.loads(Path(path).read_text()) for path in args.serving}
     panels = 3 if serving else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), squeeze=False)
-    plot_engine(axes[0][0], engine)
+    plot_engine(axes[0][0], engines)
     if serving:
         plot_serving(axes[0][1], axes[0][2], serving)
     fig.tight_layout()

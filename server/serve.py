@@ -8,6 +8,7 @@ exits at once.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
@@ -47,6 +48,9 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
+    # The engine thread and the event loop share the GIL. With the default 5 ms switch interval, a
+    # busy loop (formatting SSE for several streams) keeps the engine waiting up to 5 ms per step.
+    sys.setswitchinterval(settings.gil_switch_seconds)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5)

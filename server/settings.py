@@ -41,6 +41,7 @@ class ServerSettings(BaseSettings):
     max_adapter_rank: int = Field(256, ge=1)
     max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
     drain_seconds: float = Field(10.0, ge=0)
+    gil_switch_seconds: float = Field(0.0005, gt=0, le=0.1, description="sys.setswitchinterval for the server process.")
     sse_ping_seconds: float = Field(15.0, gt=0)
     log_prompts: bool = False
 

@@ -209,6 +209,15 @@ def test_stop_string_and_length(client):
     assert row["output"].startswith(out.choices[0].message.content)
 
 
+def test_ignore_eos_extension(client):
+    row = rows_of(EN)[0]
+    plain = client.chat.completions.create(model=EN, messages=chat_of(row), temperature=0, max_tokens=60)
+    assert plain.choices[0].finish_reason == "stop"
+    out = client.chat.completions.create(model=EN, messages=chat_of(row), temperature=0, max_tokens=40,
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 40
+
+
 def test_logprobs_of_chosen_tokens(client, trained_adapters):
     row = rows_of(ZH)[0]  # Chinese: some tokens release no text alone (half a character)
     out = client.chat.completions.create(model=ZH, messages=chat_of(row), temperature=0, max_tokens=64, logprobs=True)

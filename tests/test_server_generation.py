@@ -308,6 +308,19 @@ def test_max_new_tokens_caps_with_finish_reason_length(server):
         assert len(events) == n and events[-1]["details"]["finish_reason"] == "length"
 
 
+def test_ignore_eos_generates_exactly_max_new_tokens(server, tokenizer):
+    """The benchmark extension: EOS neither ends the generation nor goes missing from the tokens."""
+    row = rows_of(EN)[0]
+    plain = generate(server, ask(row, EN, max_new_tokens=60, details=True))
+    assert plain["details"]["finish_reason"] == "eos_token" and plain["generated_text"] == row["output"]
+    answer_tokens = plain["details"]["generated_tokens"]  # the answer, then EOS
+    out = generate(server, ask(row, EN, max_new_tokens=answer_tokens + 5, ignore_eos=True, details=True))
+    details = out["details"]
+    assert details["finish_reason"] == "length" and details["generated_tokens"] == answer_tokens + 5
+    assert details["tokens"][answer_tokens - 1]["id"] == tokenizer.eos_token_id  # it went on past EOS
+    assert out["generated_text"].startswith(row["output"])
+
+
 def test_stop_sequence_cuts_before_the_stop_string(server):
     row = rows_of(EN)[0]  # "The code of the red door is 4821."
     stop_at = row["output"].index("door")

@@ -1,0 +1,147 @@
+"""The engine's parts without a model (tier a): KV slots, LoRA slots, and step planning."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from server.kv_cache import SlotKVCache
+from server.lora_slots import LoraSlots
+from server.step_plan import plan_step
+
+CPU = torch.device("cpu")
+
+
+# -- KV slots ---------------------------------------------------------------------------------------------------
+
+
+def make_cache(slots: int = 3) -> SlotKVCache:
+    return SlotKVCache(layers=2, slots=slots, kv_heads=1, head_dim=2, max_len=8, device=CPU, dtype=torch.float32)
+
+
+def test_kv_slots_stay_packed_when_one_in_the_middle_frees():
+    cache = make_cache()
+    assert [cache.allocate() for _ in range(3)] == [0, 1, 2] and cache.allocate() is None
+    for layer in range(2):
+        cache.K[layer][2, :, :5] = 7.0 + layer  # slot 2 holds 5 positions
+        cache.V[layer][2, :, :5] = -7.0
+    assert cache.release(0, top_length=5) == 2  # the top slot moved into the hole
+    assert cache.used == 2 and cache.free == 1
+    for layer in range(2):
+        assert torch.all(cache.K[layer][0, :, :5] == 7.0 + layer) and torch.all(cache.V[layer][0, :, :5] == -7.0)
+    assert cache.release(1, top_length=0) is None  # the top slot itself: nothing moves
+    assert cache.allocate() == 1
+
+
+# -- LoRA slots -------------------------------------------------------------------------------------------------
+
+SHAPES = {(0, "q_proj"): (4, 6), (0, "down_proj"): (6, 4)}
+
+
+def adapter(rank: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {f"base_model.model.model.layers.0.{parent}.{proj}.lora_{part}.weight":
+            torch.randn(*((rank, i) if part == "A" else (o, rank)), generator=gen)
+            for (_, proj), (i, o) in SHAPES.items() for part in "AB"
+            for parent in ["mlp" if proj == "down_proj" else "self_attn"]}
+
+
+def reference(state: dict, x: torch.Tensor, proj: str, scaling: float) -> torch.Tensor:
+    parent = "mlp" if proj == "down_proj" else "self_attn"
+    a = state[f"base_model.model.model.layers.0.{parent}.{proj}.lora_A.weight"]
+    b = state[f"base_model.model.model.layers.0.{parent}.{proj}.lora_B.weight"]
+    return (x @ a.t() @ b.t()) * scaling  # PEFT's lora_B(lora_A(x)) * scaling
+
+
+def test_rows_of_different_adapters_get_their_own_lora_term():
+    lora = LoraSlots(SHAPES, slots=2, device=CPU, dtype=torch.float32)
+    one, two = adapter(2, 1), adapter(4, 2)  # different ranks: the slots widen to the larger
+    lora.add("one", rank=2, scaling=0.5, state_dict=one)
+    lora.add("two", rank=4, scaling=2.0, state_dict=two)
+    slots = torch.tensor([lora.acquire("one"), -1, lora.acquire("two"), lora.acquire("one")])
+    x = torch.randn(4, 4)
+    out = lora.apply(0, "q_proj", x, torch.zeros(4, 6), lora.row_mask(slots))
+    torch.testing.assert_close(out[0], reference(one, x[0], "q_proj", 0.5))
+    assert torch.all(out[1] == 0)  # the base-model row gets exactly nothing
+    torch.testing.assert_close(out[2], reference(two, x[2], "q_proj", 2.0))
+    torch.testing.assert_close(out[3], reference(one, x[3], "q_proj", 0.5))
+
+
+def test_least_recently_used_unpinned_adapter_is_evicted_and_comes_back():
+    lora = LoraSlots(SHAPES, slots=2, device=CPU, dtype=torch.float32)
+    for key in "abc":
+        lora.add(key, rank=2, scaling=1.0, state_dict=adapter(2, ord(key)))
+    slot_a, slot_b = lora.acquire("a"), lora.acquire("b")
+    assert lora.acquire("c") is None  # every slot pinned: the caller waits
+    lora.release("a")
+    lora.release("b")
+    lora.acquire("a")
+    lora.release("a")  # now b is the least recently used
+    assert lora.acquire("c") == slot_b and set(lora.resident) == {"a", "c"}
+    assert lora.uploads == 3
+    lora.release("c")
+    x = torch.randn(1, 6)
+    slot = lora.acquire("b")  # back from the host copy
+    out = lora.apply(0, "down_proj", x, torch.zeros(1, 4), lora.row_mask(torch.tensor([slot])))
+    torch.testing.assert_close(out[0], reference(adapter(2, ord("b")), x[0], "down_proj", 1.0))
+    with pytest.raises(RuntimeError):
+        lora.remove("b")  # pinned by a running sequence
+    lora.release("b")
+    lora.remove("b")
+    assert "b" not in lora.host and "b" not in lora.resident and slot_a is not None
+
+
+def test_weights_that_are_not_lora_of_this_model_are_refused():
+    lora = LoraSlots(SHAPES, slots=1, device=CPU, dtype=torch.float32)
+    state = adapter(2, 1)
+    with pytest.raises(ValueError, match="servable"):
+        lora.add("x", rank=2, scaling=1.0, state_dict={**state, "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match="do not fit"):
+        lora.add("x", rank=3, scaling=1.0, state_dict=state)
+    lonely = {k: v for k, v in state.items() if "q_proj.lora_B" not in k}
+    with pytest.raises(ValueError, match="without its pair"):
+        lora.add("x", rank=2, scaling=1.0, state_dict=lonely)
+    assert not lora.host and lora.rank == 0
+
+
+# -- step planning ----------------------------------------------------------------------------------------------
+
+
+def seq(slot: int, prompt: int, *, cached: int = 0, generated: int = 0, lora_slot: int = -1):
+    return SimpleNamespace(slot=slot, prompt_ids=list(range(100, 100 + prompt)), cached=cached,
+                           generated=[7] * generated, lora_slot=lora_slot)
+
+
+def test_prompt_chunks_are_cut_at_fixed_multiples_whatever_else_runs():
+    cache = make_cache(slots=4)
+    long, short = seq(0, 300), seq(1, 40)
+    plan = plan_step([long, short], [long, short], cache=cache, chunk_tokens=128, device=CPU)
+    assert [(c.slot, c.start, c.length) for c in plan.step.chunks] == [(0, 0, 128)]  # the budget is spent
+    long.cached = 128
+    plan = plan_step([long, short], [long, short], cache=cache, chunk_tokens=128, device=CPU)
+    assert [(c.start, c.length) for c in plan.step.chunks] == [(128, 128)]
+    long.cached = 256
+    plan = plan_step([long, short], [long, short], cache=cache, chunk_tokens=128, device=CPU)
+    assert [(c.slot, c.start, c.length) for c in plan.step.chunks] == [(0, 256, 44), (1, 0, 40)]
+    assert plan.sampled == [long, short]  # both prompts complete: each gets its first token
+    assert plan.step.logit_rows.tolist() == [43, 83]
+    assert plan.step.decode_rows == 0
+
+
+def test_decode_rows_cover_every_slot_and_prefilling_ones_ride_along():
+    cache = make_cache(slots=4)
+    running = seq(0, 5, cached=6, generated=2, lora_slot=1)
+    joining = seq(1, 30)
+    plan = plan_step([running, joining], [joining], cache=cache, chunk_tokens=16, device=CPU)
+    step = plan.step
+    assert step.decode_rows == 2 and plan.decoding == [running] and plan.sampled == [running]
+    assert step.ids[:2].tolist() == [7, 0]
+    assert step.write_slots[:2].tolist() == [0, 1]
+    assert step.write_positions[:2].tolist() == [6, cache.scratch]  # the rider writes only to scratch
+    assert step.decode_lengths.tolist() == [7, 1] and step.decode_span == 7
+    assert step.lora_slots.tolist() == [1, -1] + [-1] * 16 and step.any_adapter
+    assert step.positions[2:].tolist() == list(range(16))  # the newcomer's first chunk
+    assert step.logit_rows.tolist() == [0]
+    assert plan_step([], [], cache=cache, chunk_tokens=16, device=CPU) is None
