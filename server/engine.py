@@ -206,6 +206,9 @@ class Engine:
                 fn, future, loop = self._jobs.get_nowait()
             except queue.Empty:
                 return
+            # A request whose stream was closed has released its adapter in the registry already; drop
+            # it first, so a job that detaches that adapter never finds it still pinned here.
+            self._drop_cancelled()
             try:
                 result, error = fn(), None
             except BaseException as exc:  # handed to the awaiting coroutine, never lost

@@ -418,3 +418,32 @@ def test_kernel_launches_do_not_grow_with_distinct_adapters(state):
     mixed = ops_for([keys[0], keys[1], None, keys[0]])
     assert len(one) > 100 and one == mixed
     assert any("mm" in op for op in one)
+
+
+def test_a_long_prompt_prefills_in_chunks_while_running_streams_keep_decoding(state):
+    """A newcomer's long prompt does not stall running streams: it is prefilled `prefill_chunk_tokens`
+    at a time, and every one of those steps still gives the running stream its next token."""
+    engine = make_engine(state, prefill_chunk_tokens=32)
+    long_prompt = request(state, inputs="The quick brown fox jumps over the lazy dog. " * 20, max_new_tokens=3)
+    chunks = -(-len(long_prompt[0]) // 32)
+    assert chunks >= 5
+
+    async def scenario():
+        engine.start()
+        running = engine.generate(*request(state, inputs=ENDLESS, max_new_tokens=300))
+        await anext(running)
+        steps_before = engine.stats.steps
+        newcomer = engine.generate(*long_prompt)
+        first = await anext(newcomer)  # the newcomer's prompt is all in the cache now
+        steps_to_first = engine.stats.steps - steps_before
+        tokens, final = await drain(running)
+        await drain(newcomer)
+        return first, steps_to_first, tokens, final
+
+    try:
+        first, steps_to_first, tokens, final = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert isinstance(first, TokenEvent) and isinstance(final, FinalEvent)
+    assert steps_to_first >= chunks  # one chunk a step ...
+    assert final.generated_tokens == 300 and engine.stats.steps <= 300 + 2  # ... inside the running stream's steps
