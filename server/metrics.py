@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -24,3 +27,31 @@ class Metrics:
         self.adapter_load_seconds = Histogram("loraserve_adapter_load_seconds", "Adapter load latency",
                                               buckets=_LATENCY_BUCKETS, registry=r)
         self.adapters_loaded = Gauge("loraserve_adapters_loaded", "Adapters currently loaded", registry=r)
+
+    def watch_engine(self, read: Callable[[], "EngineNumbers"]) -> None:
+        """Export the engine's own counters, read at scrape time (the engine never imports this)."""
+        self.registry.register(_EngineCollector(read))
+
+
+EngineNumbers = dict[str, float]
+
+# name → (kind, help); the engine side supplies a value for each name.
+ENGINE_METRICS = {
+    "loraserve_engine_steps": ("counter", "Forward passes run by the engine"),
+    "loraserve_engine_prefill_tokens": ("counter", "Prompt tokens prefilled"),
+    "loraserve_adapter_uploads": ("counter", "Adapter copies from host memory into a device slot"),
+    "loraserve_kv_slots": ("gauge", "KV cache slots preallocated"),
+    "loraserve_kv_slots_used": ("gauge", "KV cache slots held by running sequences"),
+    "loraserve_adapter_slots_resident": ("gauge", "Device adapter slots holding an adapter"),
+}
+
+
+class _EngineCollector:
+    def __init__(self, read: Callable[[], EngineNumbers]) -> None:
+        self.read = read
+
+    def collect(self):
+        numbers = self.read()
+        for name, (kind, help_text) in ENGINE_METRICS.items():
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, help_text, value=numbers[name])

@@ -54,10 +54,19 @@ class ServerState:
             max_rank=s.max_adapter_rank, max_bytes=s.max_adapter_bytes,
             run_on_worker=self.engine.call, attach=runner.attach, detach=runner.detach,
         )
+        self.metrics.watch_engine(self._engine_numbers)
         self.service = GenerationService(engine=self.engine, registry=self.registry, settings=s, metrics=self.metrics,
                                          max_context=self.max_context, base_template=template)
         log.info("base model %s loaded: backend=%s device=%s fingerprint=%s context=%d kv_slots=%d", s.base_model,
                  runner.backend, runner.device, self.fingerprint, self.max_context, runner.cache.slots)
+
+    def _engine_numbers(self) -> dict[str, float]:
+        stats, runner = self.engine.stats, self.runner
+        return {
+            "loraserve_engine_steps": stats.steps, "loraserve_engine_prefill_tokens": stats.prefill_tokens,
+            "loraserve_adapter_uploads": runner.lora.uploads, "loraserve_kv_slots": runner.cache.slots,
+            "loraserve_kv_slots_used": runner.cache.used, "loraserve_adapter_slots_resident": len(runner.lora.resident),
+        }
 
     async def preload_adapters(self) -> None:
         for name, path in self.settings.adapters.items():

@@ -724,6 +724,12 @@ def test_metrics_move(server):
     assert delta("loraserve_prompt_tokens_total", adapter=ZH) == 2 * out["details"]["prompt_tokens"]
     assert delta("loraserve_time_to_first_token_seconds_count", adapter=ZH) == 2
     assert delta("loraserve_inter_token_seconds_count", adapter=ZH) == 2 * (out["details"]["generated_tokens"] - 1)
+    # The engine's own numbers: each request took one step per token (the first shares its prompt's step).
+    assert delta("loraserve_engine_steps_total") >= out["details"]["generated_tokens"]
+    assert delta("loraserve_engine_prefill_tokens_total") == 2 * out["details"]["prompt_tokens"]
+    assert metric(after, "loraserve_kv_slots") == httpx.get(server.url + "/info").json()["kv_slots"] > 0
+    assert metric(after, "loraserve_kv_slots_used") == 0
+    assert metric(after, "loraserve_adapter_slots_resident") >= 1
 
     loads_before = metrics(server)
     assert admin_load(server, "metrics-probe", EN).status_code == 200

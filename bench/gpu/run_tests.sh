@@ -3,7 +3,7 @@
 # live server on the Unsloth backend passing the mixed-adapter batch comparison.
 set -uo pipefail
 source bench/gpu/setup.sh
-python3 -m pytest -o addopts="" -m gpu tests/test_gpu.py -v -s -p no:cacheprovider -x "$@" 2>&1 | tee "${OUT:-.}/gpu_tests.log"
+python3 -m pytest -o addopts="" -m gpu tests/test_gpu.py tests/test_gpu_engine.py -v -s -p no:cacheprovider -x "$@" 2>&1 | tee "${OUT:-.}/gpu_tests.log"
 status=${PIPESTATUS[0]}
 [ "$status" = 0 ] || for f in /tmp/loraserve-test-*.log; do [ -f "$f" ] && tail -c 200000 "$f" > "${OUT:-.}/$(basename "$f")"; done
 exit $status

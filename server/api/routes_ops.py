@@ -33,6 +33,7 @@ async def info(state: State) -> dict:
         "fingerprint": state.fingerprint, "max_context": state.max_context,
         "max_new_tokens_cap": s.max_new_tokens_cap, "max_running": s.max_running,
         "kv_slots": state.runner.cache.slots if state.runner else None,
+        "adapter_slots": s.adapter_slots, "cuda_graphs": bool(state.runner and state.runner.graphs),
         "adapters": state.registry.names() if state.registry else [],
     }
 
