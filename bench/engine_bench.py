@@ -83,6 +83,7 @@ class Workload:
     prompt_high: int  # prompts draw ids from [LOWEST_PROMPT_ID, prompt_high)
     seed: int
     scenarios: list[Scenario]
+    prefill_chunk_tokens: int = 512  # ours: prompt tokens per step (the server's LORASERVE_PREFILL_CHUNK_TOKENS)
 
     @property
     def max_context(self) -> int:
@@ -508,7 +509,7 @@ async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: b
     runner = ModelRunner(work.model, work.tokenizer, backend="transformers", max_context=work.max_context,
                          kv_slots=work.max_streams, adapter_slots=len(work.adapters),
                          max_lora_rank=work.lora_config.r, cuda_graphs=cuda_graphs)
-    engine = Engine(runner, max_running=work.max_streams, max_queue=10_000)
+    engine = Engine(runner, max_running=work.max_streams, max_queue=10_000, prefill_chunk_tokens=work.prefill_chunk_tokens)
     engine.start()
     try:
         for name, state in work.adapters.items():
@@ -851,7 +852,8 @@ def build_workload(args, model, tokenizer, model_dir) -> Workload:
                 for i in range(args.adapters)}
     return Workload(model=model, tokenizer=tokenizer, model_dir=model_dir, lora_config=lora_config(args.rank),
                     adapters=adapters, input_len=args.input_len, output_len=args.output_len, ttft_len=args.ttft_len,
-                    prompt_high=vocab, seed=args.seed, scenarios=[SCENARIOS[n] for n in args.scenarios])
+                    prompt_high=vocab, seed=args.seed, scenarios=[SCENARIOS[n] for n in args.scenarios],
+                    prefill_chunk_tokens=args.prefill_chunk_tokens)
 
 
 def skip_reason(method: str, args) -> str | None:
@@ -910,6 +912,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--hf-static-adapters", choices=["mixed", "none"], default="mixed",
                    help="hf_static on the PEFT mixed-adapter model, or on the base model with adapters disabled")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=512, help="ours: prompt tokens prefilled per step")
     p.add_argument("--unsloth-timeout", type=float, default=1800.0, help="seconds for the Unsloth process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write everything here")

@@ -77,7 +77,7 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int | None = None,
+def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int = 4096,
                 kv_slots: int = 4, adapter_slots: int = 8, max_lora_rank: int = 256,
                 kv_memory_fraction: float = 0.9, cuda_graphs: bool = True) -> ModelRunner:
     backend = choose_backend(backend)
@@ -88,16 +88,16 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     limit = int(getattr(model.config, "max_position_embeddings", 2048))
-    return ModelRunner(model, tokenizer, backend=backend, max_context=min(max_context or limit, limit),
+    return ModelRunner(model, tokenizer, backend=backend, max_context=min(max_context, limit),
                        kv_slots=kv_slots, adapter_slots=adapter_slots, max_lora_rank=max_lora_rank,
                        kv_memory_fraction=kv_memory_fraction, cuda_graphs=cuda_graphs)
 
 
-def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int | None):
+def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int):
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=base_model, max_seq_length=max_context or 2048, dtype=None, load_in_4bit=load_in_4bit
+        model_name=base_model, max_seq_length=max_context, dtype=None, load_in_4bit=load_in_4bit
     )
     FastLanguageModel.for_inference(model)
     return model, tokenizer

@@ -31,7 +31,8 @@ class ServerSettings(BaseSettings):
     max_stop_chars: int = Field(64, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_running: int = Field(32, ge=1, description="Sequences generating at once: one KV cache slot each.")
-    max_context: int | None = Field(None, ge=16, description="Tokens per KV slot (prompt + new); default: the model's limit.")
+    max_context: int = Field(4096, ge=16, description="Tokens per KV slot (prompt + new), at most the model's limit. "
+                                                    "Every slot is preallocated at this length.")
     kv_memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of free GPU memory the KV cache may take.")
     prefill_chunk_tokens: int = Field(512, ge=16, description="Prompt tokens prefilled per step, beside decoding.")
     adapter_slots: int = Field(8, ge=1, description="Adapters resident on the device; more stay in host memory (LRU).")
