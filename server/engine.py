@@ -232,9 +232,12 @@ class Engine:
 
     def _start_waiting(self) -> None:
         """Give waiting requests, oldest first, a KV slot and their adapter's device slot. A full KV
-        cache stops admission (they wait); an adapter whose slot cannot be had yet (every adapter
-        slot pinned by running requests) waits without holding up requests for other adapters."""
+        cache stops admission (they wait). When every adapter slot is pinned by running requests, a
+        request for another adapter waits, and so does every later adapter request: pins then drain,
+        a slot frees, and it goes first (admitting later ones for resident adapters could starve it
+        for ever). Base-model requests need no adapter slot and go on being admitted."""
         cache, lora = self.runner.cache, self.runner.lora
+        adapter_blocked = False
         for seq in list(self._waiting):
             if cache.free == 0 or len(self._slots) >= self.max_running:
                 break
@@ -248,8 +251,9 @@ class Engine:
                     self._waiting.remove(seq)
                     self._fail(seq, "the adapter was unloaded before the request started")
                     continue
-                slot = lora.acquire(seq.adapter_key)
+                slot = None if adapter_blocked else lora.acquire(seq.adapter_key)
                 if slot is None:
+                    adapter_blocked = True
                     continue
                 seq.lora_slot = slot
             self._waiting.remove(seq)

@@ -8,6 +8,7 @@ the same step, and every running sequence, whatever its adapter, shares each for
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -447,3 +448,36 @@ def test_a_long_prompt_prefills_in_chunks_while_running_streams_keep_decoding(st
     assert isinstance(first, TokenEvent) and isinstance(final, FinalEvent)
     assert steps_to_first >= chunks  # one chunk a step ...
     assert final.generated_tokens == 300 and engine.stats.steps <= 300 + 2  # ... inside the running stream's steps
+
+
+def test_a_request_waiting_for_an_adapter_slot_is_not_starved_by_resident_adapters(small_state):
+    """One device adapter slot, held by a running EN request. A ZH request waits for it; an EN request
+    arriving after ZH must not jump the queue on the resident adapter (with a steady EN stream, ZH
+    would otherwise never get the slot)."""
+    state = small_state
+    en, zh = rows_of(EN), rows_of(ZH)
+    started: dict[str, float] = {}
+
+    async def first_token_then_rest(name: str, stream):
+        await anext(stream)
+        started[name] = time.monotonic()
+        return await drain(stream)
+
+    async def scenario(engine: Engine):
+        engine.start()
+        ids, params, key = request(state, adapter=EN, row=en[0])
+        first = engine.generate(ids, dataclasses.replace(params, max_new_tokens=300, stop_token_ids=()), key)
+        await anext(first)  # EN holds the only adapter slot now, for 300 tokens
+        zh_task = asyncio.ensure_future(first_token_then_rest("zh", engine.generate(*request(state, adapter=ZH, row=zh[0]))))
+        await asyncio.sleep(0.05)  # ZH is waiting for the slot
+        en_task = asyncio.ensure_future(first_token_then_rest("en2", engine.generate(*request(state, adapter=EN, row=en[1]))))
+        await drain(first)
+        return await asyncio.gather(zh_task, en_task)
+
+    engine = make_engine(state)
+    try:
+        (_, zh_final), (_, en_final) = asyncio.run(scenario(engine))
+    finally:
+        engine.stop()
+    assert zh_final.generated_text == zh[0]["output"] and en_final.generated_text == en[1]["output"]
+    assert started["zh"] < started["en2"]
