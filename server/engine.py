@@ -64,12 +64,13 @@ class Sequence:
 
     _ids = itertools.count(1)
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None, tokenizer, emit):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None, tokenizer,
+                 listener: tuple[asyncio.AbstractEventLoop, asyncio.Queue]):
         self.id = next(self._ids)
         self.prompt_ids = prompt_ids
         self.params = params
         self.adapter_key = adapter_key
-        self.emit = emit  # thread-safe callable(event)
+        self.listener = listener  # the caller's event loop and the queue its events go to
         self.cancelled = threading.Event()
         self.generator = make_generator(params)
         self.detok = Detokenizer(tokenizer)
@@ -120,6 +121,7 @@ class Engine:
         self._admitted = 0  # sequences submitted and not finished (guarded by _count_lock)
         self._count_lock = threading.Lock()
         self._abort_message: str | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events of this iteration, by listener loop
 
     # -- asyncio side ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,7 +146,7 @@ class Engine:
         token events, then one FinalEvent or ErrorEvent. Closing the iterator early cancels it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        seq = Sequence(prompt_ids, params, adapter_key, self.tokenizer, emit=_emitter(loop, events))
+        seq = Sequence(prompt_ids, params, adapter_key, self.tokenizer, listener=(loop, events))
         self._admit(seq)
         return self._events(seq, events)
 
@@ -193,12 +195,28 @@ class Engine:
             plan = plan_step(self._slots, self._prefilling, cache=self.runner.cache,
                              chunk_tokens=self.prefill_chunk_tokens, device=self.runner.device)
             if plan is None:
+                self._flush_events()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             self._run_step(plan)
+            self._flush_events()
         self._take_inbox()
         self._fail_all("server stopped")
+        self._flush_events()
+
+    def _emit(self, seq: Sequence, event) -> None:
+        loop, events = seq.listener
+        self._outbox.setdefault(loop, []).append((events, event))
+
+    def _flush_events(self) -> None:
+        """Hand this iteration's events to their loops: one wake-up per loop per step, not one per token."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, batch in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the loop is closed (shutdown): nobody is listening any more
+                pass
 
     def _run_jobs(self) -> None:
         while True:
@@ -315,7 +333,7 @@ class Engine:
             text += seq.stops.flush()
         event = TokenEvent(id=token, text=text, logprob=logprob, special=is_eos, last=reason is not None)
         seq.tokens.append(event)
-        seq.emit(event)
+        self._emit(seq, event)
         if reason:
             self._finish(seq, reason)
 
@@ -326,7 +344,7 @@ class Engine:
         self._retire(seq)  # before the caller hears the end: its next request must find the slot free
         if reason != "cancelled":
             now = time.monotonic()
-            seq.emit(FinalEvent(
+            self._emit(seq, FinalEvent(
                 generated_text=seq.stops.text, finish_reason=reason, generated_tokens=len(seq.generated),
                 prompt_tokens=len(seq.prompt_ids), seed=seq.params.seed, tokens=seq.tokens,
                 first_token_seconds=(seq.first_token_at or now) - seq.enqueued, total_seconds=now - seq.enqueued,
@@ -337,7 +355,7 @@ class Engine:
             return
         seq.finish_reason = "error"
         self._retire(seq)
-        seq.emit(ErrorEvent(message))
+        self._emit(seq, ErrorEvent(message))
 
     def _retire(self, seq: Sequence) -> None:
         self._free_slots(seq)
@@ -366,14 +384,9 @@ class Engine:
         self._waiting.clear()
 
 
-def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Any], None]:
-    def emit(event: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the loop is closed (shutdown): nobody is listening any more
-            pass
-
-    return emit
+def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for events, event in batch:
+        events.put_nowait(event)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
