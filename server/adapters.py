@@ -102,7 +102,10 @@ class AdapterRegistry:
             started = time.monotonic()
             checked, weights = await asyncio.to_thread(self._check_and_read, path)
             version = self._new_version(name, path, checked, started)
-            await self._run_on_worker(lambda: self._attach(version.key, lora_config(checked), weights))
+            try:
+                await self._run_on_worker(lambda: self._attach(version.key, lora_config(checked), weights))
+            except ValueError as exc:  # the runner's word that this adapter cannot be served (e.g. lm_head LoRA)
+                raise BadRequest(f"this adapter cannot be served: {exc}", param="path") from exc
             version.load_seconds = time.monotonic() - started
             self._publish(version)
             await self.collect()

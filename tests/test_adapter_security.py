@@ -29,7 +29,7 @@ from contract.fingerprint import base_fingerprint
 from contract.manifest import MANIFEST_FILE
 from server.adapter_files import (CONFIG_FILE, WEIGHTS_FILE, BaseShapes, base_shapes, check_adapter_dir, load_weights,
                                  resolve_under_root)
-from server.errors import ServeError
+from server.errors import BadRequest, ServeError
 from tests.live import ADMIN_TOKEN, LiveServer
 
 pytestmark = pytest.mark.slow
@@ -979,3 +979,34 @@ def test_live_api_keys(client, server):
         ok = client.post("/generate", json=req, headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200 and isinstance(ok.json()["generated_text"], str)
     assert client.get("/health").status_code == 200
+
+
+def test_lora_on_a_module_the_engine_does_not_serve_is_400(tiny_model_dir, root, adapter, base):
+    """A valid PEFT adapter that also trains lm_head passes the file checks (the base has that module),
+    but the engine applies LoRA to the seven projections only: the load is a clear 400, never a 500
+    and never served without its lm_head part."""
+    from contract.templates import BUILTIN
+    from server.adapters import AdapterRegistry
+    from server.runner import load_runner
+
+    runner = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False)
+    d = copy_adapter(adapter, root / "with-head", manifest=False)
+    state = tensors(d)
+    rank = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
+    hidden, vocab = base.linear["lm_head"]
+    state["base_model.model.lm_head.lora_A.weight"] = torch.zeros(rank, hidden)
+    state["base_model.model.lm_head.lora_B.weight"] = torch.zeros(vocab, rank)
+    write_tensors(d, state)
+    edit_json(d / "adapter_config.json", target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj", "lm_head"])
+
+    async def on_worker(fn):
+        return fn()
+
+    registry = AdapterRegistry(root=root, base=base, base_name="tiny", default_template=BUILTIN["alpaca"],
+                               max_adapters=4, max_rank=64, max_bytes=BIG, run_on_worker=on_worker,
+                               attach=runner.attach, detach=runner.detach)
+    with pytest.raises(BadRequest) as error:
+        asyncio.run(registry.load("head", "with-head"))
+    assert "lm_head" in str(error.value) and "servable" in str(error.value)
+    assert registry.names() == [] and runner.attached == set()
