@@ -96,3 +96,18 @@ def test_mixed_adapter_batches_match_single_runs(unsloth_server, trained_adapter
     for adapter in ("en", "zh"):
         assert report[adapter]["single_equals_trained"] >= 0.9 * report[adapter]["rows"], report
     assert report["None"]["single_equals_trained"] <= 1, report
+
+
+def test_4bit_base_serves_mixed_batches(tiny_model_dir, trained_adapters):
+    """`LOAD_IN_4BIT`: Unsloth loads the base in 4-bit (bitsandbytes layers) and our decoder calls those
+    layers as they are. Adapter rows of a mixed batch still equal their single runs; how many trained
+    answers survive the quantized base is reported (the adapters were trained on the 16-bit base)."""
+    with LiveServer(tiny_model_dir, trained_adapters.root, adapters={"en": "facts-en", "zh": "facts-zh"},
+                    backend="unsloth", load_in_4bit=True) as server:
+        reqs = [r for r in _requests(trained_adapters) if r[0]["adapter"]]
+        singles = [_ok(httpx.post(f"{server.url}/generate", json=body, timeout=300)) for body, _ in reqs]
+        mixed = asyncio.run(_post_all(server.url, [body for body, _ in reqs]))
+    same = sum(s["generated_text"] == m["generated_text"] for s, m in zip(singles, mixed))
+    trained = sum(s["generated_text"] == expected for s, (_, expected) in zip(singles, reqs))
+    print(json.dumps({"rows": len(reqs), "mixed_equals_single": same, "single_equals_trained": trained}))
+    assert same == len(reqs)
