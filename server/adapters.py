@@ -41,6 +41,7 @@ class AdapterVersion:
     load_seconds: float
     refs: int = 0
     retired: bool = False
+    detaching: bool = False
 
     def describe(self, base_name: str) -> dict:
         return {
@@ -124,10 +125,16 @@ class AdapterRegistry:
     async def collect(self) -> None:
         """Detach retired versions that no request holds any more."""
         with self._refs_lock:
-            idle = [v for v in self._retired if v.refs <= 0]
-            self._retired = [v for v in self._retired if v.refs > 0]
-        for version in idle:
-            await self._run_on_worker(lambda key=version.key: self._detach(key))
+            idle = [v for v in self._retired if v.refs <= 0 and not v.detaching]
+            for version in idle:
+                version.detaching = True
+        for version in idle:  # a version leaves the retired list only once detached: a failure is retried later
+            try:
+                await self._run_on_worker(lambda key=version.key: self._detach(key))
+            finally:
+                version.detaching = False
+            with self._refs_lock:
+                self._retired.remove(version)
 
     def _check_and_read(self, path: str) -> tuple[CheckedAdapter, dict]:
         directory = resolve_under_root(self.root, path)

@@ -128,9 +128,15 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        self._accepting = False
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():  # the worker is gone: settle whatever slipped in after its last look
+            self._take_inbox()
+            self._fail_all("server stopped")
+            self._flush_events()
+            self._fail_jobs(Unavailable("server is shutting down"))
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -167,9 +173,13 @@ class Engine:
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the worker thread between steps (adapter loads and unloads) and return its result."""
+        if self._stop.is_set():
+            raise Unavailable("server is shutting down")
         future = asyncio.get_running_loop().create_future()
         self._jobs.put((fn, future, asyncio.get_running_loop()))
         self._wake.set()
+        if self._stop.is_set() and not self._thread.is_alive():  # stop() finished between the check and the put
+            self._fail_jobs(Unavailable("server is shutting down"))
         return await future
 
     def _admit(self, seq: Sequence) -> None:
@@ -185,25 +195,46 @@ class Engine:
     # -- worker thread --------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self._abort_message:
-                self._take_inbox()
-                self._fail_all(self._abort_message)
-            self._run_jobs()
-            self._take_inbox()
-            self._drop_cancelled()
-            self._start_waiting()
-            plan = plan_step(self._slots, self._prefilling, cache=self.runner.cache,
-                             chunk_tokens=self.prefill_chunk_tokens, device=self.runner.device)
-            if plan is None:
-                self._flush_events()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            self._run_step(plan)
+            try:
+                self._iterate()
+            except Exception:  # a bug must cost the running requests, never the thread (everyone would hang)
+                log.exception("engine iteration failed; failing the running requests")
+                _release_cuda_memory()
+                for seq in list(self._slots):
+                    self._fail(seq, "generation failed: internal error (see the server log)")
             self._flush_events()
         self._take_inbox()
         self._fail_all("server stopped")
         self._flush_events()
+        self._fail_jobs(Unavailable("server is shutting down"))
+
+    def _iterate(self) -> None:
+        if self._abort_message:
+            self._take_inbox()
+            self._fail_all(self._abort_message)
+        self._run_jobs()
+        self._take_inbox()
+        self._drop_cancelled()
+        self._start_waiting()
+        plan = plan_step(self._slots, self._prefilling, cache=self.runner.cache,
+                         chunk_tokens=self.prefill_chunk_tokens, device=self.runner.device)
+        if plan is None:
+            self._flush_events()
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return
+        self._run_step(plan)
+
+    def _fail_jobs(self, error: Exception) -> None:
+        while True:
+            try:
+                _, future, loop = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                loop.call_soon_threadsafe(_settle, future, None, error)
+            except RuntimeError:  # that loop is closed: nobody awaits the job any more
+                pass
 
     def _emit(self, seq: Sequence, event) -> None:
         loop, events = seq.listener
@@ -308,6 +339,12 @@ class Engine:
             self._fail(seq, message)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [R]: a NaN/inf row fails alone, not the batch
+        if not all(finite):
+            for seq in [s for s, ok in zip(seqs, finite) if not ok]:
+                self._fail(seq, "generation failed: the model produced non-finite logits")
+            keep = [i for i, ok in enumerate(finite) if ok]
+            seqs, logits = [seqs[i] for i in keep], logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
         for seq, (token, logprob) in zip(seqs, choose_tokens(logits, seqs)):
             if seq.cancelled.is_set():
                 self._finish(seq, "cancelled")

@@ -8,11 +8,13 @@ device at once. Each projection p of each layer holds all slots side by side:
 
 so a batch whose row i runs adapter slot[i] gets its LoRA term from two matmuls and a mask,
 
-    delta = ((x @ A[p]) * mask) @ B[p]      mask[i, c] = 1 where c // R == slot[i]
+    delta = where(mask, x @ A[p], 0) @ B[p]      mask[i, c] = (c // R == slot[i])
 
 whatever the mix of adapters: the number of kernel launches does not grow with the number of
 distinct adapters in the batch. R grows to the largest rank attached (buffers re-laid out once).
-Zeroed columns contribute exact zeros, so a row's result does not depend on its neighbours.
+Zeroed columns contribute exact zeros, so a row's result does not depend on its neighbours; `where`
+rather than a multiply, so that even an overflow in another adapter's columns (inf * 0 = NaN) stays
+out of a row. Non-finite weights are refused at load.
 
 A resident adapter that no running sequence uses may be evicted (least recently used first) when
 another needs its slot; its host copy stays, so it comes back with one copy. This module knows
@@ -92,18 +94,18 @@ class LoraSlots:
             del self.pins[key]
 
     def row_mask(self, row_slots: torch.Tensor) -> torch.Tensor | None:
-        """[T] slot per row (-1: no adapter) → [T, slots * R] 0/1 in the compute dtype; None when no
-        adapter is attached. (Callers skip it when no row has an adapter: that adds nothing either way.)"""
+        """[T] slot per row (-1: no adapter) → [T, slots * R] bool, True on the row's own slot's columns;
+        None when no adapter is attached. (Callers skip it when no row has an adapter.)"""
         if self.rank == 0:
             return None
         columns = torch.arange(self.slots * self.rank, device=row_slots.device) // self.rank  # [slots * R]
-        return (columns[None, :] == row_slots[:, None]).to(self.dtype)
+        return columns[None, :] == row_slots[:, None]
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """out + the LoRA term of projection `proj` for every row of x [T, in]; out is [T, out]."""
         if mask is None:
             return out
-        hidden = (x @ self.A[(layer, proj)]) * mask  # [T, slots * R]
+        hidden = torch.where(mask, x @ self.A[(layer, proj)], 0.0)  # [T, slots * R]
         return torch.addmm(out, hidden, self.B[(layer, proj)])
 
     # -- slot bookkeeping --------------------------------------------------------------------------
@@ -164,6 +166,8 @@ def _host_weights(state_dict: dict[str, torch.Tensor], shapes: dict[tuple[int, s
         if ab["A"].shape != (rank, in_features) or ab["B"].shape != (out_features, rank):
             raise ValueError(f"layer {name[0]} {name[1]}: A {tuple(ab['A'].shape)} / B {tuple(ab['B'].shape)} do not fit "
                              f"rank {rank} and the base shape [{out_features}, {in_features}]")
+        if not (torch.isfinite(ab["A"]).all() and torch.isfinite(ab["B"]).all()):
+            raise ValueError(f"layer {name[0]} {name[1]}: the weights hold NaN or infinite values (a diverged run?)")
         # Scaling folded into B in float32 before the cast: one rounding, as PEFT's (x@A@B)*s gets.
         a, b = ab["A"].t().to("cpu", dtype), (ab["B"].float() * scaling).t().to("cpu", dtype)  # the host tier
         weights[name] = (a.contiguous(), b.contiguous())

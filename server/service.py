@@ -170,7 +170,7 @@ class GenerationService:
         stop = self._stops(req.stop)
         _check_number(req.temperature, "temperature", low=0.0, high=100.0)
         _check_number(req.top_p, "top_p", low=0.0, high=1.0, low_open=True)
-        _check_number(req.repetition_penalty, "repetition_penalty", low=0.0, high=100.0, low_open=True)
+        _check_number(req.repetition_penalty, "repetition_penalty", low=0.01, high=100.0)
         if req.top_k is not None and (isinstance(req.top_k, bool) or req.top_k < 0):
             raise Invalid("top_k must be 0 or more", param="top_k")
         temperature = 1.0 if req.temperature is None else req.temperature

@@ -1010,3 +1010,33 @@ def test_lora_on_a_module_the_engine_does_not_serve_is_400(tiny_model_dir, root,
         asyncio.run(registry.load("head", "with-head"))
     assert "lm_head" in str(error.value) and "servable" in str(error.value)
     assert registry.names() == [] and runner.attached == set()
+
+
+def test_a_failed_detach_is_retried_by_the_next_collect(root, adapter, base):
+    from contract.templates import BUILTIN
+    from server.adapters import AdapterRegistry
+
+    detached, failures = [], {"left": 1}
+
+    def detach(key):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("detach failed (simulated)")
+        detached.append(key)
+
+    async def on_worker(fn):
+        return fn()
+
+    registry = AdapterRegistry(root=root, base=base, base_name="tiny", default_template=BUILTIN["alpaca"],
+                               max_adapters=4, max_rank=64, max_bytes=BIG, run_on_worker=on_worker,
+                               attach=lambda *args: None, detach=detach)
+
+    async def scenario():
+        version = await registry.load("x", "a")
+        with pytest.raises(RuntimeError):
+            await registry.unload("x")  # unload collects at once: the detach fails
+        await registry.collect()
+        return version
+
+    version = asyncio.run(scenario())
+    assert detached == [version.key]

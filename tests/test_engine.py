@@ -481,3 +481,88 @@ def test_a_request_waiting_for_an_adapter_slot_is_not_starved_by_resident_adapte
         engine.stop()
     assert zh_final.generated_text == zh[0]["output"] and en_final.generated_text == en[1]["output"]
     assert started["zh"] < started["en2"]
+
+
+# -- faults inside the worker -----------------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_fails_the_running_requests_and_the_engine_goes_on(state, monkeypatch):
+    import server.engine as engine_module
+
+    real = engine_module.choose_tokens
+    calls = {"n": 0}
+
+    def broken_once(logits, seqs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("a bug in sampling (simulated)")
+        return real(logits, seqs)
+
+    monkeypatch.setattr(engine_module, "choose_tokens", broken_once)
+    engine = make_engine(state)
+
+    async def scenario():
+        engine.start()
+        failed = await drain(engine.generate(*request(state, inputs=ENDLESS, max_new_tokens=50)))
+        after = await drain(engine.generate(*request(state, adapter=EN, row=rows_of(EN)[0])))
+        return failed, after
+
+    try:
+        (_, failed), (_, after) = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.stop()
+    assert isinstance(failed, ErrorEvent) and "internal error" in failed.message
+    assert isinstance(after, FinalEvent) and after.generated_text == rows_of(EN)[0]["output"]
+    assert engine.in_flight == 0
+
+
+def test_non_finite_logits_fail_only_their_row(state, monkeypatch):
+    runner = state.runner
+    real = runner.forward
+    target = {}
+
+    def nan_for_one_row(step):
+        logits = real(step).clone()  # an inference tensor cannot be edited outside inference mode
+        seq = target.get("seq")
+        if seq is not None and seq.slot is not None and step.decode_rows and not step.chunks:
+            row = step.logit_rows.tolist().index(seq.slot)
+            logits[row] = float("nan")
+        return logits
+
+    monkeypatch.setattr(runner, "forward", nan_for_one_row)
+    engine = make_engine(state)
+    en = rows_of(EN)
+
+    async def scenario():
+        engine.start()
+        streams = [engine.generate(*request(state, adapter=EN, row=en[i])) for i in range(3)]
+        firsts = [await anext(s) for s in streams]
+        target["seq"] = engine._slots[0]
+        results = await asyncio.gather(*(drain(s) for s in streams))
+        return firsts, results
+
+    try:
+        firsts, results = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.stop()
+    errors = [final for _, final in results if isinstance(final, ErrorEvent)]
+    assert len(errors) == 1 and "non-finite" in errors[0].message
+    for i, (first, (tokens, final)) in enumerate(zip(firsts, results)):
+        if isinstance(final, FinalEvent):
+            assert first.text + "".join(t.text for t in tokens) == en[i]["output"]
+
+
+def test_a_stopped_engine_refuses_new_work_instead_of_hanging(state):
+    from server.errors import Unavailable
+
+    engine = make_engine(state)
+    engine.start()
+    engine.stop()
+
+    async def after_stop():
+        with pytest.raises(Unavailable):
+            engine.generate(*request(state, inputs="hello"))
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(engine.call(lambda: 1), 5)
+
+    asyncio.run(after_stop())

@@ -103,7 +103,26 @@ def test_weights_that_are_not_lora_of_this_model_are_refused():
     lonely = {k: v for k, v in state.items() if "q_proj.lora_B" not in k}
     with pytest.raises(ValueError, match="without its pair"):
         lora.add("x", rank=2, scaling=1.0, state_dict=lonely)
+    diverged = {k: v.clone() for k, v in state.items()}
+    next(v for k, v in diverged.items() if "q_proj.lora_B" in k)[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        lora.add("x", rank=2, scaling=1.0, state_dict=diverged)
     assert not lora.host and lora.rank == 0
+
+
+def test_an_overflow_in_one_adapter_never_reaches_another_adapters_row():
+    """Every row computes x @ A over all slots' columns; an adapter whose product overflows (inf) must
+    not turn the other rows' zeroed columns into NaN (inf * 0)."""
+    lora = LoraSlots(SHAPES, slots=2, device=CPU, dtype=torch.float32)
+    good, huge = adapter(2, 1), {k: torch.full_like(v, 1e38) if ".lora_A." in k else v for k, v in adapter(2, 2).items()}
+    lora.add("good", rank=2, scaling=1.0, state_dict=good)
+    lora.add("huge", rank=2, scaling=1.0, state_dict=huge)
+    slots = torch.tensor([lora.acquire("good"), lora.acquire("huge"), -1])
+    x = torch.ones(3, 4)
+    out = lora.apply(0, "q_proj", x, torch.zeros(3, 6), lora.row_mask(slots))
+    torch.testing.assert_close(out[0], reference(good, x[0], "q_proj", 1.0))
+    assert torch.all(out[2] == 0)
+    assert not torch.isfinite(out[1]).all()  # the overflowing row itself: the engine fails it alone
 
 
 # -- step planning ----------------------------------------------------------------------------------------------

@@ -381,6 +381,7 @@ BAD_PARAMETERS = [
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),  # would turn logits into inf, then NaN
     ({"stop": ["a"] * 9}, "stop"),  # the default limit is 8
     ({"stop": [""]}, "stop"),
     ({"stop": ["x" * 65]}, "stop"),
