@@ -122,6 +122,7 @@ class Engine:
         self._count_lock = threading.Lock()
         self._abort_message: str | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events of this iteration, by listener loop
+        self._failed_steps = 0  # consecutive forward passes that raised
 
     # -- asyncio side ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -318,6 +319,7 @@ class Engine:
         except Exception as exc:  # OOM or a kernel error: fail who is most likely the cause, keep serving
             self._step_failed(plan, exc)
             return
+        self._failed_steps = 0
         self.stats.steps += 1
         for seq in plan.decoding:
             seq.cached += 1
@@ -331,11 +333,15 @@ class Engine:
 
     def _step_failed(self, plan: StepPlan, exc: Exception) -> None:
         """A failed step wrote nothing it would not write again, so decoding rows can retry it. When
-        the step carried prompt chunks (the memory-hungry part), only those requests fail."""
+        the step carried prompt chunks (the memory-hungry part), only those requests fail, unless the
+        step before failed too: then the decoding rows are as likely the cause, and they fail as well
+        (else newcomers arriving every step would each be blamed, for ever)."""
         log.exception("forward failed (%d decoding, %d prefilling)", len(plan.decoding), len(plan.prefilling))
         _release_cuda_memory()
+        self._failed_steps += 1
         message = f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"
-        for seq in plan.prefilling or plan.decoding:
+        blamed = plan.prefilling if plan.prefilling and self._failed_steps == 1 else plan.prefilling + plan.decoding
+        for seq in blamed:
             self._fail(seq, message)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

@@ -566,3 +566,54 @@ def test_a_stopped_engine_refuses_new_work_instead_of_hanging(state):
             await asyncio.wait_for(engine.call(lambda: 1), 5)
 
     asyncio.run(after_stop())
+
+
+def test_a_decode_row_that_breaks_every_step_fails_itself_not_each_newcomer(state, monkeypatch):
+    """A forward pass that fails whenever one running sequence is in it, while newcomers keep arriving:
+    the first failure blames the newcomer's prefill (usually right: out of memory), the second blames
+    the running rows too, and the requests after that are served."""
+    runner = state.runner
+    real = runner.forward
+    bad: dict = {}
+
+    def fails_with_the_bad_row(step):
+        seq = bad.get("seq")
+        if seq is not None and seq.slot is not None and seq.slot < step.decode_rows and not seq.done:
+            if bad["newcomers"]:
+                bad["loop"].call_soon_threadsafe(bad["newcomers"].pop(0))  # the next arrival, before the retry
+                time.sleep(0.05)
+            raise RuntimeError("kernel error (simulated)")
+        return real(step)
+
+    monkeypatch.setattr(runner, "forward", fails_with_the_bad_row)
+    engine = make_engine(state)
+    en = rows_of(EN)
+    results: dict[int, object] = {}
+
+    async def scenario():
+        engine.start()
+        loop = asyncio.get_running_loop()
+        running = engine.generate(*request(state, inputs=ENDLESS, max_new_tokens=300))
+        await anext(running)
+        tasks = []
+
+        def arrival(i):
+            def submit():
+                tasks.append(asyncio.ensure_future(drain(engine.generate(*request(state, adapter=EN, row=en[i])))))
+            return submit
+
+        bad.update(seq=engine._slots[0], loop=loop, newcomers=[arrival(1), arrival(2)])
+        arrival(0)()
+        running_result = await asyncio.wait_for(drain(running), 30)
+        while len(tasks) < 3:
+            await asyncio.sleep(0.01)
+        return running_result, await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+    try:
+        (_, running_final), newcomers = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert isinstance(running_final, ErrorEvent)
+    outcomes = [isinstance(final, FinalEvent) for _, final in newcomers]
+    assert outcomes == [False, False, True], outcomes  # blamed once, then with the bad row; then served
+    assert newcomers[2][1].generated_text == en[2]["output"]
