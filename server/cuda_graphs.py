@@ -36,6 +36,7 @@ SPAN_BUCKET = 256
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: Step  # static buffers, refilled before each replay
+    padding: dict[str, torch.Tensor]  # the capture-time inputs: what rows past a step's own are set to
     logits: torch.Tensor  # [rows, V] written by each replay
     layout: int  # LoraSlots.layout at capture
     checked: bool = False
@@ -81,6 +82,7 @@ class DecodeGraphs:
             decode_rows=rows, decode_lengths=torch.ones(rows, dtype=torch.long, device=device), decode_span=span,
             chunks=[], logit_rows=torch.arange(rows, device=device), any_adapter=self.decoder.lora.rank > 0,
         )
+        padding = {name: getattr(inputs, name).clone() for name in _INPUTS}  # free slots, scratch writes only
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -91,20 +93,15 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self.decoder.forward(inputs)
         log.info("captured a decode graph: %d rows, span %d", rows, span)
-        return _Graph(graph=graph, inputs=inputs, logits=logits, layout=self.decoder.lora.layout)
+        return _Graph(graph=graph, inputs=inputs, padding=padding, logits=logits, layout=self.decoder.lora.layout)
 
     def _replay(self, entry: _Graph, step: Step) -> torch.Tensor:
-        n, static = step.decode_rows, entry.inputs
+        n, rows = step.decode_rows, entry.inputs.ids.shape[0]
         for name in _INPUTS:
-            getattr(static, name)[:n].copy_(getattr(step, name))
-        rows = static.ids.shape[0]
-        if n < rows:  # padding rows: free slots, writing only to the scratch position
-            static.ids[n:].zero_()
-            static.positions[n:].zero_()
-            static.write_slots[n:].copy_(torch.arange(n, rows, device=static.ids.device))
-            static.write_positions[n:].fill_(self.decoder.cache.scratch)
-            static.lora_slots[n:].fill_(-1)
-            static.decode_lengths[n:].fill_(1)
+            buffer = getattr(entry.inputs, name)
+            buffer[:n].copy_(getattr(step, name))
+            if n < rows:
+                buffer[n:].copy_(entry.padding[name][n:])
         entry.graph.replay()
         return entry.logits[:n]
 

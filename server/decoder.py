@@ -63,7 +63,7 @@ def check_architecture(config) -> None:
 class Decoder:
     def __init__(self, model, *, cache: SlotKVCache, lora: LoraSlots) -> None:
         config = model.config
-        self.model, self.cache, self.lora = model, cache, lora
+        self.cache, self.lora = cache, lora
         self.layers = list(model.model.layers)
         self.norm = model.model.norm
         self.embed = model.get_input_embeddings()

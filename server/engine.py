@@ -134,10 +134,7 @@ class Engine:
         self._wake.set()
         self._thread.join(timeout=30)
         if not self._thread.is_alive():  # the worker is gone: settle whatever slipped in after its last look
-            self._take_inbox()
-            self._fail_all("server stopped")
-            self._flush_events()
-            self._fail_jobs(Unavailable("server is shutting down"))
+            self._settle_everything()
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -204,6 +201,10 @@ class Engine:
                 for seq in list(self._slots):
                     self._fail(seq, "generation failed: internal error (see the server log)")
             self._flush_events()
+        self._settle_everything()
+
+    def _settle_everything(self) -> None:
+        """Stopped: every admitted request gets its error event and every pending job its error."""
         self._take_inbox()
         self._fail_all("server stopped")
         self._flush_events()
@@ -345,17 +346,13 @@ class Engine:
             self._fail(seq, message)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [R]: a NaN/inf row fails alone, not the batch
-        if not all(finite):
-            for seq in [s for s, ok in zip(seqs, finite) if not ok]:
-                self._fail(seq, "generation failed: the model produced non-finite logits")
-            keep = [i for i, ok in enumerate(finite) if ok]
-            seqs, logits = [seqs[i] for i in keep], logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
-        for seq, (token, logprob) in zip(seqs, choose_tokens(logits, seqs)):
+        for seq, choice in zip(seqs, choose_tokens(logits, seqs)):
             if seq.cancelled.is_set():
                 self._finish(seq, "cancelled")
+            elif choice is None:  # a NaN/inf row fails alone, not the batch
+                self._fail(seq, "generation failed: the model produced non-finite logits")
             else:
-                self._accept(seq, token, logprob)
+                self._accept(seq, *choice)
 
     def _accept(self, seq: Sequence, token: int, logprob: float) -> None:
         if seq.first_token_at is None:

@@ -98,8 +98,7 @@ class LoraSlots:
         None when no adapter is attached. (Callers skip it when no row has an adapter.)"""
         if self.rank == 0:
             return None
-        columns = torch.arange(self.slots * self.rank, device=row_slots.device) // self.rank  # [slots * R]
-        return columns[None, :] == row_slots[:, None]
+        return self._column_slots[None, :] == row_slots[:, None]
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """out + the LoRA term of projection `proj` for every row of x [T, in]; out is [T, out]."""
@@ -143,6 +142,7 @@ class LoraSlots:
         B = {name: torch.zeros(self.slots * rank, o, device=self.device, dtype=self.dtype)
              for name, (_, o) in self.shapes.items()}
         self.rank, self.A, self.B = rank, A, B
+        self._column_slots = torch.arange(self.slots * rank, device=self.device) // rank  # [slots * R]: owner slot
         self.layout += 1
         for key, slot in list(self.resident.items()):
             self._upload(key, slot)

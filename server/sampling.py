@@ -6,6 +6,7 @@ the forward pass is not.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -72,22 +73,26 @@ def _warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, seqs: list) -> list[tuple[int, float]]:
+def choose_tokens(logits: torch.Tensor, seqs: list) -> list[tuple[int, float] | None]:
     """The next (token, logprob) of each row of logits [R, V] for seqs[i] (with `params`,
-    `generator`, `prompt_ids`, `generated`). Plain greedy rows are chosen together with one transfer
-    from the device; rows that sample or penalize repeats go through `choose_token` one by one."""
+    `generator`, `prompt_ids`, `generated`), or None for a row whose logits are not finite (NaN or
+    +inf: nothing can be drawn from it). Plain greedy rows are chosen together with one transfer from
+    the device; rows that sample or penalize repeats go through `choose_token` one by one."""
     chosen: list[tuple[int, float] | None] = [None] * len(seqs)
-    plain = [i for i, seq in enumerate(seqs) if not seq.params.do_sample and seq.params.repetition_penalty == 1.0]
+    is_plain = [not seq.params.do_sample and seq.params.repetition_penalty == 1.0 for seq in seqs]
+    plain = [i for i, flag in enumerate(is_plain) if flag]
     if plain:
-        rows = logits[torch.tensor(plain, device=logits.device)]  # [P, V]
+        rows = logits if len(plain) == len(seqs) else logits[torch.tensor(plain, device=logits.device)]  # [P, V]
         tokens = rows.argmax(dim=-1)  # [P]
         logprobs = torch.log_softmax(rows, dim=-1).gather(-1, tokens[:, None])[:, 0]  # [P]
         for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist()):
-            chosen[i] = (token, logprob)
+            # A NaN or +inf anywhere in the row makes its log-softmax NaN: the check costs nothing more.
+            chosen[i] = (token, logprob) if math.isfinite(logprob) else None
     for i, seq in enumerate(seqs):
-        if chosen[i] is None:
-            # The repetition penalty needs every id seen so far; skip building that per token otherwise.
-            penalized = seq.params.repetition_penalty != 1.0
-            seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device) if penalized else None
-            chosen[i] = choose_token(logits[i], seq.params, seen, seq.generator)
+        if is_plain[i] or not bool(torch.isfinite(logits[i]).all()):
+            continue
+        # The repetition penalty needs every id seen so far; skip building that per token otherwise.
+        penalized = seq.params.repetition_penalty != 1.0
+        seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device) if penalized else None
+        chosen[i] = choose_token(logits[i], seq.params, seen, seq.generator)
     return chosen

@@ -13,6 +13,7 @@ chunk) enter a step, so a long prompt delays running streams by a bounded amount
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -35,8 +36,10 @@ def plan_step(slots: list, prefilling: list, *, cache, chunk_tokens: int, device
         return None
     rows = _decode_rows(slots, cache.scratch) if decoding else []
     tokens = rows + [t for seq, chunk in chunks for t in _chunk_tokens(seq, chunk)]
-    ids, positions, write_slots, write_positions, lora_slots = (torch.tensor(c, dtype=torch.long, device=device) for c in zip(*tokens))
-    completing = [(seq, end) for (seq, chunk), end in zip(chunks, _chunk_ends(len(rows), chunks))
+    columns = torch.tensor(tokens, dtype=torch.long).t().contiguous().to(device)  # [5, T]: one host→device copy
+    ids, positions, write_slots, write_positions, lora_slots = columns
+    ends = accumulate((chunk.length for _, chunk in chunks), initial=len(rows))  # token offset after each chunk
+    completing = [(seq, end) for (seq, chunk), end in zip(chunks, list(ends)[1:])
                   if chunk.start + chunk.length == len(seq.prompt_ids)]
     logit_rows = [seq.slot for seq in decoding] + [end - 1 for _, end in completing]
     lengths = [seq.cached + 1 if seq.generated else 1 for seq in slots] if rows else []
@@ -76,10 +79,3 @@ def _next_chunks(prefilling: list, chunk_tokens: int) -> list[tuple[object, Chun
 def _chunk_tokens(seq, chunk: Chunk) -> list[tuple[int, int, int, int, int]]:
     return [(seq.prompt_ids[p], p, chunk.slot, p, seq.lora_slot) for p in range(chunk.start, chunk.start + chunk.length)]
 
-
-def _chunk_ends(offset: int, chunks: list) -> list[int]:
-    ends = []
-    for _, chunk in chunks:
-        offset += chunk.length
-        ends.append(offset)
-    return ends
