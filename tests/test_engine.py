@@ -578,10 +578,12 @@ def test_a_decode_row_that_breaks_every_step_fails_itself_not_each_newcomer(stat
 
     def fails_with_the_bad_row(step):
         seq = bad.get("seq")
-        if seq is not None and seq.slot is not None and seq.slot < step.decode_rows and not seq.done:
-            if bad["newcomers"]:
-                bad["loop"].call_soon_threadsafe(bad["newcomers"].pop(0))  # the next arrival, before the retry
-                time.sleep(0.05)
+        bad["armed"] = bad.get("armed") or (seq is not None and bool(step.chunks))  # from the first newcomer on
+        if bad["armed"] and seq.slot is not None and seq.slot < step.decode_rows and not seq.done:
+            if bad["newcomers"]:  # the next arrival, in the engine's inbox before the retry
+                bad["arrived"].clear()
+                bad["loop"].call_soon_threadsafe(bad["newcomers"].pop(0))
+                assert bad["arrived"].wait(10)
             raise RuntimeError("kernel error (simulated)")
         return real(step)
 
@@ -600,13 +602,18 @@ def test_a_decode_row_that_breaks_every_step_fails_itself_not_each_newcomer(stat
         def arrival(i):
             def submit():
                 tasks.append(asyncio.ensure_future(drain(engine.generate(*request(state, adapter=EN, row=en[i])))))
+                bad["arrived"].set()
             return submit
 
-        bad.update(seq=engine._slots[0], loop=loop, newcomers=[arrival(1), arrival(2)])
+        bad.update(seq=engine._slots[0], loop=loop, newcomers=[arrival(1), arrival(2)], arrived=threading.Event())
         arrival(0)()
         running_result = await asyncio.wait_for(drain(running), 30)
-        while len(tasks) < 3:
-            await asyncio.sleep(0.01)
+
+        async def all_arrived():
+            while len(tasks) < 3:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(all_arrived(), 30)
         return running_result, await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
     try:
