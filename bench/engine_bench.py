@@ -16,6 +16,10 @@ path ignores per-row adapter names; CUDA only), ours (server.engine with all str
 Speeds are reported as ratios against the baselines of the same run and as % of the memory roofline at
 a copy bandwidth measured in the same run (DESIGN.md, Performance method). Prints tables; --json writes all.
 
+Where ours and hf_peft both ran, their tokens are compared per row: at the first that differs, hf_peft's own
+logits (its tokens teacher-forced) show whether the two were a near-tie, as rounding in bf16 makes (--dtype;
+fp32 on the CPU matches token for token), or far apart, as a bug makes.
+
     python bench/engine_bench.py --model tiny --quick                       # CPU: hf_peft and ours
     python bench/engine_bench.py --model llama3-8b-random --json out.json   # GPU: all four methods
 """
@@ -110,8 +114,17 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def model_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def default_dtype() -> str:
+    """bf16 is how the model is served on a GPU; fp32 on the CPU, where bf16 matmuls are slow and ours
+    equals HF token for token."""
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def model_dtype(name: str | None = None) -> torch.dtype:
+    return DTYPES[name or default_dtype()]
 
 
 def tiny_tokenizer():
@@ -122,24 +135,25 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(build_tiny_model())
 
 
-def load_model(spec: str):
+def load_model(spec: str, dtype: torch.dtype):
     """(model, tokenizer, model dir or None) for "tiny", "llama3-8b-random" or a local model dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec == "llama3-8b-random":
-        model, tokenizer = random_llama3_8b()
+        model, tokenizer = random_llama3_8b(dtype)
         return model, tokenizer, None
     if spec == "tiny":
         from loraserve.tiny_model import build_tiny_model
 
         spec = str(build_tiny_model())
     tokenizer = AutoTokenizer.from_pretrained(spec)
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=model_dtype())
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
     return model.to(device()).eval(), tokenizer, Path(spec).resolve()
 
 
-def random_llama3_8b():
-    """Built on the GPU in bf16 directly: an fp32 build first would need a 32 GB transient and be slower."""
+def random_llama3_8b(dtype: torch.dtype = torch.bfloat16):
+    """Built on the GPU in `dtype` directly: for bf16, an fp32 build first would need a 32 GB transient
+    and be slower."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.gpu_train_bench import LLAMA3_8B
@@ -151,15 +165,15 @@ def random_llama3_8b():
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device("cuda"):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    # Parameters come out bf16 already; a blanket .to(bf16) would also round RoPE's fp32 inv_freq buffer.
-    if any(p.dtype != torch.bfloat16 for p in model.parameters()):
-        model = model.to(torch.bfloat16)
+    # Parameters come out in `dtype` already; a blanket .to(bf16) would also round RoPE's fp32 inv_freq buffer.
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)
     return model.eval(), tokenizer
 
 
@@ -733,6 +747,122 @@ def adapter_effect(methods: dict[str, MethodResult], output_len: int) -> dict | 
     return match_summary(hf.token_ids["streams8"], hf.token_ids["streams8_base"], output_len)
 
 
+# -- divergence: where ours leaves hf_peft, and how close the reference's own call was there -----------------------
+DIVERGENCE_ROWS = 8  # rows per teacher-forced forward: 8 x 128 positions x 128256 fp32 logits is ~0.5 GB
+
+
+def first_divergence(ours: list[int], reference: list[int]) -> int | None:
+    """Index of the first differing token; None where they agree on every token both have (a short row of
+    ours is counted in its short_rows, not here)."""
+    return next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), None)
+
+
+def divergence_at(logits: torch.Tensor, ours: list[int], reference: list[int]) -> dict | None:
+    """logits: [new tokens, vocab] fp32, row k the reference's logits for its new token k given its own tokens
+    before it, which up to the first divergence are ours too. gap = logit(reference's token) - logit(ours'),
+    >= 0 up to the rounding between this one forward and generate's step by step; ours_rank: how many
+    tokens the reference put strictly above ours (0: its argmax, or tied with it). The logits come out of
+    the head in the model's dtype: in bf16 a gap is a multiple of its rounding step, 0 an exact tie. A gap
+    of a few such steps at rank 1 is a near-tie that rounding can flip; a gap like the usual top1 - top2
+    gap is a wrong token, not rounding."""
+    index = first_divergence(ours, reference)
+    if index is None:
+        return None
+    step = logits[index]
+    mine = step[ours[index]]
+    return {"index": index, "gap": float(step[reference[index]] - mine), "ours_rank": int((step > mine).sum())}
+
+
+def top2_gaps(logits: torch.Tensor) -> list[float]:
+    """top1 - top2 logit at every position: what a gap at a divergence is to be compared with."""
+    top = logits.topk(2, dim=-1).values  # [..., 2]
+    return (top[..., 0] - top[..., 1]).flatten().tolist()
+
+
+def reference_logits(model, work: Workload, scenario: Scenario, rows: slice,
+                     reference: list[list[int]]) -> torch.Tensor:
+    """The PEFT model's logits for each of the reference's new tokens, teacher-forced in one forward over
+    prompt + reference tokens, adapters per row as run_hf_scenario sets them: [rows, new tokens, vocab] fp32.
+
+    Position j predicts token j + 1: new token k sits at S + k (S = prompt length), so its logits are those of
+    position S + k - 1, and all N come from positions S - 1 .. S + N - 2. The last token only ever predicts
+    what comes after the run, so it is left out of the input and the last N positions are exactly these.
+    """
+    generated = torch.tensor(reference[rows], dtype=torch.long)  # [b, N]
+    new = generated.shape[1]
+    ids = torch.cat([prompts(work, scenario)[rows], generated[:, :-1]], dim=1).to(model.device)  # [b, S + N - 1]
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False, "logits_to_keep": new}
+    with torch.inference_mode():
+        if scenario.adapters == "none":
+            with model.disable_adapter():
+                logits = model(**kwargs).logits
+        else:
+            logits = model(**kwargs, adapter_names=row_adapters(work, scenario)[rows]).logits
+    if logits.shape[:2] != generated.shape:
+        raise RuntimeError(f"logits {tuple(logits.shape)} for {tuple(generated.shape)} tokens")
+    return logits.float()
+
+
+def scenario_divergence(model, work: Workload, scenario: Scenario, ours: list[list[int]],
+                        reference: list[list[int]]) -> dict:
+    """A few rows per forward, only small statistics kept: all rows' logits at once would be GBs."""
+    diverged, gaps = [], []
+    for start in range(0, len(reference), DIVERGENCE_ROWS):
+        rows = slice(start, start + DIVERGENCE_ROWS)
+        logits = reference_logits(model, work, scenario, rows, reference)
+        gaps += top2_gaps(logits)
+        for i, (mine, theirs) in enumerate(zip(ours[rows], reference[rows])):
+            found = divergence_at(logits[i], mine, theirs)
+            if found:
+                diverged.append({"row": start + i, **found})
+        del logits
+    return divergence_summary(diverged, rows=len(reference), top2=gaps)
+
+
+def divergence_summary(diverged: list[dict], *, rows: int, top2: list[float]) -> dict:
+    at = [d["gap"] for d in diverged]
+    ranks = [d["ours_rank"] for d in diverged]
+    return {"rows_diverged": len(diverged), "rows": rows,
+            "gap_at_divergence": {"p50": percentile(at, 50), "p90": percentile(at, 90), "max": max(at)} if at else None,
+            "ours_token_rank": {"max": max(ranks, default=None),
+                                "counts": {str(r): ranks.count(r) for r in sorted(set(ranks))}},
+            "top2_gap": {"p10": percentile(top2, 10), "p50": percentile(top2, 50)},
+            "per_row": diverged}
+
+
+def divergence(work: Workload, methods: dict[str, MethodResult]) -> dict:
+    """Per decode scenario: at each row's first token where ours differs from hf_peft, how far apart the two
+    tokens were in hf_peft's own logits. Explains a match below 1 (bf16 near-ties) or exposes a bug.
+
+    Runs after every method: run_all unwrapped the PEFT model for ours, so it is wrapped again here and
+    unwrapped at the end, one copy of the base weights throughout."""
+    ours, hf = methods.get("ours"), methods.get("hf_peft")
+    if not ours or not hf or ours.skipped or hf.skipped or ours.error or hf.error:
+        return {}
+    scenarios = [s for s in work.scenarios
+                 if not s.ttft_only and s.name in ours.token_ids and s.name in hf.token_ids]
+    if not scenarios:
+        return {}
+    print("divergence:", file=sys.stderr)
+    model, out = peft_model(work), {}
+    try:
+        for scenario in scenarios:
+            try:
+                out[scenario.name] = scenario_divergence(model, work, scenario, ours.token_ids[scenario.name],
+                                                         hf.token_ids[scenario.name])
+            except Exception as exc:  # e.g. out of memory at 64 rows: the other scenarios still count
+                out[scenario.name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"  {scenario.name}: failed: {out[scenario.name]['error']}", file=sys.stderr)
+                release_cuda_memory()
+                continue
+            record = out[scenario.name]
+            print(f"  {scenario.name}: {record['rows_diverged']}/{record['rows']} rows diverged", file=sys.stderr)
+    finally:
+        work.model = model.unload()
+        release_cuda_memory()
+    return out
+
+
 # -- machine and output ------------------------------------------------------------------------------------------
 def versions() -> dict:
     out = {"python": platform.python_version()}
@@ -843,6 +973,24 @@ def print_tables(out: dict) -> None:
         for label, text in (("error", info["error"]), ("note", info["note"]), ("scenario errors", errors or None)):
             if text:
                 print(f"{m} {label}: {text}")
+    if out.get("divergence"):
+        print_divergence(out["divergence"])
+
+
+def print_divergence(divergence: dict) -> None:
+    print("\nfirst divergence of ours from hf_peft, in hf_peft's own logits (teacher-forced): gap = logit(hf token) "
+          "- logit(ours), in the model dtype's rounding steps.\nNear-ties: gaps far below the usual top1-top2 gap, "
+          "ours' token ranked 1 (0: tied, 2: three close). A usual-sized gap or a higher rank is a wrong token.")
+    print(f"{'scenario':<15}{'diverged':>10}{'gap p50':>10}{'gap max':>10}{'top1-top2 p10':>15}"
+          f"{'top1-top2 p50':>15}{'ours rank max':>15}")
+    for name, record in divergence.items():
+        if "error" in record:
+            print(f"{name:<15}  error: {record['error']}")
+            continue
+        at, top2 = record["gap_at_divergence"] or {}, record["top2_gap"]
+        print(f"{name:<15}{record['rows_diverged']:>5}/{record['rows']:<4}{fmt(at.get('p50'), '.4f'):>10}"
+              f"{fmt(at.get('max'), '.4f'):>10}{fmt(top2['p10'], '.4f'):>15}{fmt(top2['p50'], '.4f'):>15}"
+              f"{fmt(record['ours_token_rank']['max'], 'd'):>15}")
 
 
 # -- main --------------------------------------------------------------------------------------------------------
@@ -860,6 +1008,9 @@ def skip_reason(method: str, args) -> str | None:
     if method == "hf_static" and not torch.cuda.is_available():
         return "needs CUDA (transformers only auto-compiles the static-cache decode there)"
     if method == "unsloth":
+        if args.dtype != "bfloat16" and not unsloth_unavailable():
+            # its loader picks its own dtype (bf16 where supported): it would not run at the chosen precision
+            return f"runs in bf16 only here, not --dtype {args.dtype}"
         return unsloth_unavailable()
     return None
 
@@ -914,6 +1065,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hf_static on the PEFT mixed-adapter model, or on the base model with adapters disabled")
     p.add_argument("--prefill-chunk-tokens", type=int, default=512, help="ours: prompt tokens prefilled per step")
     p.add_argument("--unsloth-timeout", type=float, default=1800.0, help="seconds for the Unsloth process")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="model weights and compute (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write everything here")
     p.add_argument("--unsloth-worker", help=argparse.SUPPRESS)  # internal: the Unsloth child process
@@ -922,6 +1075,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     quick = args.quick
     args.model = args.model or ("llama3-8b-random" if torch.cuda.is_available() else "tiny")
+    args.dtype = args.dtype or default_dtype()
     args.input_len = args.input_len or (32 if quick else 128)
     args.output_len = args.output_len or (16 if quick else 128)
     args.ttft_len = args.ttft_len or (64 if quick else 512)
@@ -943,21 +1097,22 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     bandwidth = copy_bandwidth(quick=args.quick)
     started = time.perf_counter()
-    model, tokenizer, model_dir = load_model(args.model)
+    model, tokenizer, model_dir = load_model(args.model, model_dtype(args.dtype))
     load_s = time.perf_counter() - started
     work = build_workload(args, model, tokenizer, model_dir)
     roof = roofline(work, bandwidth=bandwidth["GB_per_s"] * 1e9)  # before any wrapping adds LoRA parameters
     methods = run_all(args, work)
+    diverged = divergence(work, methods)
     add_roofline_pct(methods, roof)
     config = {k: v for k, v in vars(args).items() if k not in ("json", "unsloth_worker")}
-    config.update(dtype=str(model_dtype()), device=str(device()), model_load_s=load_s,
+    config.update(dtype=str(model_dtype(args.dtype)), device=str(device()), model_load_s=load_s,
                   model_config={k: getattr(model.config, k, None) for k in (
                       "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "vocab_size")}, prompt_ids=[LOWEST_PROMPT_ID, work.prompt_high])
     out = {"machine": machine_info(), "config": config, "bandwidth": bandwidth, "roofline": roof,
            "methods": {m: method_json(r) for m, r in methods.items()},
            "match": match_rates(methods, args.output_len),
-           "lora_vs_base_match": adapter_effect(methods, args.output_len)}
+           "lora_vs_base_match": adapter_effect(methods, args.output_len), "divergence": diverged}
     print_tables(out)
     if args.json:
         Path(args.json).resolve().parent.mkdir(parents=True, exist_ok=True)

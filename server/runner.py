@@ -81,16 +81,24 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
                 kv_slots: int = 4, adapter_slots: int = 8, max_lora_rank: int = 256,
                 kv_memory_fraction: float = 0.9, cuda_graphs: bool = True) -> ModelRunner:
     backend = choose_backend(backend)
+    max_context = min(max_context, _position_limit(base_model))
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(base_model, load_in_4bit=load_in_4bit, max_context=max_context)
     else:
         model, tokenizer = _load_transformers(base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    limit = int(getattr(model.config, "max_position_embeddings", 2048))
-    return ModelRunner(model, tokenizer, backend=backend, max_context=min(max_context, limit),
+    return ModelRunner(model, tokenizer, backend=backend, max_context=max_context,
                        kv_slots=kv_slots, adapter_slots=adapter_slots, max_lora_rank=max_lora_rank,
                        kv_memory_fraction=kv_memory_fraction, cuda_graphs=cuda_graphs)
+
+
+def _position_limit(base_model: str) -> int:
+    """The model's own context limit, read before loading: asked for a longer max_seq_length, Unsloth
+    silently rescales RoPE, which changes every output (and the base's fingerprint)."""
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(base_model), "max_position_embeddings", 2048))
 
 
 def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int):

@@ -53,6 +53,18 @@ def test_engine_bench_hf_peft_and_ours(tmp_path):
     # A wrong adapter diverges at the first token (the random adapters move every row off the base model's
     # choice), so this margin tolerates one near-tie flip and still catches mix-ups.
     assert match["mean"] >= 0.75, match
+    assert result["config"]["dtype"] == "torch.float32"  # the CPU default of --dtype
+
+    # The divergence analysis runs whenever ours and hf_peft both ran: one entry per decode scenario, over all
+    # rows. In fp32 on the CPU ours is HF's computation token for token, so no row may part from it.
+    assert "first divergence of ours from hf_peft" in proc.stdout
+    divergence = result["divergence"]
+    assert set(divergence) == set(SCENARIOS)
+    for name, streams in SCENARIOS.items():
+        record = divergence[name]
+        assert record["rows"] == streams, record
+        assert record["rows_diverged"] == 0 and record["per_row"] == [] and record["gap_at_divergence"] is None, record
+        assert 0 <= record["top2_gap"]["p10"] <= record["top2_gap"]["p50"], record
 
 
 def check_scenarios(method: dict) -> None:

@@ -624,3 +624,23 @@ def test_a_decode_row_that_breaks_every_step_fails_itself_not_each_newcomer(stat
     outcomes = [isinstance(final, FinalEvent) for _, final in newcomers]
     assert outcomes == [False, False, True], outcomes  # blamed once, then with the bad row; then served
     assert newcomers[2][1].generated_text == en[2]["output"]
+
+
+def test_unsloth_is_never_asked_for_more_context_than_the_model_has(tiny_model_dir, monkeypatch):
+    """Asked for a longer max_seq_length, Unsloth rescales RoPE behind our back: every output changes
+    and adapters trained on the base no longer match its fingerprint. The cap must come before loading."""
+    from transformers import AutoConfig
+
+    import server.runner as runner_module
+
+    asked = {}
+
+    def load_like_unsloth(base_model, *, load_in_4bit, max_context):
+        asked["max_context"] = max_context
+        return runner_module._load_transformers(base_model)
+
+    monkeypatch.setattr(runner_module, "choose_backend", lambda requested: requested)
+    monkeypatch.setattr(runner_module, "_load_unsloth", load_like_unsloth)
+    runner = runner_module.load_runner(str(tiny_model_dir), backend="unsloth", load_in_4bit=False, max_context=1 << 20)
+    limit = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    assert asked["max_context"] == limit and runner.max_context == limit
