@@ -546,16 +546,8 @@ async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: b
 
 
 def run_ours(work: Workload, *, cuda_graphs: bool = True) -> MethodResult:
-    """With the GIL switch interval the server sets (server/serve.py): the engine thread and the event loop
-    share the GIL, and at the default 5 ms the loop can hold the engine back for most of a decode step."""
-    from server.settings import ServerSettings
-
-    result, previous = MethodResult(), sys.getswitchinterval()
-    sys.setswitchinterval(ServerSettings.model_fields["gil_switch_seconds"].default)
-    try:
-        asyncio.run(run_ours_async(work, result, cuda_graphs=cuda_graphs))
-    finally:
-        sys.setswitchinterval(previous)
+    result = MethodResult()
+    asyncio.run(run_ours_async(work, result, cuda_graphs=cuda_graphs))
     return result
 
 
