@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 from server.errors import Invalid
 
 CHAT_TEMPLATE_NAME = "chat"
@@ -88,4 +90,7 @@ def render_chat_template(tokenizer: Any, messages: list[ChatMessage]) -> str:
         raise Invalid("this model's template is 'chat' but the base tokenizer has no chat template; "
                       "use /v1/completions with a raw prompt", param="messages")
     plain = [{"role": "system" if m.role in SYSTEM_ROLES else m.role, "content": m.content} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # the template refuses this conversation (raise_exception): the client's to fix
+        raise Invalid(f"the model's chat template refuses these messages: {exc}", param="messages") from exc

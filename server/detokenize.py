@@ -25,6 +25,14 @@ class Detokenizer:
             return full[len(prefix):]
         return ""
 
+    def flush(self) -> str:
+        """At the end: the text still held back, less an incomplete character at its very end (which no
+        later token will complete)."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:]).rstrip("\ufffd")
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):]
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 

@@ -302,7 +302,13 @@ class Engine:
                     self._waiting.remove(seq)
                     self._fail(seq, "the adapter was unloaded before the request started")
                     continue
-                slot = None if adapter_blocked else lora.acquire(seq.adapter_key)
+                try:
+                    slot = None if adapter_blocked else lora.acquire(seq.adapter_key)
+                except Exception as exc:  # its upload failed (e.g. a device error): this request, not every step
+                    log.exception("moving adapter %s to the device failed", seq.adapter_key)
+                    self._waiting.remove(seq)
+                    self._fail(seq, f"the adapter could not be moved to the device: {type(exc).__name__}")
+                    continue
                 if slot is None:
                     adapter_blocked = True
                     continue
@@ -370,6 +376,9 @@ class Engine:
         else:
             reason = None
         if reason:
+            if not seq.stops.stopped:  # complete characters the detokenizer held behind an incomplete one
+                text += seq.stops.feed(seq.detok.flush())
+                reason = "stop_sequence" if seq.stops.stopped else reason
             text += seq.stops.flush()
         event = TokenEvent(id=token, text=text, logprob=logprob, special=is_eos, last=reason is not None)
         seq.tokens.append(event)

@@ -81,6 +81,9 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
                 kv_slots: int = 4, adapter_slots: int = 8, max_lora_rank: int = 256,
                 kv_memory_fraction: float = 0.9, cuda_graphs: bool = True) -> ModelRunner:
     backend = choose_backend(backend)
+    if load_in_4bit and backend != "unsloth":  # serving full precision instead could run out of memory
+        raise RuntimeError("a 4-bit base (LOAD_IN_4BIT) is loaded by Unsloth: it needs the unsloth backend "
+                           "(CUDA and pip install 'loraserve[unsloth]')")
     max_context = min(max_context, _position_limit(base_model))
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(base_model, load_in_4bit=load_in_4bit, max_context=max_context)

@@ -4,6 +4,7 @@ one generation path (blocking = draining the stream)."""
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -160,7 +161,12 @@ class GenerationService:
 
     def _sampling(self, req: GenerationRequest, adapter: AdapterVersion | None, *, prompt_tokens: int) -> SamplingParams:
         s = self.settings
-        max_new = req.max_new_tokens if req.max_new_tokens is not None else s.default_max_new_tokens
+        room = self.max_context - prompt_tokens
+        if room < 1:
+            raise Invalid(f"the prompt ({prompt_tokens} tokens) leaves no room for new tokens in the context of "
+                          f"{self.max_context} tokens", param="inputs")
+        # Not given: the default, or as much as the context leaves (OpenAI's "up to the context").
+        max_new = req.max_new_tokens if req.max_new_tokens is not None else min(s.default_max_new_tokens, room)
         if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= s.max_new_tokens_cap:
             raise Invalid(f"max_new_tokens must be an integer from 1 to {s.max_new_tokens_cap}", param="max_new_tokens")
         if prompt_tokens + max_new > self.max_context:
@@ -177,11 +183,15 @@ class GenerationService:
         # Like TGI: any sampling parameter turns sampling on; temperature 0 means greedy (as in OpenAI's API).
         sampling = req.do_sample or any(v is not None for v in (req.top_p, req.top_k)) or (
             req.temperature is not None and req.temperature != 1.0)
+        do_sample = sampling and temperature > 0
+        # A sampled answer gets a seed drawn here when the client sent none, and reports it (details.seed,
+        # as TGI does), so that it can be generated again. Below 2**53: JavaScript clients read it exactly.
+        seed = req.seed if req.seed is not None or not do_sample else secrets.randbelow(2**53)
         return SamplingParams(
-            max_new_tokens=max_new, do_sample=sampling and temperature > 0, temperature=temperature,
+            max_new_tokens=max_new, do_sample=do_sample, temperature=temperature,
             top_p=req.top_p if req.top_p is not None else 1.0, top_k=req.top_k or 0,
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
-            seed=req.seed, stop=tuple(stop) + _text_stops(adapter),
+            seed=seed, stop=tuple(stop) + _text_stops(adapter),
             stop_token_ids=() if req.ignore_eos else self._eos_ids(adapter),
         )
 

@@ -16,7 +16,7 @@ class ServerSettings(BaseSettings):
     adapter_root: Path | None = Field(None, description="Adapters load only from under this dir.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Adapters to preload: name → path under the root.")
     backend: str = Field("auto", description="auto (Unsloth on CUDA if installed), unsloth or transformers.")
-    load_in_4bit: bool = False
+    load_in_4bit: bool = Field(False, description="4-bit base (bitsandbytes); needs the unsloth backend.")
     default_template: str = Field("alpaca", description="Template for adapters without a manifest and the base model.")
 
     host: str = "127.0.0.1"
@@ -24,12 +24,12 @@ class ServerSettings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin; unset = admin API off.")
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys for generation; empty = open.")
 
-    max_new_tokens_cap: int = Field(1024, ge=1)
-    default_max_new_tokens: int = Field(256, ge=1)
-    max_input_chars: int = Field(100_000, ge=1)
-    max_stop_sequences: int = Field(8, ge=0)
-    max_stop_chars: int = Field(64, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_new_tokens_cap: int = Field(1024, ge=1, description="Largest max_new_tokens / max_tokens a request may ask.")
+    default_max_new_tokens: int = Field(256, ge=1, description="When a request names none (less if the context leaves less).")
+    max_input_chars: int = Field(100_000, ge=1, description="Longest prompt text (inputs, instruction, messages).")
+    max_stop_sequences: int = Field(8, ge=0, description="Stop strings a request may give.")
+    max_stop_chars: int = Field(64, ge=1, description="Longest stop string.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 beyond).")
     max_running: int = Field(32, ge=1, description="Sequences generating at once: one KV cache slot each.")
     max_context: int = Field(4096, ge=16, description="Tokens per KV slot (prompt + new), at most the model's limit. "
                                                     "Every slot is preallocated at this length.")
@@ -38,13 +38,12 @@ class ServerSettings(BaseSettings):
     adapter_slots: int = Field(8, ge=1, description="Adapters resident on the device; more stay in host memory (LRU).")
     cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU only).")
     max_queue: int = Field(64, ge=0, description="Requests waiting beyond max_running before 429.")
-    max_adapters: int = Field(16, ge=1)
-    max_adapter_rank: int = Field(256, ge=1)
-    max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
-    drain_seconds: float = Field(10.0, ge=0)
+    max_adapters: int = Field(16, ge=1, description="Adapters loaded at once (device slots and host memory).")
+    max_adapter_rank: int = Field(256, ge=1, description="Highest LoRA rank an adapter may have.")
+    max_adapter_bytes: int = Field(2 * 1024**3, ge=1, description="Largest adapter, in bytes of weights.")
+    drain_seconds: float = Field(10.0, ge=0, description="On shutdown, how long running requests may finish.")
     gil_switch_seconds: float = Field(0.0005, gt=0, le=0.1, description="sys.setswitchinterval for the server process.")
-    sse_ping_seconds: float = Field(15.0, gt=0)
-    log_prompts: bool = False
+    sse_ping_seconds: float = Field(15.0, gt=0, description="Keep-alive comment on quiet streams.")
 
     @field_validator("backend")
     @classmethod

@@ -644,3 +644,33 @@ def test_unsloth_is_never_asked_for_more_context_than_the_model_has(tiny_model_d
     runner = runner_module.load_runner(str(tiny_model_dir), backend="unsloth", load_in_4bit=False, max_context=1 << 20)
     limit = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
     assert asked["max_context"] == limit and runner.max_context == limit
+
+
+def test_an_adapter_that_fails_to_upload_fails_its_request_not_every_step(state, monkeypatch):
+    """An error moving an adapter to its device slot fails the request that needed it; left waiting,
+    it would raise again at every step and fail every running request for ever."""
+    lora = state.runner.lora
+    real = lora.acquire
+
+    def broken_for_zh(key):
+        if key == state.registry.get(ZH).key:
+            raise RuntimeError("device error while uploading (simulated)")
+        return real(key)
+
+    monkeypatch.setattr(lora, "acquire", broken_for_zh)
+    engine = make_engine(state)
+    running = request(state, adapter=EN, row=rows_of(EN)[0])
+    doomed = request(state, adapter=ZH, row=rows_of(ZH)[0])
+
+    async def scenario():
+        streams = [engine.generate(*running), engine.generate(*doomed)]  # admitted in the same step
+        engine.start()
+        return await asyncio.gather(*(drain(s) for s in streams))
+
+    try:
+        (_, ok), (_, failed) = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        engine.stop()
+    assert isinstance(failed, ErrorEvent) and "could not be moved to the device" in failed.message
+    assert isinstance(ok, FinalEvent) and ok.generated_text == rows_of(EN)[0]["output"]
+    assert engine.in_flight == 0

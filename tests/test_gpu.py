@@ -1,9 +1,9 @@
 """GPU-only: the Unsloth backend end to end (bench/gpu/README.md says how these are run there).
 
-Training through the CLI picks Unsloth automatically on CUDA; the server runs Unsloth +
-for_inference. The mixed-batch check guards against Unsloth's fused decode ignoring per-row
-adapters or sharing KV buffers between groups (DESIGN.md): every row of a concurrent mixed batch
-must equal its single run, and the adapters must answer their trained facts.
+Training through the CLI picks Unsloth automatically on CUDA; the server loads the base through
+Unsloth and runs it with its own decoder, KV cache and batched LoRA (Unsloth's fused decode would
+run every row with one adapter). Every row of a concurrent mixed batch must equal its single run,
+and the adapters must answer their trained facts.
 """
 
 from __future__ import annotations

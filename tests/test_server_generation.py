@@ -389,6 +389,9 @@ BAD_PARAMETERS = [
     ({"watermark": True}, "watermark"),
     ({"top_n_tokens": 3}, "top_n_tokens"),
     ({"decoder_input_details": True}, "decoder_input_details"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),  # LoRAX's
+    ({"merged_adapters": {"ids": ["a", "b"], "merge_strategy": "linear"}}, "merged_adapters"),
+    ({"return_k_alternatives": 2}, "return_k_alternatives"),
 ]
 
 
@@ -403,7 +406,9 @@ def test_invalid_parameters_are_422_naming_the_field(server, parameters, field):
 def test_neutral_tgi_parameters_are_accepted(server):
     """What InferenceClient sends by default: every TGI field, mostly null or neutral."""
     parameters = {"best_of": None, "watermark": False, "typical_p": None, "truncate": None, "top_n_tokens": None,
-                  "grammar": None, "return_full_text": False, "decoder_input_details": False, "max_new_tokens": 4}
+                  "grammar": None, "return_full_text": False, "decoder_input_details": False, "max_new_tokens": 4,
+                  "response_format": None, "adapter_parameters": None, "merged_adapters": None,
+                  "return_k_alternatives": None, "api_token": None}  # and what lorax-client adds
     assert post(server, "/generate", {"inputs": "hello", "parameters": parameters}).status_code == 200
 
 
@@ -429,9 +434,10 @@ def test_prompt_plus_max_new_tokens_over_context_is_422_with_both_counts(server,
     # One token less fits exactly; ask for a short answer to keep it quick, then check the bound is exact.
     fits = post(server, "/generate", {"inputs": inputs, "parameters": {"max_new_tokens": 2, "details": True}})
     assert fits.status_code == 200 and fits.json()["details"]["prompt_tokens"] == prompt_tokens
-    # A prompt over the whole context with the default max_new_tokens.
+    # A prompt over the whole context, no max_new_tokens given: the prompt is at fault.
     huge = " ".join(f"word{i}" for i in range(6000))
-    assert_client_error(post(server, "/generate", {"inputs": huge}), 422, "max_new_tokens")
+    body = assert_client_error(post(server, "/generate", {"inputs": huge}), 422, "inputs")
+    assert "leaves no room" in body["error"] and str(context) in body["error"], body
 
 
 @pytest.mark.parametrize("body", [

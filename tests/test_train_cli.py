@@ -281,6 +281,20 @@ def test_4bit_and_8bit_adam_fall_back_on_cpu_with_a_note(train_cli, tmp_path):
     assert len(training["backend_notes"]) == 2
 
 
+def test_max_seq_length_is_capped_at_the_base_models_positions(train_cli, tmp_path, tiny_model_dir):
+    """Past its positions the base was never trained, and Unsloth would rescale RoPE for the longer length:
+    the adapter would then fit another model than the one the server loads. Capped, with a note."""
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    output = tmp_path / "adapter"
+    proc = train_cli.run(data=FACTS_EN, output=output, max_seq_length=limit * 4, max_steps=2, optim="adamw_torch")
+    assert proc.returncode == 0, train_cli.describe(proc)
+    assert f"note: --max-seq-length {limit * 4} is over the base model's {limit} positions; using {limit}" in proc.stderr
+    training = read_manifest(output).training
+    assert training["max_seq_length"] == limit, training
+
+
 # --- interrupted runs leave nothing at --output ----------------------------------------------------
 
 

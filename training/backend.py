@@ -40,6 +40,10 @@ def _fallbacks(cfg: TrainConfig, backend: Backend, warn: Callable[[str], None]) 
     if cfg.load_in_4bit and not (backend.cuda and has_bnb):
         _note(backend, warn, "--load-in-4bit needs CUDA and bitsandbytes; loading the base in full precision instead")
         cfg.load_in_4bit = False
+    elif cfg.load_in_4bit and backend.name != "unsloth":
+        _note(backend, warn, "--load-in-4bit is done by Unsloth; the transformers backend loads the base in full "
+                             "precision instead")
+        cfg.load_in_4bit = False
     if "8bit" in cfg.optim and not (backend.cuda and has_bnb):
         _note(backend, warn, f"--optim {cfg.optim} needs CUDA and bitsandbytes; using adamw_torch instead")
         cfg.optim = "adamw_torch"
@@ -50,11 +54,24 @@ def _note(backend: Backend, warn: Callable[[str], None], message: str) -> None:
     warn(f"note: {message}")
 
 
-def load_model(cfg: TrainConfig, backend: Backend) -> tuple[Any, Any]:
+def load_model(cfg: TrainConfig, backend: Backend, warn: Callable[[str], None] = print) -> tuple[Any, Any]:
     """Base model with LoRA layers attached, and its tokenizer."""
+    _cap_sequence_length(cfg, backend, warn)
     if backend.name == "unsloth":
         return _load_unsloth(cfg)
     return _load_transformers(cfg, backend)
+
+
+def _cap_sequence_length(cfg: TrainConfig, backend: Backend, warn: Callable[[str], None]) -> None:
+    """Rows past the base model's positions would train it where it never was, and Unsloth, asked for a
+    longer max_seq_length, silently rescales RoPE: the adapter would fit another model than the one served."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(cfg.base_model), "max_position_embeddings", None)
+    if limit and cfg.max_seq_length > limit:
+        _note(backend, warn, f"--max-seq-length {cfg.max_seq_length} is over the base model's {limit} positions; "
+                             f"using {limit}")
+        cfg.max_seq_length = limit
 
 
 def _load_unsloth(cfg: TrainConfig) -> tuple[Any, Any]:

@@ -40,7 +40,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda m: print(m, file
     data = load_dataset_rows(cfg.data, cfg.columns)
     backend = choose_backend(cfg, warn=log)
     log(f"backend: {backend.name} ({'CUDA' if backend.cuda else 'CPU'}); data: {len(data.rows)} rows from {cfg.data}")
-    model, tokenizer = _load_model(cfg, backend)
+    model, tokenizer = _load_model(cfg, backend, log)
     texts, over = _training_examples(data.rows, template, tokenizer, cfg)
     log(f"rows kept: {len(texts)}; rows over --max-seq-length {cfg.max_seq_length} (dropped): {over}")
     if not texts:
@@ -75,9 +75,9 @@ def _check_output(cfg: TrainConfig) -> None:
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _load_model(cfg: TrainConfig, backend: Backend):
+def _load_model(cfg: TrainConfig, backend: Backend, log: Callable[[str], None]):
     try:
-        return load_model(cfg, backend)
+        return load_model(cfg, backend, warn=log)
     except ValueError as exc:  # PEFT: target modules not found; transformers: bad model dir
         raise ConfigError(f"cannot prepare {cfg.base_model} for LoRA: {exc}") from exc
     except OSError as exc:

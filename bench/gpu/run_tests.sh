@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU-only tests (tests/test_gpu.py): Unsloth training through the CLI (16-bit and 4-bit), and the
-# live server on the Unsloth backend passing the mixed-adapter batch comparison.
+# GPU-only tests (tests/test_gpu.py, tests/test_gpu_engine.py): Unsloth training through the CLI (16-bit and 4-bit), the
+# live server on the Unsloth backend (16-bit and 4-bit base) passing the mixed-adapter batch comparison, graphs vs eager.
 set -uo pipefail
 source bench/gpu/setup.sh
 python3 -m pytest -o addopts="" -m gpu tests/test_gpu.py tests/test_gpu_engine.py -v -s -p no:cacheprovider -x "$@" 2>&1 | tee "${OUT:-.}/gpu_tests.log"

@@ -31,7 +31,9 @@ def _finish_reason(final: FinalEvent) -> str:
 
 
 def _scored(tokens: list[TokenEvent]) -> list[TokenEvent]:
-    return [t for t in tokens if not t.special]
+    """The tokens listed in logprobs: not EOS, unless it carries text held back until then (a stop string's
+    prefix that EOS proved was no stop), so the listed tokens always add up to the returned text."""
+    return [t for t in tokens if not t.special or t.text]
 
 
 class _Formatter:

@@ -48,8 +48,13 @@ async def generate_stream(body: GenerateRequest, state: ReadyState, request: Req
     prep = _prepare(state, body, request)
     events = state.service.stream(prep)
     # Wait for the first token before answering, so every error up to then (capacity, prefill) is a
-    # plain HTTP error rather than an event in a 200 stream.
-    first = await anext(events)
+    # plain HTTP error rather than an event in a 200 stream; a client gone meanwhile (say, while queued)
+    # gives its place up at once instead of being prefilled for nobody.
+    try:
+        first = await unless_disconnected(request, anext(events))
+    except BaseException:
+        await events.aclose()
+        raise
     return EventSourceResponse(_sse(prep, first, events), ping=state.settings.sse_ping_seconds)
 
 

@@ -90,8 +90,9 @@ async def _answer(state, request: Request, body, requests: list[GenerationReques
     choices = Choices(state.service, requests)
     started = time.monotonic()
     if body.stream:
-        # Every choice's first token before answering: errors up to then are plain HTTP errors.
-        await choices.start()
+        # Every choice's first token before answering: errors up to then are plain HTTP errors, and a
+        # client gone meanwhile gives its place up at once (start() stops every choice when cancelled).
+        await unless_disconnected(request, choices.start())
         formatter.fingerprint = choices.preps[0].adapter_version
         return EventSourceResponse(_sse(formatter, choices, include_usage=body.include_usage, route=request.url.path,
                                         started=started), ping=state.settings.sse_ping_seconds)

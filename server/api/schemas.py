@@ -43,6 +43,13 @@ class GenerateParameters(BaseModel):
     top_n_tokens: StrictInt | None = None
     grammar: Any = None
     frequency_penalty: float | None = None
+    # LoRAX parameters we do not implement: accepted only when neutral. (Its api_token is for downloading
+    # adapters from a hub, which this server never does: accepted and unused.)
+    response_format: Any = None
+    adapter_parameters: Any = None
+    merged_adapters: Any = None
+    return_k_alternatives: StrictInt | None = None
+    api_token: str | None = Field(None, max_length=512)
 
     @field_validator("adapter_source")
     @classmethod
@@ -54,7 +61,8 @@ class GenerateParameters(BaseModel):
     def unsupported(self) -> list[str]:
         neutral = {"best_of": (None, 1), "typical_p": (None, 1.0), "truncate": (None,), "watermark": (None, False),
                    "top_n_tokens": (None, 0), "grammar": (None,), "frequency_penalty": (None, 0.0),
-                   "return_full_text": (None, False), "decoder_input_details": (False,)}
+                   "return_full_text": (None, False), "decoder_input_details": (False,), "response_format": (None,),
+                   "adapter_parameters": (None,), "merged_adapters": (None,), "return_k_alternatives": (None, 0)}
         return [name for name, ok in neutral.items() if getattr(self, name) not in ok]
 
 
