@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 import threading
 import time
@@ -22,6 +23,8 @@ from contract.manifest import AdapterManifest
 from contract.templates import BUILTIN, PromptTemplate, TemplateError
 from server.adapter_files import BaseShapes, CheckedAdapter, check_adapter_dir, load_weights, lora_config, resolve_under_root
 from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, ServeError
+
+log = logging.getLogger("loraserve.adapters")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -128,13 +131,18 @@ class AdapterRegistry:
             idle = [v for v in self._retired if v.refs <= 0 and not v.detaching]
             for version in idle:
                 version.detaching = True
-        for version in idle:  # a version leaves the retired list only once detached: a failure is retried later
-            try:
-                await self._run_on_worker(lambda key=version.key: self._detach(key))
-            finally:
+        try:
+            for version in idle:  # a version leaves the retired list only once detached: a failure is retried later
+                try:
+                    await self._run_on_worker(lambda key=version.key: self._detach(key))
+                except Exception:  # the unload itself succeeded (no request reaches it): log, go on with the others
+                    log.exception("detaching %s failed; the next collect retries it", version.key)
+                    continue
+                with self._refs_lock:
+                    self._retired.remove(version)
+        finally:  # also when cancelled midway: whatever is still retired is tried again
+            for version in idle:
                 version.detaching = False
-            with self._refs_lock:
-                self._retired.remove(version)
 
     def _check_and_read(self, path: str) -> tuple[CheckedAdapter, dict]:
         directory = resolve_under_root(self.root, path)
