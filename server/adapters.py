@@ -107,13 +107,29 @@ class AdapterRegistry:
             checked, weights = await asyncio.to_thread(self._check_and_read, path)
             version = self._new_version(name, path, checked, started)
             try:
-                await self._run_on_worker(lambda: self._attach(version.key, lora_config(checked), weights))
+                await self._attach_on_worker(version, checked, weights)
             except ValueError as exc:  # the runner's word that this adapter cannot be served (e.g. lm_head LoRA)
                 raise BadRequest(f"this adapter cannot be served: {exc}", param="path") from exc
             version.load_seconds = time.monotonic() - started
             self._publish(version)
             await self.collect()
             return version
+
+    async def _attach_on_worker(self, version: AdapterVersion, checked: CheckedAdapter, weights: dict) -> None:
+        """The worker runs a queued job even when its caller gives up (a load cancelled at shutdown or
+        with its client): what it attached then is never published, so it is retired for collect."""
+        job = asyncio.ensure_future(self._run_on_worker(lambda: self._attach(version.key, lora_config(checked), weights)))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(lambda done: self._collect_orphan(version, done))
+            raise
+
+    def _collect_orphan(self, version: AdapterVersion, job: asyncio.Future) -> None:
+        if job.cancelled() or job.exception() is not None:
+            return  # nothing was attached
+        self._retire(version)
+        asyncio.ensure_future(self.collect())
 
     async def unload(self, name: str) -> AdapterVersion:
         lock = self._locks.setdefault(name, asyncio.Lock())

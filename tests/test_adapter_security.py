@@ -1048,3 +1048,45 @@ def test_a_failed_detach_is_retried_by_the_next_collect(root, adapter, base):
 
     x, y, first = asyncio.run(scenario())
     assert first == [y.key] and detached == [y.key, x.key]
+
+
+def test_a_load_cancelled_while_its_attach_runs_leaves_nothing_attached(root, adapter, base):
+    """The worker runs a queued attach even when the load awaiting it is cancelled (shutdown, a client
+    gone): that attachment is never published, so it must be detached, not left holding memory."""
+    from contract.templates import BUILTIN
+    from server.adapters import AdapterRegistry
+
+    attached, detached = [], []
+
+    async def scenario():
+        jobs, queued, release = [], asyncio.Event(), asyncio.Event()
+
+        async def on_worker(fn):  # as Engine.call: the job is queued for the worker, whatever the caller does
+            future = asyncio.get_running_loop().create_future()
+            jobs.append((fn, future))
+            queued.set()
+            return await future
+
+        async def worker():
+            await release.wait()
+            while not detached:
+                while jobs:
+                    fn, future = jobs.pop(0)
+                    result = fn()
+                    if not future.cancelled():
+                        future.set_result(result)
+                await asyncio.sleep(0)
+
+        registry = AdapterRegistry(root=root, base=base, base_name="tiny", default_template=BUILTIN["alpaca"],
+                                   max_adapters=4, max_rank=64, max_bytes=BIG, run_on_worker=on_worker,
+                                   attach=lambda key, *args: attached.append(key), detach=detached.append)
+        load = asyncio.ensure_future(registry.load("x", "a"))
+        await queued.wait()
+        load.cancel()
+        await asyncio.gather(load, return_exceptions=True)
+        release.set()
+        await asyncio.wait_for(worker(), 10)  # ends once something was detached
+        return registry
+
+    registry = asyncio.run(scenario())
+    assert registry.names() == [] and attached and detached == attached
