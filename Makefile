@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 # Installed before the project so pip never resolves a plain `torch` requirement by itself (which
 # means a multi-GB CUDA build on a CPU-only machine). Override on machines that need another build.
 TORCH  ?= torch==2.13.0
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu: a CPU-only build, a far smaller download.
+TORCH_INDEX ?=
 PIPQ   := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: setup demo test openapi clean
@@ -12,7 +14,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
-	$(PIPQ) "$(TORCH)"
+	$(PIPQ) "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PIPQ) -e ".[dev]"
 	touch $@
 
