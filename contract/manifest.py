@@ -82,7 +82,7 @@ class AdapterManifest(BaseModel):
             "base_model": self.base_model.id,
             "created_at": self.created_at,
             "final_loss": self.loss.final,
-            "steps": self.training.get("max_steps"),
+            "steps": self.training.get("steps_trained", self.training.get("max_steps")),  # older manifests: as asked
             "dataset_rows": self.dataset.rows_kept if self.dataset else None,
             "backend": self.backend,
         }

@@ -90,12 +90,20 @@ def load_template_file(path: str | Path) -> PromptTemplate:
     """A custom template: a `.json` file `{"name", "text"}` or any other file holding the text itself."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        # utf-8-sig: a BOM (Windows editors write one) would otherwise begin every prompt, in training and serving.
+        raw = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise TemplateError(f"cannot read template file {path}: {exc}") from exc
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":  # as data files are matched: `QA.JSON` is JSON too
         return _template_from_json(raw, path)
-    return PromptTemplate(name=f"custom:{path.stem}", text=raw)
+    return PromptTemplate(name=f"custom:{path.stem}", text=_without_final_newline(raw))
+
+
+def _without_final_newline(raw: str) -> str:
+    # Editors end a text file with a newline that is not part of the template; drop that one only (read_text
+    # has already turned a Windows "\r\n" into "\n"). More text after the response slot is still refused,
+    # by PromptTemplate itself, which stays strict.
+    return raw.removesuffix("\n")
 
 
 def _template_from_json(raw: str, path: Path) -> PromptTemplate:

@@ -69,6 +69,9 @@ def train(
 
     if deploy and not os.environ.get("LORASERVE_ADMIN_TOKEN"):  # checked before, not after, an hour of training
         _fail("--deploy needs the server's admin token in LORASERVE_ADMIN_TOKEN")
+    if deploy:
+        _check_url(deploy)
+    _interrupt_on_sigterm()  # kill, timeout, docker stop: the same clean exit as Ctrl-C, temp dir removed
     from training.config import ConfigError, TrainConfig
     from training.data import DataError
 
@@ -100,6 +103,26 @@ def train(
         _deploy(deploy, name=m.name, path=deploy_path or result.output.name)
 
 
+def _check_url(url: str) -> None:
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        _fail(f"--deploy {url!r} is not a URL: {exc}")
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        _fail(f"--deploy {url!r} must be an http(s) URL such as http://127.0.0.1:8000")
+
+
+def _interrupt_on_sigterm() -> None:
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _deploy(url: str, *, name: str, path: str) -> None:
     import os
 
@@ -109,12 +132,16 @@ def _deploy(url: str, *, name: str, path: str) -> None:
     try:
         resp = httpx.post(f"{url.rstrip('/')}/admin/adapters", json={"name": name, "path": path},
                           headers={"Authorization": f"Bearer {token}"}, timeout=600)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         _fail(f"deploy to {url} failed: {exc}")
     if resp.status_code != 200:
         _fail(f"deploy to {url} failed: HTTP {resp.status_code}: {resp.text[:500]}")
-    body = resp.json()
-    typer.echo(f"deployed: {body['name']} version {body['version']} is live at {url}")
+    try:
+        body = resp.json()
+        name, version = body["name"], body["version"]
+    except (ValueError, KeyError, TypeError):  # a proxy's login page, another server: not loraserve's answer
+        _fail(f"deploy to {url}: HTTP 200 but not loraserve's answer (is the URL right?): {resp.text[:200]!r}")
+    typer.echo(f"deployed: {name} version {version} is live at {url}")
 
 
 def _server_settings(**given):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -20,13 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 from contract.manifest import AdapterManifest
+from contract.names import ADAPTER_NAME, ADAPTER_NAME_RULE
 from contract.templates import BUILTIN, PromptTemplate, TemplateError
 from server.adapter_files import BaseShapes, CheckedAdapter, check_adapter_dir, load_weights, lora_config, resolve_under_root
 from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, ServeError
 
 log = logging.getLogger("loraserve.adapters")
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME = ADAPTER_NAME
 
 
 @dataclass
@@ -96,7 +96,7 @@ class AdapterRegistry:
     # -- load / unload (event loop) -------------------------------------------------------------
     async def load(self, name: str, path: str) -> AdapterVersion:
         if not NAME.match(name or ""):
-            raise Invalid("name must be 1-64 characters of A-Z a-z 0-9 _ - (starting with a letter or digit)", param="name")
+            raise Invalid(f"name must be {ADAPTER_NAME_RULE}", param="name")
         if self.root is None:
             raise Forbidden("no adapter root is configured; set LORASERVE_ADAPTER_ROOT", param="path")
         lock = self._locks.setdefault(name, asyncio.Lock())

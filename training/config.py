@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from contract.names import ADAPTER_NAME, ADAPTER_NAME_RULE
 
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALPACA_COLUMNS = ("instruction", "input", "output")
 BACKENDS = ("auto", "unsloth", "transformers")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ConfigError(ValueError):
@@ -63,12 +64,14 @@ class TrainConfig:
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),
             (self.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
-            (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
+            (self.epochs is None or (self.epochs > 0 and math.isfinite(self.epochs)), "--epochs must be a positive number"),
             (self.max_steps is not None or self.epochs is not None, "give --max-steps or --epochs"),
             (0 < self.lr < 1, "--lr must be in (0, 1)"),
+            (math.isfinite(self.weight_decay) and 0 <= self.weight_decay < 1, "--weight-decay must be in [0, 1)"),
+            (0 <= self.seed < 2**32, "--seed must be in [0, 2**32)"),
             (0.0 <= self.eval_split < 0.5, "--eval-split must be a fraction in [0, 0.5)"),
             (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}"),
-            (bool(_NAME.match(self.name or "")), "--name (default: the output dir's name) must be 1-64 of A-Z a-z 0-9 . _ -"),
+            (bool(ADAPTER_NAME.match(self.name or "")), f"--name (default: the output dir's name) must be {ADAPTER_NAME_RULE}"),
             (set(self.columns) <= set(ALPACA_COLUMNS), f"column mapping keys must be among {ALPACA_COLUMNS}"),
         ]
         for ok, message in checks:

@@ -5,6 +5,7 @@ Every error names the source, and where it applies the row (1-based, as a person
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -35,49 +36,68 @@ class Dataset:
 
 def load_dataset_rows(source: str, columns: dict[str, str] | None = None) -> Dataset:
     """Rows from `source` with columns renamed per `columns` (alpaca name → source column name)."""
-    records = _read_records(source)
+    records = _read_records(source, columns or {})
     rows = [_to_row(rec, i, source, columns or {}) for i, rec in enumerate(records, start=1)]
     if not rows:
         raise DataError(f"{source}: no rows")
     return Dataset(source=source, rows=rows, sha256=_content_hash(rows))
 
 
-def _read_records(source: str) -> list[dict]:
+def _read_records(source: str, columns: dict[str, str]) -> list[dict]:
     path = Path(source)
     if path.suffix.lower() in LOCAL_FORMATS or path.exists():
-        return _read_local(path)
+        return _read_local(path, columns)
     return _read_hub(source)
 
 
-def _read_local(path: Path) -> list[dict]:
+def _read_local(path: Path, columns: dict[str, str]) -> list[dict]:
+    if path.is_dir():  # e.g. a save_to_disk dataset or a cloned hub repo: it exists, so "no such file" misleads
+        raise DataError(f"{path}: is a directory; give a data file ({', '.join(LOCAL_FORMATS)}) or a hub dataset name")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in LOCAL_FORMATS:
         raise DataError(f"{path}: unsupported format {suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
     try:
-        return {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path)
+        if suffix == ".json":
+            return _read_json(path, columns)
+        return {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path)
     except DataError:
         raise
     except Exception as exc:  # parsers raise many types; the user needs the file and the reason
         raise DataError(f"{path}: cannot parse as {suffix[1:]}: {exc}") from exc
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_text(path: Path) -> str:
+    # utf-8-sig: Windows tools (Notepad, PowerShell, Excel) start UTF-8 files with a BOM, which json rejects.
+    return path.read_text("utf-8-sig")
+
+
+def _read_json(path: Path, columns: dict[str, str]) -> list[dict]:
+    text = _read_text(path)
     try:
-        data = json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):  # a real (broken) array: JSON Lines would blame line 1, the "["
+            raise DataError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
         return _read_jsonl(path)  # many "alpaca.json" files are really JSON Lines
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
+    elif isinstance(data, dict) and _looks_like_a_row(data, columns):
+        data = [data]  # one JSON Lines record parses as one object, not an array
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects")
     return data
 
 
+def _looks_like_a_row(record: dict, columns: dict[str, str]) -> bool:
+    # Only the required columns count: an object such as {"rows": [...]} must stay an error, not one bad row.
+    return any(columns.get(field, field) in record for field in ("instruction", "output"))
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    for lineno, line in enumerate(path.read_text("utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -89,14 +109,37 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _read_csv(path: Path) -> list[dict]:
     import pandas as pd
 
+    _check_csv_field_counts(path)
     # keep_default_na=False: an empty Alpaca input is "", not NaN.
     return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
+
+
+def _check_csv_field_counts(path: Path) -> None:
+    """Refuse rows with more fields than the header. When every row has one extra, pandas silently makes the
+    first field the index and shifts every value one column left; with index_col=False it drops the extra
+    field with only a warning. Either way training would run on data the user did not write."""
+    limit = csv.field_size_limit(2**31 - 1)  # pandas has no field size limit; don't refuse files it reads
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            records = (fields for fields in csv.reader(file) if fields)  # pandas skips blank lines too
+            header = next(records, [])
+            for index, fields in enumerate(records, start=1):
+                if len(fields) > len(header):
+                    raise DataError(
+                        f"{path}: row {index} has {len(fields)} fields but the header has {len(header)} "
+                        f"({', '.join(header)}); quote values that contain a comma"
+                    )
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _read_parquet(path: Path) -> list[dict]:
     import pandas as pd
 
-    return pd.read_parquet(path).to_dict(orient="records")
+    frame = pd.read_parquet(path)
+    # Parquet nulls arrive as NaN / pd.NA; make them None so they mean what a JSON null means (an empty input,
+    # a missing instruction). astype(object) first so real numbers stay numbers and are still refused as such.
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 def _read_hub(name: str) -> list[dict]:

@@ -72,7 +72,10 @@ def _staging_dir(output: Path) -> Path:
 def _check_output(cfg: TrainConfig) -> None:
     if cfg.output.exists() and not cfg.overwrite:
         raise ConfigError(f"--output {cfg.output} already exists (pass --overwrite to replace it)")
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent dir should be, no permission, ...
+        raise ConfigError(f"--output {cfg.output}: cannot create {cfg.output.parent}: {exc.strerror or exc}") from exc
 
 
 def _load_model(cfg: TrainConfig, backend: Backend, log: Callable[[str], None]):
@@ -111,6 +114,7 @@ def _fit(cfg: TrainConfig, backend: Backend, model, tokenizer, examples: list[di
     dataset = HFDataset.from_list([{c: ex[c] for c in columns} for ex in examples])
     train_set, eval_set = _split(dataset, cfg)
     progress = ProgressCallback()
+    _check_trainer_choices(cfg)
     trainer_cls = SFTTrainer if _has_triton(backend) else _model_loss_trainer(SFTTrainer)
     trainer = trainer_cls(
         model=model,
@@ -123,7 +127,34 @@ def _fit(cfg: TrainConfig, backend: Backend, model, tokenizer, examples: list[di
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no raw log dicts on stdout
     started = time.monotonic()
     trainer.train()
+    _check_finite(model, progress)
     return progress, time.monotonic() - started
+
+
+def _check_trainer_choices(cfg: TrainConfig) -> None:
+    """Names transformers knows, checked here (it is imported by now; importing it before Unsloth's model
+    load would cost Unsloth its patches), so a typo is one clear line, not a traceback."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for flag, value, known in (("--optim", cfg.optim, OptimizerNames), ("--scheduler", cfg.scheduler, SchedulerType)):
+        names = sorted(choice.value for choice in known)
+        if value not in names:
+            raise ConfigError(f"{flag} {value!r} is unknown; choose one of {', '.join(names)}")
+
+
+def _check_finite(model, progress) -> None:
+    """A run that diverged must not be saved as an adapter (its weights would turn every answer to NaN)."""
+    import math
+
+    import torch
+
+    advice = "try a lower --lr. Nothing was written to --output"
+    for step, loss in progress.curve:
+        if not math.isfinite(loss):
+            raise ConfigError(f"training diverged: the loss became {loss} at step {step}; {advice}")
+    if any(not torch.isfinite(p).all() for name, p in model.named_parameters() if "lora_" in name):
+        raise ConfigError(f"training diverged: the adapter weights are not finite; {advice}")
 
 
 def _has_triton(backend: Backend) -> bool:
@@ -180,6 +211,7 @@ def _sft_config(SFTConfig, cfg: TrainConfig, backend: Backend, workdir: Path, *,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=max(1, (cfg.max_steps or 50) // 5) if has_eval else None,
         report_to="none",
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not as 0.0 (which would look perfect)
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -200,7 +232,8 @@ def _manifest(cfg, backend, template, tokenizer, model, data: Dataset, kept: int
         eos_token=tokenizer.eos_token,
         stop=[tokenizer.eos_token],
         lora=LoraInfo(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules)),
-        training=cfg.training_args_record() | {"backend_notes": backend.notes, "eval_loss": progress.eval_losses},
+        training=cfg.training_args_record() | {"backend_notes": backend.notes, "eval_loss": progress.eval_losses,
+                                               "steps_trained": progress.curve[-1][0] if progress.curve else 0},
         dataset=DatasetInfo(source=data.source, sha256=data.sha256, rows=len(data.rows), rows_kept=kept, rows_over_length=over),
         versions=_library_versions(),
         loss=LossInfo(final=progress.curve[-1][1] if progress.curve else None, curve=progress.curve),
@@ -230,7 +263,10 @@ def _move_into_place(tmp: Path, cfg: TrainConfig) -> None:
         old = cfg.output.with_name(f".{cfg.output.name}.old-{os.getpid()}")
         os.replace(cfg.output, old)
         os.replace(tmp, cfg.output)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # --overwrite of a file
+            old.unlink(missing_ok=True)
     else:
         os.replace(tmp, cfg.output)
 

@@ -1,4 +1,6 @@
-"""Review of the training side: each test proves one bug (it fails on the current code and passes once fixed).
+"""Training edge cases a review found (each test failed before its fix): data files as Windows tools and
+editors write them, CSV rows that would shift columns, flags that used to end in a traceback, runs that
+diverge, epoch runs' step counts, --overwrite of a file, SIGTERM, and adapter names both sides accept.
 
 Pure functions are tested directly; the few CLI runs use the session's tiny model with 1-2 steps (~5 s each).
 """
@@ -176,26 +178,26 @@ def test_a_name_training_accepts_is_one_the_server_can_load(tmp_path):
 
 def test_deploy_with_a_malformed_url_is_a_clean_error(monkeypatch):
     """httpx.InvalidURL is not an httpx.HTTPError: a typo in --deploy gives a traceback after training."""
-    import click
+    import typer
 
     from loraserve.cli import _deploy
 
     monkeypatch.setenv("LORASERVE_ADMIN_TOKEN", "t")
-    with pytest.raises(click.exceptions.Exit) as info:
+    with pytest.raises(typer.Exit) as info:
         _deploy("http://[::1", name="bot", path="bot")
     assert info.value.exit_code == 2
 
 
 def test_deploy_answered_by_a_non_json_200_is_a_clean_error(monkeypatch):
     """A proxy or a wrong server answering 200 with HTML: resp.json() raises JSONDecodeError (a traceback)."""
-    import click
     import httpx
+    import typer
 
     from loraserve.cli import _deploy
 
     monkeypatch.setenv("LORASERVE_ADMIN_TOKEN", "t")
     monkeypatch.setattr(httpx, "post", lambda *a, **k: httpx.Response(200, text="<html>login</html>"))
-    with pytest.raises(click.exceptions.Exit) as info:
+    with pytest.raises(typer.Exit) as info:
         _deploy("http://server:8000", name="bot", path="bot")
     assert info.value.exit_code == 2
 
@@ -210,6 +212,7 @@ CLI_ERRORS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options,expected", CLI_ERRORS.values(), ids=CLI_ERRORS.keys())
 def test_bad_flags_are_one_clean_error_line(train_cli, tmp_path, options, expected):
     """Today each one loads the data and the model, then dies with a traceback (exit 1)."""
@@ -219,6 +222,7 @@ def test_bad_flags_are_one_clean_error_line(train_cli, tmp_path, options, expect
     assert not output.exists() and not list(tmp_path.glob(".adapter.tmp-*"))
 
 
+@pytest.mark.slow
 def test_output_under_a_regular_file_is_a_clean_error(train_cli, tmp_path):
     """`--output notes.txt/adapter`: `mkdir(parents=True)` raises FileExistsError, shown as a traceback."""
     (tmp_path / "notes.txt").write_text("mine")
@@ -226,6 +230,7 @@ def test_output_under_a_regular_file_is_a_clean_error(train_cli, tmp_path):
     assert_clean_error(proc, "notes.txt")
 
 
+@pytest.mark.slow
 def test_overwrite_of_a_file_leaves_nothing_beside_output(train_cli, tmp_path):
     """--overwrite when --output is a file: the old file is renamed to `.adapter.old-PID` and rmtree (which
     cannot remove a file, errors ignored) leaves it behind."""
@@ -236,6 +241,7 @@ def test_overwrite_of_a_file_leaves_nothing_beside_output(train_cli, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+@pytest.mark.slow
 def test_a_run_that_turns_nan_is_not_reported_as_a_success_with_loss_zero(train_cli, tmp_path):
     """--weight-decay nan (unvalidated) makes every adapter weight NaN after step 1; Trainer's default
     logging_nan_inf_filter logs the NaN step's loss as 0.0, so the CLI prints `done`, final loss 0.0000, and
@@ -252,6 +258,7 @@ def test_a_run_that_turns_nan_is_not_reported_as_a_success_with_loss_zero(train_
     assert all(torch.isfinite(w).all() for w in weights.values()), f"NaN adapter reported as: {proc.stdout}"
 
 
+@pytest.mark.slow
 def test_epoch_run_records_how_many_steps_it_trained(train_cli, tmp_path):
     """With --epochs the manifest's training.max_steps is None, so the public listing (summary) says
     steps: null although the run trained 6 steps."""
@@ -265,6 +272,7 @@ def test_epoch_run_records_how_many_steps_it_trained(train_cli, tmp_path):
     assert manifest.summary()["steps"] == trained, manifest.summary()
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_no_temp_dir_beside_output(train_cli, tmp_path):
     """`kill`, `timeout`, `docker stop`, Kubernetes and Slurm stop a run with SIGTERM. fit.py promises that an
     interrupted run removes its temp dir; on SIGTERM Python dies without running `finally`, leaving
