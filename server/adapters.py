@@ -101,8 +101,7 @@ class AdapterRegistry:
             raise Forbidden("no adapter root is configured; set LORASERVE_ADAPTER_ROOT", param="path")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            if name not in self._live and len(self._live) >= self.max_adapters:
-                raise Conflict(f"{self.max_adapters} adapters are loaded, the limit; unload one first", param="name")
+            self._check_room(name)
             started = time.monotonic()
             checked, weights = await asyncio.to_thread(self._check_and_read, path)
             version = self._new_version(name, path, checked, started)
@@ -111,9 +110,19 @@ class AdapterRegistry:
             except ValueError as exc:  # the runner's word that this adapter cannot be served (e.g. lm_head LoRA)
                 raise BadRequest(f"this adapter cannot be served: {exc}", param="path") from exc
             version.load_seconds = time.monotonic() - started
+            try:
+                self._check_room(name)  # again: a load of another name may have been published meanwhile
+            except Conflict:
+                self._retire(version)
+                await self.collect()
+                raise
             self._publish(version)
             await self.collect()
             return version
+
+    def _check_room(self, name: str) -> None:
+        if name not in self._live and len(self._live) >= self.max_adapters:
+            raise Conflict(f"{self.max_adapters} adapters are loaded, the limit; unload one first", param="name")
 
     async def _attach_on_worker(self, version: AdapterVersion, checked: CheckedAdapter, weights: dict) -> None:
         """The worker runs a queued job even when its caller gives up (a load cancelled at shutdown or

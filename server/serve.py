@@ -24,6 +24,10 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state) -> None:
         super().__init__(config)
         self.loraserve = state
+        state.stop_serving = self._stop_after_failed_load
+
+    def _stop_after_failed_load(self) -> None:
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         state = self.loraserve
@@ -55,6 +59,8 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
     DrainingServer(config, app.state.loraserve).run()
+    if app.state.loraserve.load_error:  # the model never loaded: fail as uvicorn does when startup fails
+        raise SystemExit(3)
 
 
 def quiet_libraries() -> None:

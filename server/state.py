@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from contract.fingerprint import base_fingerprint
 from server.adapter_files import base_shapes
@@ -33,6 +34,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    stop_serving: Callable[[], None] = lambda: None  # the server's exit, for a load that failed
 
     def load_model(self) -> None:
         """Blocking: load the base model and build the engine, registry and service around it."""

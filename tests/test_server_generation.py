@@ -533,8 +533,10 @@ def test_server_healthy_after_hostile_inputs(server):
     row = rows_of(EN)[1]
     assert generate(server, ask(row, EN, max_new_tokens=64))["generated_text"] == row["output"]
     samples = metrics(server)
+    # /ready answers 503 by design while the model loads (the fixture polled it then): not a server error.
     server_errors = {labels: v for (name, labels), v in samples.items()
-                     if name == "loraserve_requests_total" and dict(labels)["status"].startswith("5") and v}
+                     if name == "loraserve_requests_total" and dict(labels)["status"].startswith("5") and v
+                     and dict(labels)["route"] != "/ready"}
     assert not server_errors, server_errors
     assert "Traceback" not in server.log()
 

@@ -39,17 +39,33 @@ def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
+    """The model loads in the background: uvicorn binds the port only once startup returns, and a big
+    model takes minutes, during which /health must answer (or a liveness probe restarts the pod) and
+    /ready must say "loading"."""
     state: ServerState = app.state.loraserve
-    await asyncio.to_thread(state.load_model)
-    state.engine.start()
+    loading = asyncio.create_task(_load(state))
     try:
-        await state.preload_adapters()
-        state.ready = True
-        log.info("ready: %d adapters", len(state.registry.names()))
         yield
     finally:
         state.ready = False
-        state.engine.stop()
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+        if state.engine is not None:
+            state.engine.stop()
+
+
+async def _load(state: ServerState) -> None:
+    try:
+        await asyncio.to_thread(state.load_model)
+        state.engine.start()
+        await state.preload_adapters()
+    except Exception as exc:  # a bad model, adapter or setting: say why, then stop serving (exit 3)
+        log.exception("loading failed")
+        state.load_error = f"loading failed: {exc}"
+        state.stop_serving()
+        return
+    state.ready = True
+    log.info("ready: %d adapters", len(state.registry.names()))
 
 
 class RequestMetricsMiddleware:

@@ -38,6 +38,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):  # no /v1 route matched (404, 405): still OpenAI's error shape
+            # (imported here: openai_errors imports this module)
+            from server.api.openai_errors import openai_error_response
+
+            return openai_error_response(exc)
         return JSONResponse(error_body(str(exc.detail), "http"), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -15,7 +15,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._reject(send)
+            return await self._reject(send, scope)
         seen = 0
         tripped = started = False
 
@@ -42,10 +42,15 @@ class BodyLimitMiddleware:
         except _TooLarge:
             pass
         if tripped and not started:
-            await self._reject(send)
+            await self._reject(send, scope)
 
-    async def _reject(self, send) -> None:
-        body = json.dumps({"error": f"request body over {self.max_bytes} bytes", "error_type": "payload_too_large"}).encode()
+    async def _reject(self, send, scope) -> None:
+        message = f"request body over {self.max_bytes} bytes"
+        if scope.get("path", "").startswith("/v1/"):  # OpenAI's SDKs read error.message
+            error = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "payload_too_large"}}
+        else:
+            error = {"error": message, "error_type": "payload_too_large"}
+        body = json.dumps(error).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -25,7 +25,7 @@ from server.api.openai_schemas import (
 )
 from server.choices import Choices
 from server.engine import FinalEvent
-from server.errors import NotFound
+from server.errors import NotFound, ServeError
 from server.service import GenerationRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)], route_class=OpenAIRoute)
@@ -40,7 +40,7 @@ async def list_models(state: ReadyState) -> ModelList:
     return ModelList(data=_models(state))
 
 
-@router.get("/models/{model}", response_model=ModelCard, summary="One model")
+@router.get("/models/{model:path}", response_model=ModelCard, summary="One model")
 async def get_model(model: str, state: ReadyState) -> ModelCard:
     for card in _models(state):
         if card.id == model:
@@ -59,10 +59,22 @@ async def completions(body: CompletionRequest, state: ReadyState, request: Reque
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED,
              summary="Answer a conversation (rendered with the model's template)")
 async def chat_completions(body: ChatCompletionRequest, state: ReadyState, request: Request):
-    body.check()
-    requests = body.generations(adapter=_adapter_for(state, body.model), messages=body.chat_messages())
-    formatter = ChatFormatter(body.model, logprobs=bool(body.logprobs))
-    return await _answer(state, request, body, requests, formatter)
+    try:
+        body.check()
+        requests = body.generations(adapter=_adapter_for(state, body.model), messages=body.chat_messages())
+        formatter = ChatFormatter(body.model, logprobs=bool(body.logprobs))
+        return await _answer(state, request, body, requests, formatter)
+    except ServeError as exc:
+        raise _in_chat_terms(exc, body)
+
+
+def _in_chat_terms(exc: ServeError, body: ChatCompletionRequest) -> ServeError:
+    """The service names its own fields; a chat client sent `messages`, and `max_completion_tokens` or
+    `max_tokens`: the error names what it sent."""
+    tokens = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    exc.param = {"inputs": "messages", "max_new_tokens": tokens}.get(exc.param, exc.param)
+    exc.message = exc.message.replace("'inputs'", "'messages'").replace("max_new_tokens", tokens)
+    return exc
 
 
 def _models(state) -> list[ModelCard]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.deps import State
-from server.errors import Unavailable
+from server.api.deps import State, require_api_key
+from server.errors import ServeError, Unavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -25,17 +25,32 @@ async def ready(state: State) -> dict:
     return {"status": "ready"}
 
 
-@router.get("/info", summary="Base model and limits")
-async def info(state: State) -> dict:
+# Load balancers and uptime checkers probe with HEAD (RFC 9110: wherever GET is). Not in the spec twice.
+for _path, _probe in (("/health", health), ("/ready", ready)):
+    router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
+
+
+@router.get("/info", summary="Base model and limits (and the adapters, to callers who may list them)")
+async def info(state: State, request: Request) -> dict:
     s = state.settings
-    return {
+    out = {
         "model_id": s.public_base_name, "backend": state.runner.backend if state.runner else None,
         "fingerprint": state.fingerprint, "max_context": state.max_context,
         "max_new_tokens_cap": s.max_new_tokens_cap, "max_running": s.max_running,
         "kv_slots": state.runner.cache.slots if state.runner else None,
         "adapter_slots": s.adapter_slots, "cuda_graphs": bool(state.runner and state.runner.graphs),
-        "adapters": state.registry.names() if state.registry else [],
     }
+    if _may_list_adapters(request):  # /info stays open for probes; adapter names are for key holders only
+        out["adapters"] = state.registry.names() if state.registry else []
+    return out
+
+
+def _may_list_adapters(request: Request) -> bool:
+    try:
+        require_api_key(request)
+    except ServeError:
+        return False
+    return True
 
 
 @router.get("/metrics", summary="Prometheus metrics")
