@@ -79,13 +79,19 @@ class AdapterManifest(BaseModel):
         """What a public listing shows: enough to recognise the adapter (the base id is as given at training)."""
         return {
             "template": self.template.name,
-            "base_model": self.base_model.id,
+            "base_model": _public_model_id(self.base_model.id),
             "created_at": self.created_at,
             "final_loss": self.loss.final,
             "steps": self.training.get("steps_trained", self.training.get("max_steps")),  # older manifests: as asked
             "dataset_rows": self.dataset.rows_kept if self.dataset else None,
             "backend": self.backend,
         }
+
+
+def _public_model_id(model_id: str) -> str:
+    """A hub id as given; a local path by its last part only: a public listing must not show the
+    directories of the machine that trained the adapter."""
+    return Path(model_id).name if Path(model_id).is_absolute() else model_id
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:

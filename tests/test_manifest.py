@@ -107,7 +107,7 @@ def test_extra_fields_survive(adapter_dir):
 def test_summary(adapter_dir):
     summary = write_manifest(adapter_dir, make_manifest()).summary()
     assert summary == {
-        "template": "alpaca-zh", "base_model": "/models/tiny", "created_at": summary["created_at"],
+        "template": "alpaca-zh", "base_model": "tiny", "created_at": summary["created_at"],  # no local dirs
         "final_loss": 0.08, "steps": 200, "dataset_rows": 16, "backend": "transformers",
     }
 
@@ -186,3 +186,8 @@ def test_fingerprint_differs_for_another_tokenizer(tiny_model_dir):
     before = base_fingerprint(config, tokenizer)
     tokenizer.add_tokens(["<extra-token>"])
     assert base_fingerprint(config, tokenizer) != before
+
+
+def test_summary_shows_a_hub_id_whole(adapter_dir):
+    hub = BaseModelInfo(id="unsloth/llama-3-8b", fingerprint="sha256:" + "ab" * 16)
+    assert write_manifest(adapter_dir, make_manifest(base_model=hub)).summary()["base_model"] == "unsloth/llama-3-8b"
