@@ -26,8 +26,6 @@ from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, Se
 
 log = logging.getLogger("loraserve.adapters")
 
-NAME = ADAPTER_NAME
-
 
 @dataclass
 class AdapterVersion:
@@ -95,7 +93,7 @@ class AdapterRegistry:
 
     # -- load / unload (event loop) -------------------------------------------------------------
     async def load(self, name: str, path: str) -> AdapterVersion:
-        if not NAME.match(name or ""):
+        if not ADAPTER_NAME.match(name or ""):
             raise Invalid(f"name must be {ADAPTER_NAME_RULE}", param="name")
         if self.root is None:
             raise Forbidden("no adapter root is configured; set LORASERVE_ADAPTER_ROOT", param="path")
@@ -113,8 +111,7 @@ class AdapterRegistry:
             try:
                 self._check_room(name)  # again: a load of another name may have been published meanwhile
             except Conflict:
-                self._retire(version)
-                await self.collect()
+                await self._discard(version)
                 raise
             self._publish(version)
             await self.collect()
@@ -135,10 +132,13 @@ class AdapterRegistry:
             raise
 
     def _collect_orphan(self, version: AdapterVersion, job: asyncio.Future) -> None:
-        if job.cancelled() or job.exception() is not None:
-            return  # nothing was attached
+        if not job.cancelled() and job.exception() is None:  # else nothing was attached
+            asyncio.ensure_future(self._discard(version))
+
+    async def _discard(self, version: AdapterVersion) -> None:
+        """Detach an attached version that will never be published."""
         self._retire(version)
-        asyncio.ensure_future(self.collect())
+        await self.collect()
 
     async def unload(self, name: str) -> AdapterVersion:
         lock = self._locks.setdefault(name, asyncio.Lock())

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import torch
 
+from contract.base_config import position_limit
 from server.cuda_graphs import DecodeGraphs
 from server.decoder import Decoder, Step, check_architecture, projection_shapes
 from server.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
@@ -72,9 +73,10 @@ def choose_backend(requested: str) -> str:
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "unsloth" and not (cuda and has_unsloth):
         raise RuntimeError("backend 'unsloth' needs CUDA and the unsloth package (pip install 'loraserve[unsloth]')")
-    if requested == "auto":
-        return "unsloth" if cuda and has_unsloth else "transformers"
-    return requested
+    chosen = ("unsloth" if cuda and has_unsloth else "transformers") if requested == "auto" else requested
+    if chosen == "unsloth":
+        import unsloth  # noqa: F401  first: it patches transformers, which loading imports (position_limit too)
+    return chosen
 
 
 def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int = 4096,
@@ -84,7 +86,7 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
     if load_in_4bit and backend != "unsloth":  # serving full precision instead could run out of memory
         raise RuntimeError("a 4-bit base (LOAD_IN_4BIT) is loaded by Unsloth: it needs the unsloth backend "
                            "(CUDA and pip install 'loraserve[unsloth]')")
-    max_context = min(max_context, _position_limit(base_model))
+    max_context = min(max_context, position_limit(base_model) or 2048)
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(base_model, load_in_4bit=load_in_4bit, max_context=max_context)
     else:
@@ -94,14 +96,6 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
     return ModelRunner(model, tokenizer, backend=backend, max_context=max_context,
                        kv_slots=kv_slots, adapter_slots=adapter_slots, max_lora_rank=max_lora_rank,
                        kv_memory_fraction=kv_memory_fraction, cuda_graphs=cuda_graphs)
-
-
-def _position_limit(base_model: str) -> int:
-    """The model's own context limit, read before loading: asked for a longer max_seq_length, Unsloth
-    silently rescales RoPE, which changes every output (and the base's fingerprint)."""
-    from transformers import AutoConfig
-
-    return int(getattr(AutoConfig.from_pretrained(base_model), "max_position_embeddings", 2048))
 
 
 def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int):

@@ -88,9 +88,12 @@ def choose_tokens(logits: torch.Tensor, seqs: list) -> list[tuple[int, float] | 
         for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist()):
             # A NaN or +inf anywhere in the row makes its log-softmax NaN: the check costs nothing more.
             chosen[i] = (token, logprob) if math.isfinite(logprob) else None
-    for i, seq in enumerate(seqs):
-        if is_plain[i] or not bool(torch.isfinite(logits[i]).all()):
+    others = [i for i, flag in enumerate(is_plain) if not flag]
+    finite = torch.isfinite(logits[others]).all(dim=-1).tolist() if others else []  # one transfer for all
+    for i, ok in zip(others, finite):
+        if not ok:  # nothing can be drawn from NaN or +inf
             continue
+        seq = seqs[i]
         # The repetition penalty needs every id seen so far; skip building that per token otherwise.
         penalized = seq.params.repetition_penalty != 1.0
         seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device) if penalized else None

@@ -164,7 +164,7 @@ def test_name_with_trailing_newline_is_rejected(tmp_path):
 def test_a_name_training_accepts_is_one_the_server_can_load(tmp_path):
     """Training allows '.' in names (`--output adapters/support-bot.v2`), the server's admin API does not:
     `--deploy` fails after the whole training run, and the adapter can never be loaded under its own name."""
-    from server.adapters import NAME as SERVER_NAME
+    from contract.names import ADAPTER_NAME as SERVER_NAME  # what server/adapters.py checks admin loads with
 
     try:
         config = cfg(tmp_path, output=tmp_path / "support-bot.v2")

@@ -11,6 +11,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from contract.base_config import position_limit
 from training.config import ConfigError, TrainConfig
 
 
@@ -31,6 +32,8 @@ def choose_backend(cfg: TrainConfig, warn: Callable[[str], None] = print) -> Bac
         raise ConfigError(f"--backend unsloth needs {missing}")
     name = cfg.backend if cfg.backend != "auto" else ("unsloth" if cuda and has_unsloth else "transformers")
     backend = Backend(name=name, cuda=cuda)
+    if name == "unsloth":
+        import unsloth  # noqa: F401  first: it patches transformers, which the steps after this import
     _fallbacks(cfg, backend, warn)
     return backend
 
@@ -63,11 +66,8 @@ def load_model(cfg: TrainConfig, backend: Backend, warn: Callable[[str], None] =
 
 
 def _cap_sequence_length(cfg: TrainConfig, backend: Backend, warn: Callable[[str], None]) -> None:
-    """Rows past the base model's positions would train it where it never was, and Unsloth, asked for a
-    longer max_seq_length, silently rescales RoPE: the adapter would fit another model than the one served."""
-    from transformers import AutoConfig
-
-    limit = getattr(AutoConfig.from_pretrained(cfg.base_model), "max_position_embeddings", None)
+    """Rows past the base model's positions would train it where it never was (and see position_limit)."""
+    limit = position_limit(cfg.base_model)
     if limit and cfg.max_seq_length > limit:
         _note(backend, warn, f"--max-seq-length {cfg.max_seq_length} is over the base model's {limit} positions; "
                              f"using {limit}")

@@ -107,30 +107,24 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    import pandas as pd
-
-    _check_csv_field_counts(path)
-    # keep_default_na=False: an empty Alpaca input is "", not NaN.
-    return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
-
-
-def _check_csv_field_counts(path: Path) -> None:
-    """Refuse rows with more fields than the header. When every row has one extra, pandas silently makes the
-    first field the index and shifts every value one column left; with index_col=False it drops the extra
-    field with only a warning. Either way training would run on data the user did not write."""
-    limit = csv.field_size_limit(2**31 - 1)  # pandas has no field size limit; don't refuse files it reads
+    """One pass with the csv module: every value stays the text written ("" for an empty input, "007" as
+    is). A row with more fields than the header is refused: pandas would silently make its first field
+    the index and shift every value one column left (or drop the extra one, with only a warning)."""
+    limit = csv.field_size_limit(2**31 - 1)  # no limit on a field's size, as pandas had none
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
-            records = (fields for fields in csv.reader(file) if fields)  # pandas skips blank lines too
-            header = next(records, [])
-            for index, fields in enumerate(records, start=1):
-                if len(fields) > len(header):
-                    raise DataError(
-                        f"{path}: row {index} has {len(fields)} fields but the header has {len(header)} "
-                        f"({', '.join(header)}); quote values that contain a comma"
-                    )
+            lines = (fields for fields in csv.reader(file) if fields)  # blank lines skipped
+            header = next(lines, [])
+            return [_csv_record(path, header, fields, index) for index, fields in enumerate(lines, start=1)]
     finally:
         csv.field_size_limit(limit)
+
+
+def _csv_record(path: Path, header: list[str], fields: list[str], index: int) -> dict:
+    if len(fields) > len(header):
+        raise DataError(f"{path}: row {index} has {len(fields)} fields but the header has {len(header)} "
+                        f"({', '.join(header)}); quote values that contain a comma")
+    return dict(zip(header, fields + [""] * (len(header) - len(fields))))  # missing trailing fields: empty
 
 
 def _read_parquet(path: Path) -> list[dict]:

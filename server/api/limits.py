@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+from server.api.errors import error_body
+from server.api.openai_errors import openai_error_body
+from server.errors import PayloadTooLarge
+
 
 class BodyLimitMiddleware:
     def __init__(self, app, max_bytes: int) -> None:
@@ -45,12 +49,12 @@ class BodyLimitMiddleware:
             await self._reject(send, scope)
 
     async def _reject(self, send, scope) -> None:
-        message = f"request body over {self.max_bytes} bytes"
+        error = PayloadTooLarge(f"request body over {self.max_bytes} bytes")
         if scope.get("path", "").startswith("/v1/"):  # OpenAI's SDKs read error.message
-            error = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "payload_too_large"}}
+            shaped = openai_error_body(error)
         else:
-            error = {"error": message, "error_type": "payload_too_large"}
-        body = json.dumps(error).encode()
+            shaped = error_body(error.message, error.code)
+        body = json.dumps(shaped).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -19,9 +19,9 @@ from server.errors import Invalid, ServeError
 
 log = logging.getLogger("loraserve.api")
 
-# The service names the native fields; a /v1 client knows OpenAI's.
+# The service names the native fields; a /v1 client knows OpenAI's. A route whose request names them
+# otherwise (chat: `messages`, maybe `max_completion_tokens`) puts its own in `request.state.openai_params`.
 OPENAI_PARAMS = {"inputs": "prompt", "max_new_tokens": "max_tokens", "adapter_id": "model"}
-MESSAGE_RENAMES = (("'inputs'", "'prompt'"), ("max_new_tokens", "max_tokens"))
 CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
 
@@ -33,23 +33,22 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:
-                return openai_error_response(exc)
+                return openai_error_response(exc, getattr(request.state, "openai_params", OPENAI_PARAMS))
 
         return handle
 
 
-def openai_error_response(exc: Exception) -> JSONResponse:
+def openai_error_response(exc: Exception, params: dict[str, str] = OPENAI_PARAMS) -> JSONResponse:
     error = as_serve_error(exc)
     status = 400 if error.status == 422 else error.status
-    return JSONResponse(openai_error_body(error), status_code=status, headers=error.headers)
+    return JSONResponse(openai_error_body(error, params), status_code=status, headers=error.headers)
 
 
-def openai_error_body(error: ServeError) -> dict:
+def openai_error_body(error: ServeError, params: dict[str, str] = OPENAI_PARAMS) -> dict:
     """The body, also sent in-band as the last event of a stream that fails after its first byte."""
-    param = OPENAI_PARAMS.get(error.param, error.param)
-    message = error.message
-    for old, new in MESSAGE_RENAMES:
-        message = message.replace(old, new)
+    param = params.get(error.param, error.param)
+    message = error.message.replace("'inputs'", f"'{params['inputs']}'")
+    message = message.replace("max_new_tokens", params["max_new_tokens"])
     code = "model_not_found" if error.status == 404 and param == "model" else CODES.get(error.status, error.code)
     kind = "server_error" if error.status >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

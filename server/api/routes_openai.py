@@ -18,14 +18,14 @@ from sse_starlette import EventSourceResponse
 
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
-from server.api.openai_errors import OpenAIRoute, as_serve_error, openai_error_body
+from server.api.openai_errors import OPENAI_PARAMS, OpenAIRoute, as_serve_error, openai_error_body
 from server.api.openai_format import ChatFormatter, CompletionFormatter
 from server.api.openai_schemas import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelCard, ModelList,
 )
 from server.choices import Choices
 from server.engine import FinalEvent
-from server.errors import NotFound, ServeError
+from server.errors import NotFound
 from server.service import GenerationRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)], route_class=OpenAIRoute)
@@ -59,22 +59,13 @@ async def completions(body: CompletionRequest, state: ReadyState, request: Reque
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED,
              summary="Answer a conversation (rendered with the model's template)")
 async def chat_completions(body: ChatCompletionRequest, state: ReadyState, request: Request):
-    try:
-        body.check()
-        requests = body.generations(adapter=_adapter_for(state, body.model), messages=body.chat_messages())
-        formatter = ChatFormatter(body.model, logprobs=bool(body.logprobs))
-        return await _answer(state, request, body, requests, formatter)
-    except ServeError as exc:
-        raise _in_chat_terms(exc, body)
-
-
-def _in_chat_terms(exc: ServeError, body: ChatCompletionRequest) -> ServeError:
-    """The service names its own fields; a chat client sent `messages`, and `max_completion_tokens` or
-    `max_tokens`: the error names what it sent."""
+    # Errors name the fields this client sent (OpenAIRoute reads these).
     tokens = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    exc.param = {"inputs": "messages", "max_new_tokens": tokens}.get(exc.param, exc.param)
-    exc.message = exc.message.replace("'inputs'", "'messages'").replace("max_new_tokens", tokens)
-    return exc
+    request.state.openai_params = OPENAI_PARAMS | {"inputs": "messages", "max_new_tokens": tokens}
+    body.check()
+    requests = body.generations(adapter=_adapter_for(state, body.model), messages=body.chat_messages())
+    formatter = ChatFormatter(body.model, logprobs=bool(body.logprobs))
+    return await _answer(state, request, body, requests, formatter)
 
 
 def _models(state) -> list[ModelCard]:
