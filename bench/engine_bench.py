@@ -12,7 +12,7 @@ the seven projections (B nonzero, so an adapter changes the output). Scenarios:
 Methods: hf_peft (generate with PEFT's mixed-batch `adapter_names`, one static batch: how HF serves),
 hf_static (the same with cache_implementation="static": transformers compiles the decode step; CUDA only),
 unsloth (its own process, since importing it patches transformers; one adapter for every row, as its fused
-path ignores per-row adapter names; CUDA only), ours (server.engine with all streams submitted at once).
+path ignores per-row adapter names; CUDA only), ours (server.engine.engine with all streams submitted at once).
 Speeds are reported as ratios against the baselines of the same run and as % of the memory roofline at
 a copy bandwidth measured in the same run (DESIGN.md, Performance method). Prints tables; --json writes all.
 
@@ -467,7 +467,7 @@ class StreamRun:
 
 
 async def ours_stream(engine, prompt_ids: list[int], params, adapter_key: str | None, started: float) -> StreamRun:
-    from server.engine import ErrorEvent, FinalEvent, TokenEvent
+    from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
 
     ids, first, last = [], None, None
     async for event in engine.generate(prompt_ids, params, adapter_key):
@@ -486,7 +486,7 @@ async def ours_stream(engine, prompt_ids: list[int], params, adapter_key: str | 
 
 async def ours_batch(engine, work: Workload, scenario: Scenario, *,
                      new: int | None = None) -> tuple[list[StreamRun], float]:
-    from server.sampling import SamplingParams
+    from server.engine.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=new or new_tokens(work, scenario), stop_token_ids=())
     batch, keys = prompts(work, scenario).tolist(), row_adapters(work, scenario)
@@ -517,8 +517,8 @@ async def ours_scenario(engine, work: Workload, scenario: Scenario) -> tuple[dic
 
 
 async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: bool) -> None:
-    from server.engine import Engine
-    from server.runner import ModelRunner
+    from server.engine.engine import Engine
+    from server.engine.runner import ModelRunner
 
     runner = ModelRunner(work.model, work.tokenizer, backend="transformers", max_context=work.max_context,
                          kv_slots=work.max_streams, adapter_slots=len(work.adapters),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from server.engine import FinalEvent, TokenEvent
+from server.engine.events import FinalEvent, TokenEvent
 from server.service import GenerationRequest, GenerationService, Prepared
 
 Event = TokenEvent | FinalEvent

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from server.engine import FinalEvent
+from server.engine.events import FinalEvent
 from server.service import GenerationRequest
 from server.settings import ServerSettings
 from server.state import ServerState

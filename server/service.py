@@ -11,11 +11,12 @@ from typing import AsyncIterator
 
 from contract.templates import PromptTemplate
 from server import chat
-from server.adapters import AdapterRegistry, AdapterVersion
-from server.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
-from server.errors import GenerationFailed, Invalid
+from server.adapters.registry import AdapterRegistry, AdapterVersion
+from server.engine.engine import Engine
+from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
+from server.errors import GenerationFailed, Invalid, ServeError
 from server.metrics import Metrics
-from server.sampling import SamplingParams
+from server.engine.sampling import SamplingParams
 from server.settings import ServerSettings
 
 
@@ -37,6 +38,10 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks); stop strings still apply
+    field_names: dict[str, str] = field(default_factory=dict)  # the wire format's names: errors say what clients sent
+
+    def name(self, field_name: str) -> str:
+        return self.field_names.get(field_name, field_name)
 
 
 @dataclass
@@ -66,7 +71,7 @@ class GenerationService:
 
     def prepare(self, req: GenerationRequest) -> Prepared:
         """Validate and convert; pins the adapter version until the stream from `stream` ends."""
-        adapter = self.registry.acquire(req.adapter) if req.adapter else None
+        adapter = self._acquire(req)
         try:
             prompt, add_special_tokens = self._prompt(req, adapter)
             ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
@@ -78,6 +83,15 @@ class GenerationService:
         return Prepared(prompt_ids=ids, params=params, adapter=adapter,
                         adapter_name=adapter.name if adapter else None,
                         adapter_version=adapter.version if adapter else None)
+
+    def _acquire(self, req: GenerationRequest) -> AdapterVersion | None:
+        if not req.adapter:
+            return None
+        try:
+            return self.registry.acquire(req.adapter)
+        except ServeError as exc:
+            exc.param = req.name(exc.param) if exc.param else exc.param
+            raise
 
     def stream(self, prep: Prepared) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Admit now (Overloaded raises here), then token events and the final event; the iterator
@@ -124,15 +138,16 @@ class GenerationService:
     def _prompt(self, req: GenerationRequest, adapter: AdapterVersion | None) -> tuple[str, bool]:
         """The prompt text, and whether the tokenizer should add its special tokens (BOS) to it."""
         if sum(x is not None for x in (req.inputs, req.instruction, req.messages)) > 1:
-            raise Invalid("give either 'inputs' or 'instruction' (+ 'input'), not both", param="inputs")
+            raise Invalid(f"give either '{req.name('inputs')}' or 'instruction' (+ 'input'), not both",
+                          param=req.name("inputs"))
         if req.messages is not None:
             return self._chat_prompt(req.messages, adapter)
         if req.inputs is not None:
             text = req.inputs
-            self._check_text(text, "inputs")
+            self._check_text(text, req.name("inputs"))
             return text, True
         if req.instruction is None:
-            raise Invalid("the prompt is missing: give 'inputs' or 'instruction'", param="inputs")
+            raise Invalid(f"the prompt is missing: give '{req.name('inputs')}' or 'instruction'", param=req.name("inputs"))
         self._check_text(req.instruction, "instruction")
         self._check_text(req.input, "input", allow_empty=True)
         template = adapter.template if adapter else self.base_template
@@ -164,15 +179,16 @@ class GenerationService:
         room = self.max_context - prompt_tokens
         if room < 1:
             raise Invalid(f"the prompt ({prompt_tokens} tokens) leaves no room for new tokens in the context of "
-                          f"{self.max_context} tokens", param="inputs")
+                          f"{self.max_context} tokens", param=req.name("inputs"))
         # Not given: the default, or as much as the context leaves (OpenAI's "up to the context").
+        max_name = req.name("max_new_tokens")
         max_new = req.max_new_tokens if req.max_new_tokens is not None else min(s.default_max_new_tokens, room)
         if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= s.max_new_tokens_cap:
-            raise Invalid(f"max_new_tokens must be an integer from 1 to {s.max_new_tokens_cap}", param="max_new_tokens")
+            raise Invalid(f"{max_name} must be an integer from 1 to {s.max_new_tokens_cap}", param=max_name)
         if prompt_tokens + max_new > self.max_context:
             raise Invalid(
-                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new}) exceeds the context of "
-                f"{self.max_context} tokens", param="max_new_tokens")
+                f"prompt ({prompt_tokens} tokens) + {max_name} ({max_new}) exceeds the context of "
+                f"{self.max_context} tokens", param=max_name)
         stop = self._stops(req.stop)
         _check_number(req.temperature, "temperature", low=0.0, high=100.0)
         _check_number(req.top_p, "top_p", low=0.0, high=1.0, low_open=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 from contract.fingerprint import base_fingerprint
-from server.adapter_files import base_shapes
-from server.adapters import AdapterRegistry, default_template
-from server.engine import Engine
+from server.adapters.checks import base_shapes
+from server.adapters.registry import AdapterRegistry, default_template
+from server.engine.engine import Engine
 from server.metrics import Metrics
-from server.runner import ModelRunner, load_runner
+from server.engine.runner import ModelRunner, load_runner
 from server.service import GenerationService
 from server.settings import ServerSettings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.decoder import Chunk, Step
+from server.engine.decoder import Chunk, Step
 
 
 def prompt_step(ids: list[int], *, slot: int = 0, lora_slot: int = -1) -> Step:

@@ -1,6 +1,6 @@
 """The admin hot-load's defenses (DESIGN.md "Hostile inputs and faults", 7-17, 21 and 23).
 
-Most cases are units on `server.adapter_files` with the real tiny model's shapes and fingerprint and
+Most cases are units on `server.adapters.checks` with the real tiny model's shapes and fingerprint and
 copies of a trained adapter mutated in tmp dirs; an audit hook plus a spy on safetensors prove what a
 refused load opened. One live server (module-scoped) then proves the HTTP status codes, that nothing
 gets registered and that the server stays ready; plus reloads, concurrent loads, unload during a
@@ -27,7 +27,7 @@ import torch
 
 from contract.fingerprint import base_fingerprint
 from contract.manifest import MANIFEST_FILE
-from server.adapter_files import (CONFIG_FILE, WEIGHTS_FILE, BaseShapes, base_shapes, check_adapter_dir, load_weights,
+from server.adapters.checks import (CONFIG_FILE, WEIGHTS_FILE, BaseShapes, base_shapes, check_adapter_dir, load_weights,
                                  resolve_under_root)
 from server.errors import BadRequest, ServeError
 from tests.live import ADMIN_TOKEN, LiveServer
@@ -565,9 +565,9 @@ def test_manifest_that_does_not_match_the_files(root, adapter, base):
 def test_failed_attach_leaves_no_half_attached_adapter(tiny_model_dir, root, adapter, base, monkeypatch):
     """An out-of-memory half-way through laying out the device adapter slots (the first adapter, or one
     of a larger rank than those loaded) leaves the runner serving exactly as before, and a retry loads."""
-    import server.lora_slots as lora_slots
-    from server.adapter_files import lora_config
-    from server.runner import load_runner
+    import server.engine.lora_slots as lora_slots
+    from server.adapters.checks import lora_config
+    from server.engine.runner import load_runner
     from tests.steps import prompt_logits
 
     runner = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False)
@@ -620,8 +620,8 @@ def widened(config, weights: dict, *, extra: int):
 
 def test_base_rows_stay_base_after_the_first_hot_load(tiny_model_dir, root, adapter, base):
     """A server that ran base-model rows, then hot-loads its first adapter: base rows must not get it."""
-    from server.adapter_files import lora_config
-    from server.runner import load_runner
+    from server.adapters.checks import lora_config
+    from server.engine.runner import load_runner
     from tests.steps import prompt_logits
 
     runner = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False)
@@ -638,7 +638,7 @@ def test_base_rows_stay_base_after_the_first_hot_load(tiny_model_dir, root, adap
 
 def test_registry_keeps_the_old_version_when_attach_fails(root, adapter, base, trained_adapters):
     from contract.templates import BUILTIN
-    from server.adapters import AdapterRegistry
+    from server.adapters.registry import AdapterRegistry
 
     copy_adapter(trained_adapters.zh, root / "b")
     attached, detached = [], []
@@ -986,8 +986,8 @@ def test_lora_on_a_module_the_engine_does_not_serve_is_400(tiny_model_dir, root,
     but the engine applies LoRA to the seven projections only: the load is a clear 400, never a 500
     and never served without its lm_head part."""
     from contract.templates import BUILTIN
-    from server.adapters import AdapterRegistry
-    from server.runner import load_runner
+    from server.adapters.registry import AdapterRegistry
+    from server.engine.runner import load_runner
 
     runner = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False)
     d = copy_adapter(adapter, root / "with-head", manifest=False)
@@ -1016,7 +1016,7 @@ def test_a_failed_detach_is_retried_by_the_next_collect(root, adapter, base):
     """The unload succeeds for its caller (nothing reaches the adapter any more); a detach that fails is
     logged and retried by the next collect, and does not hold back the others retired beside it."""
     from contract.templates import BUILTIN
-    from server.adapters import AdapterRegistry
+    from server.adapters.registry import AdapterRegistry
 
     detached, failures = [], {"left": 1}
 
@@ -1054,7 +1054,7 @@ def test_a_load_cancelled_while_its_attach_runs_leaves_nothing_attached(root, ad
     """The worker runs a queued attach even when the load awaiting it is cancelled (shutdown, a client
     gone): that attachment is never published, so it must be detached, not left holding memory."""
     from contract.templates import BUILTIN
-    from server.adapters import AdapterRegistry
+    from server.adapters.registry import AdapterRegistry
 
     attached, detached = [], []
 

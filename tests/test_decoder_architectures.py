@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.decoder import Chunk, Step
-from server.runner import ModelRunner
+from server.engine.decoder import Chunk, Step
+from server.engine.runner import ModelRunner
 from tests.steps import prompt_step
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
+from server.engine.engine import Engine
+from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
 from server.errors import Overloaded, Unavailable
-from server.sampling import SamplingParams
+from server.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -382,7 +383,7 @@ def test_kernel_launches_do_not_grow_with_distinct_adapters(state):
     pass whose rows all use one adapter (no per-adapter loop)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from server.decoder import Step
+    from server.engine.decoder import Step
     from tests.steps import prompt_step
 
     class CountOps(TorchDispatchMode):
@@ -487,7 +488,7 @@ def test_a_request_waiting_for_an_adapter_slot_is_not_starved_by_resident_adapte
 
 
 def test_an_unexpected_error_fails_the_running_requests_and_the_engine_goes_on(state, monkeypatch):
-    import server.engine as engine_module
+    import server.engine.engine as engine_module
 
     real = engine_module.choose_tokens
     calls = {"n": 0}
@@ -631,7 +632,7 @@ def test_unsloth_is_never_asked_for_more_context_than_the_model_has(tiny_model_d
     and adapters trained on the base no longer match its fingerprint. The cap must come before loading."""
     from transformers import AutoConfig
 
-    import server.runner as runner_module
+    import server.engine.runner as runner_module
 
     asked = {}
 

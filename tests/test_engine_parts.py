@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.kv_cache import SlotKVCache
-from server.lora_slots import LoraSlots
-from server.step_plan import plan_step
+from server.engine.kv_cache import SlotKVCache
+from server.engine.lora_slots import LoraSlots
+from server.engine.step_plan import plan_step
 
 CPU = torch.device("cpu")
 

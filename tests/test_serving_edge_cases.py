@@ -81,7 +81,7 @@ class Call:
 
 async def _tokens(events, count: int) -> None:
     """Read `count` more token events of a running stream (the test's clock: one per engine step)."""
-    from server.engine import TokenEvent
+    from server.engine.events import TokenEvent
 
     for _ in range(count):
         event = await anext(events)

@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from loraserve import __version__
-from server.api import routes_admin, routes_generate, routes_openai, routes_ops, routes_playground
-from server.api.errors import install_error_handlers
+from server.api import admin, ops, playground
+from server.api.handlers import install_error_handlers
+from server.api.openai import routes as openai_routes
+from server.api.tgi import routes as tgi_routes
 from server.api.limits import BodyLimitMiddleware
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -25,12 +27,12 @@ def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
                   description="Serve many LoRA adapters on one base model: TGI/LoRAX-compatible generation, "
                               "SSE streaming, and an admin API that hot-loads adapters.")
     app.state.loraserve = state
-    app.include_router(routes_ops.router)
-    app.include_router(routes_generate.router)
-    app.include_router(routes_admin.public)
-    app.include_router(routes_admin.admin)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_playground.router)
+    app.include_router(ops.router)
+    app.include_router(tgi_routes.router)
+    app.include_router(admin.public)
+    app.include_router(admin.admin)
+    app.include_router(openai_routes.router)
+    app.include_router(playground.router)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, state=state)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

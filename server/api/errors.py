@@ -1,51 +1,65 @@
-"""Exceptions → HTTP responses, in one place. Native routes answer TGI's error shape."""
+"""Any exception a route can raise → one ServeError, whatever wire format answers it.
+
+The shapes live with their wire formats (`tgi/errors.py`, `openai/errors.py`); this module is what
+both use, and imports neither.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import ServeError
+from server.errors import Invalid, ServeError
 
 log = logging.getLogger("loraserve.api")
 
 
-def error_body(message: str, error_type: str, param: str | None = None) -> dict:
-    return {"error": message, "error_type": error_type, "param": param}
+def as_serve_error(exc: Exception) -> ServeError:
+    """Ours as is; request validation → Invalid naming the field; routing (404, 405) with its status;
+    anything else → a logged internal error that shows the client nothing of the server."""
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return BadBody(describe_validation(exc), loc=_field_path(exc))
+    if isinstance(exc, StarletteHTTPException):
+        error = ServeError(str(exc.detail), headers=dict(exc.headers or {}))
+        error.status, error.code = exc.status_code, "http"
+        return error
+    log.error("unhandled error", exc_info=exc)
+    error = ServeError("internal error")
+    error.code = "internal"
+    return error
 
 
-def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+class BadBody(Invalid):
+    """The body failed its schema. `loc` is pydantic's path to the first problem (body prefix dropped)."""
+
+    code = "validation"
+
+    def __init__(self, message: str, *, loc: tuple) -> None:
+        super().__init__(message, param=_last(loc))
+        self.loc = loc
+
+    @property
+    def top_field(self) -> str | None:
+        """The request's own field at fault (`prompt`, not a union's branch `prompt.list[str].0`)."""
+        names = [part for part in self.loc if isinstance(part, str)]  # ints: JSON offsets, list items
+        return names[0] if names else None
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    """`where: what`, from the first problem pydantic found (`parameters.top_p: ...`)."""
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    param = loc[-1] if loc else None
-    where = ".".join(loc) or "body"
-    return f"{where}: {first.get('msg', 'invalid request')}", param
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return f"{where}: {first.get('msg', 'invalid request')}"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.code, exc.param), status_code=exc.status, headers=exc.headers)
+def _field_path(exc: RequestValidationError) -> tuple:
+    first = exc.errors()[0] if exc.errors() else {}
+    return tuple(part for part in first.get("loc", ()) if part != "body")
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation(exc)
-        return JSONResponse(error_body(message, "validation", param), status_code=422)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if request.url.path.startswith("/v1/"):  # no /v1 route matched (404, 405): still OpenAI's error shape
-            # (imported here: openai_errors imports this module)
-            from server.api.openai_errors import openai_error_response
-
-            return openai_error_response(exc)
-        return JSONResponse(error_body(str(exc.detail), "http"), status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body("internal error", "internal"), status_code=500)
+def _last(loc: tuple) -> str | None:
+    return str(loc[-1]) if loc else None

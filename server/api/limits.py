@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from server.api.errors import error_body
-from server.api.openai_errors import openai_error_body
+from server.api.openai import errors as openai_errors
+from server.api.tgi import errors as tgi_errors
 from server.errors import PayloadTooLarge
 
 
@@ -50,11 +50,8 @@ class BodyLimitMiddleware:
 
     async def _reject(self, send, scope) -> None:
         error = PayloadTooLarge(f"request body over {self.max_bytes} bytes")
-        if scope.get("path", "").startswith("/v1/"):  # OpenAI's SDKs read error.message
-            shaped = openai_error_body(error)
-        else:
-            shaped = error_body(error.message, error.code)
-        body = json.dumps(shaped).encode()
+        shape = openai_errors if scope.get("path", "").startswith("/v1/") else tgi_errors  # OpenAI's SDKs read error.message
+        body = json.dumps(shape.error_body(error)).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

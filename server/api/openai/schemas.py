@@ -79,6 +79,10 @@ class _OpenAIRequest(BaseModel):
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
+    def field_names(self) -> dict[str, str]:
+        """What this request calls the service's fields, so that errors name what the client sent."""
+        return {"inputs": "prompt", "max_new_tokens": "max_tokens", "adapter_id": "model"}
+
     def generations(self, *, adapter: str | None, **prompt) -> list[GenerationRequest]:
         """One request per choice; the service validates every value."""
         temperature = 1.0 if self.temperature is None else self.temperature  # OpenAI's default samples
@@ -87,6 +91,7 @@ class _OpenAIRequest(BaseModel):
             **prompt, adapter=adapter, max_new_tokens=self.max_new_tokens(), do_sample=temperature > 0,
             temperature=temperature, top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
             seed=None if self.seed is None else (self.seed + i) % (SEED_MAX + 1), stop=stop, ignore_eos=self.ignore_eos,
+            field_names=self.field_names(),
         ) for i in range(self.choices)]
 
 
@@ -130,6 +135,10 @@ class ChatCompletionRequest(_OpenAIRequest):
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def field_names(self) -> dict[str, str]:
+        tokens = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return super().field_names() | {"inputs": "messages", "max_new_tokens": tokens}
 
     def chat_messages(self) -> list[ChatMessage]:
         return parse_messages([m.model_dump() for m in self.messages])

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from server.decoder import Decoder, Step
+from server.engine.decoder import Decoder, Step
 
 log = logging.getLogger("loraserve.cuda_graphs")
 

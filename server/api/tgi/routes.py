@@ -12,9 +12,9 @@ from sse_starlette import EventSourceResponse
 
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
-from server.api.errors import error_body
-from server.api.schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
-from server.engine import FinalEvent, TokenEvent
+from server.api.tgi.errors import error_body
+from server.api.tgi.schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
+from server.engine.events import FinalEvent, TokenEvent
 from server.errors import Invalid, ServeError
 from server.service import Prepared
 
@@ -79,7 +79,7 @@ async def _sse(prep: Prepared, first: TokenEvent, events: AsyncIterator) -> Asyn
         yield {"data": _stream_chunk(prep, token, final=final)}
         _log(prep, final, started, route="/generate_stream")
     except ServeError as exc:  # after the first byte, errors travel in-band, then the stream ends
-        yield {"data": json.dumps(error_body(exc.message, exc.code))}
+        yield {"data": json.dumps(error_body(exc))}
     finally:
         await events.aclose()
 

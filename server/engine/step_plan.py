@@ -17,7 +17,7 @@ from itertools import accumulate
 
 import torch
 
-from server.decoder import Chunk, Step
+from server.engine.decoder import Chunk, Step
 
 
 @dataclass

@@ -24,72 +24,14 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from server.detokenize import Detokenizer, StopMatcher
 from server.errors import Overloaded, Unavailable
-from server.runner import ModelRunner
-from server.sampling import SamplingParams, choose_tokens, make_generator
-from server.step_plan import StepPlan, plan_step
+from server.engine.runner import ModelRunner
+from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
+from server.engine.sampling import SamplingParams, choose_tokens
+from server.engine.sequence import Sequence
+from server.engine.step_plan import StepPlan, plan_step
 
 log = logging.getLogger("loraserve.engine")
-
-
-@dataclass
-class TokenEvent:
-    id: int
-    text: str  # text released by this token; may be "" while held back (UTF-8 or stop string)
-    logprob: float
-    special: bool
-    last: bool = False  # the FinalEvent follows at once: streams can close without waiting a step
-
-
-@dataclass
-class FinalEvent:
-    generated_text: str
-    finish_reason: str  # "eos_token" | "stop_sequence" | "length"
-    generated_tokens: int
-    prompt_tokens: int
-    seed: int | None
-    tokens: list[TokenEvent]
-    first_token_seconds: float
-    total_seconds: float
-
-
-@dataclass
-class ErrorEvent:
-    message: str
-
-
-class Sequence:
-    """One request inside the engine. Written by the worker; `cancel` may be called from anywhere."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None, tokenizer,
-                 listener: tuple[asyncio.AbstractEventLoop, asyncio.Queue]):
-        self.id = next(self._ids)
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.adapter_key = adapter_key
-        self.listener = listener  # the caller's event loop and the queue its events go to
-        self.cancelled = threading.Event()
-        self.generator = make_generator(params)
-        self.detok = Detokenizer(tokenizer)
-        self.stops = StopMatcher(params.stop)
-        self.generated: list[int] = []
-        self.tokens: list[TokenEvent] = []
-        self.finish_reason: str | None = None
-        self.enqueued = time.monotonic()
-        self.first_token_at: float | None = None
-        self.slot: int | None = None  # KV slot while running
-        self.lora_slot = -1  # device adapter slot while running; -1 for the base model
-        self.cached = 0  # positions of this sequence written to its KV slot
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass
@@ -361,27 +303,8 @@ class Engine:
                 self._accept(seq, *choice)
 
     def _accept(self, seq: Sequence, token: int, logprob: float) -> None:
-        if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
-        seq.generated.append(token)
+        event, reason = seq.accept(token, logprob)
         self.stats.generated_tokens += 1
-        is_eos = token in seq.params.stop_token_ids
-        text = "" if is_eos else seq.stops.feed(seq.detok.push(token))
-        if is_eos:
-            reason = "eos_token"
-        elif seq.stops.stopped:
-            reason = "stop_sequence"
-        elif len(seq.generated) >= seq.params.max_new_tokens:
-            reason = "length"
-        else:
-            reason = None
-        if reason:
-            if not seq.stops.stopped:  # complete characters the detokenizer held behind an incomplete one
-                text += seq.stops.feed(seq.detok.flush())
-                reason = "stop_sequence" if seq.stops.stopped else reason
-            text += seq.stops.flush()
-        event = TokenEvent(id=token, text=text, logprob=logprob, special=is_eos, last=reason is not None)
-        seq.tokens.append(event)
         self._emit(seq, event)
         if reason:
             self._finish(seq, reason)

@@ -5,10 +5,30 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.deps import ReadyState, require_admin, require_api_key
-from server.api.schemas import AdapterInfo, LoadAdapterRequest
 from server.errors import ServeError
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1, max_length=512, description="Directory relative to the server's adapter root.")
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    version: str
+    base_model: str
+    rank: int
+    template: str
+    path: str
+    loaded_at: float
+    load_seconds: float
+    training: dict | None = None
+
+
 
 public = APIRouter(dependencies=[Depends(require_api_key)], tags=["adapters"])
 admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])

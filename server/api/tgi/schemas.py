@@ -1,4 +1,4 @@
-"""Wire formats of the native API (TGI / LoRAX compatible) and the admin API.
+"""Wire formats of the native API (TGI / LoRAX compatible).
 
 Request models convert themselves into the service's GenerationRequest. Clients such as
 huggingface_hub's InferenceClient send every TGI parameter, mostly null; those we do not implement
@@ -124,25 +124,6 @@ class StreamResponse(BaseModel):
     generated_text: str | None = None
     details: StreamDetails | None = None
     top_tokens: list | None = None
-
-
-class LoadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=64)
-    path: str = Field(min_length=1, max_length=512, description="Directory relative to the server's adapter root.")
-
-
-class AdapterInfo(BaseModel):
-    name: str
-    version: str
-    base_model: str
-    rank: int
-    template: str
-    path: str
-    loaded_at: float
-    load_seconds: float
-    training: dict | None = None
 
 
 class ErrorBody(BaseModel):

@@ -2,7 +2,7 @@
 
 `model` names a loaded adapter, or the base model by its id. Generation goes through the same service
 as the native API, one request per choice (server.choices); only the wire format differs here.
-Errors take OpenAI's shape (server.api.openai_errors); API keys are the native routes' keys.
+Errors take OpenAI's shape (server.api.openai.errors); API keys are the native routes' keys.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from sse_starlette import EventSourceResponse
 
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
-from server.api.openai_errors import OPENAI_PARAMS, OpenAIRoute, as_serve_error, openai_error_body
-from server.api.openai_format import ChatFormatter, CompletionFormatter
-from server.api.openai_schemas import (
+from server.api.errors import as_serve_error
+from server.api.openai.errors import OpenAIRoute, error_body
+from server.api.openai.format import ChatFormatter, CompletionFormatter
+from server.api.openai.schemas import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelCard, ModelList,
 )
 from server.choices import Choices
-from server.engine import FinalEvent
+from server.engine.events import FinalEvent
 from server.errors import NotFound
 from server.service import GenerationRequest
 
@@ -59,9 +60,6 @@ async def completions(body: CompletionRequest, state: ReadyState, request: Reque
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED,
              summary="Answer a conversation (rendered with the model's template)")
 async def chat_completions(body: ChatCompletionRequest, state: ReadyState, request: Request):
-    # Errors name the fields this client sent (OpenAIRoute reads these).
-    tokens = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    request.state.openai_params = OPENAI_PARAMS | {"inputs": "messages", "max_new_tokens": tokens}
     body.check()
     requests = body.generations(adapter=_adapter_for(state, body.model), messages=body.chat_messages())
     formatter = ChatFormatter(body.model, logprobs=bool(body.logprobs))
@@ -116,7 +114,7 @@ async def _sse(formatter: Formatter, choices: Choices, *, include_usage: bool, r
         yield {"data": "[DONE]"}
         _log(route, choices.preps[0].adapter_name, finals, started)
     except Exception as exc:  # after the first byte, errors travel in-band, then the stream ends
-        yield {"data": json.dumps(openai_error_body(as_serve_error(exc)))}
+        yield {"data": json.dumps(error_body(as_serve_error(exc)))}
     finally:
         await choices.close()
 

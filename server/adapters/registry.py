@@ -21,7 +21,7 @@ from typing import Callable
 from contract.manifest import AdapterManifest
 from contract.names import ADAPTER_NAME, ADAPTER_NAME_RULE
 from contract.templates import BUILTIN, PromptTemplate, TemplateError
-from server.adapter_files import BaseShapes, CheckedAdapter, check_adapter_dir, load_weights, lora_config, resolve_under_root
+from server.adapters.checks import BaseShapes, CheckedAdapter, check_adapter_dir, load_weights, lora_config, resolve_under_root
 from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, ServeError
 
 log = logging.getLogger("loraserve.adapters")

@@ -17,10 +17,10 @@ import logging
 import torch
 
 from contract.base_config import position_limit
-from server.cuda_graphs import DecodeGraphs
-from server.decoder import Decoder, Step, check_architecture, projection_shapes
-from server.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
-from server.lora_slots import LoraSlots
+from server.engine.cuda_graphs import DecodeGraphs
+from server.engine.decoder import Decoder, Step, check_architecture, projection_shapes
+from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
+from server.engine.lora_slots import LoraSlots
 
 log = logging.getLogger("loraserve.runner")
 

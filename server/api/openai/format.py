@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 import uuid
 
-from server.api.openai_schemas import (
+from server.api.openai.schemas import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Completion,
     CompletionChoice, CompletionLogprobs, Delta, TokenLogprob, Usage,
 )
-from server.engine import FinalEvent, TokenEvent
+from server.engine.events import FinalEvent, TokenEvent
 
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 

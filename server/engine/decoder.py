@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server.kv_cache import SlotKVCache
-from server.lora_slots import PROJECTIONS, LoraSlots
+from server.engine.kv_cache import SlotKVCache
+from server.engine.lora_slots import PROJECTIONS, LoraSlots
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
