@@ -130,7 +130,8 @@ def test_an_overflow_in_one_adapter_never_reaches_another_adapters_row():
 
 def seq(slot: int, prompt: int, *, cached: int = 0, generated: int = 0, lora_slot: int = -1):
     return SimpleNamespace(slot=slot, prompt_ids=list(range(100, 100 + prompt)), cached=cached,
-                           generated=[7] * generated, lora_slot=lora_slot)
+                           generated=[7] * generated, lora_slot=lora_slot, in_flight=0,
+                           params=SimpleNamespace(max_new_tokens=1000))
 
 
 def test_prompt_chunks_are_cut_at_fixed_multiples_whatever_else_runs():
@@ -156,7 +157,7 @@ def test_decode_rows_cover_every_slot_and_prefilling_ones_ride_along():
     plan = plan_step([running, joining], [joining], cache=cache, chunk_tokens=16, device=CPU)
     step = plan.step
     assert step.decode_rows == 2 and plan.decoding == [running] and plan.sampled == [running]
-    assert step.ids[:2].tolist() == [7, 0]
+    assert step.ids[:2].tolist() == [0, 0]  # placeholders: decode rows read their token from cache.last_token
     assert step.write_slots[:2].tolist() == [0, 1]
     assert step.write_positions[:2].tolist() == [6, cache.scratch]  # the rider writes only to scratch
     assert step.decode_lengths.tolist() == [7, 1] and step.decode_span == 7

@@ -53,7 +53,7 @@ class DecodeGraphs:
 
     def forward(self, step: Step) -> torch.Tensor | None:
         """The step's logits [R, V] by graph replay; None when this step must run eagerly."""
-        if not self.enabled or step.chunks or not step.decode_rows or step.logit_rows.numel() != step.decode_rows:
+        if not self.enabled or step.chunks or not step.decode_rows:
             return None
         key = (_bucket(step.decode_rows, self.max_rows), min(_round_up(step.decode_span, SPAN_BUCKET), self.max_span))
         try:
@@ -103,7 +103,8 @@ class DecodeGraphs:
             if n < rows:
                 buffer[n:].copy_(entry.padding[name][n:])
         entry.graph.replay()
-        return entry.logits[:n]
+        # Rows riding along (no token wanted) are computed anyway; keep the wanted ones.
+        return entry.logits[:n] if step.logit_rows.numel() == n else entry.logits[step.logit_rows]
 
     def _check(self, entry: _Graph, step: Step, logits: torch.Tensor) -> None:
         eager = self.decoder.forward(replace(step, any_adapter=entry.inputs.any_adapter))

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.kv_cache import SlotKVCache
-from server.engine.lora_slots import PROJECTIONS, LoraSlots
+from contract.lora import PROJECTIONS
+from server.engine.lora_slots import LoraSlots
+from server.engine.projections import layer_projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -65,6 +67,7 @@ class Decoder:
         config = model.config
         self.cache, self.lora = cache, lora
         self.layers = list(model.model.layers)
+        self.projections = [layer_projections(layer) for layer in self.layers]  # fuses q/k/v and gate/up
         self.norm = model.model.norm
         self.embed = model.get_input_embeddings()
         self.head = model.get_output_embeddings()
@@ -77,7 +80,7 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step, writing its keys and values into the cache; logits [R, V] float32."""
-        x = self.embed(step.ids)  # [T, H]
+        x = self.embed(self._input_ids(step))  # [T, H]
         cos, sin = self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1)  # [T, 1, D]
         lora_mask = self.lora.row_mask(step.lora_slots) if step.any_adapter else None  # [T, slots * R]
         masks = self._attention_masks(step)  # the same for every layer: built once
@@ -86,25 +89,32 @@ class Decoder:
         last = rms_norm(x[step.logit_rows], self.norm)  # [R, H]
         return self.head(last).float()  # [R, V]
 
+    def _input_ids(self, step: Step) -> torch.Tensor:
+        """[T]: decode row i's token is the one slot i drew last (kept on the device); then the chunks' ids."""
+        n = step.decode_rows
+        if not n:
+            return step.ids
+        drawn = self.cache.last_token[:n]
+        return drawn if n == step.ids.shape[0] else torch.cat([drawn, step.ids[n:]])
+
     def _layer(self, index: int, layer, x: torch.Tensor, step: Step, *, rope, lora_mask, attn_masks) -> torch.Tensor:
-        attn, mlp = layer.self_attn, layer.mlp
         h = rms_norm(x, layer.input_layernorm)
-        q = self._proj(index, "q_proj", attn.q_proj, h, lora_mask).view(-1, self.heads, self.head_dim)  # [T, Hq, D]
-        k = self._proj(index, "k_proj", attn.k_proj, h, lora_mask).view(-1, self.kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self._proj(index, "v_proj", attn.v_proj, h, lora_mask).view(-1, self.kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self._proj(index, "qkv", h, lora_mask)  # [T, (Hq + 2 Hkv) * D]
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qk = apply_rope(qkv[:, :q_width + kv_width].view(-1, self.heads + self.kv_heads, self.head_dim), *rope)
+        q, k = qk[:, :self.heads], qk[:, self.heads:]  # [T, Hq, D], [T, Hkv, D]
+        v = qkv[:, q_width + kv_width:].view(-1, self.kv_heads, self.head_dim)
         K, V = self.cache.K[index], self.cache.V[index]
         K[step.write_slots, :, step.write_positions] = k
         V[step.write_slots, :, step.write_positions] = v
         o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
-        x = x + self._proj(index, "o_proj", attn.o_proj, o, lora_mask)
+        x = x + self._proj(index, "o_proj", o, lora_mask)
         h = rms_norm(x, layer.post_attention_layernorm)
-        gate = self._proj(index, "gate_proj", mlp.gate_proj, h, lora_mask)
-        up = self._proj(index, "up_proj", mlp.up_proj, h, lora_mask)
-        return x + self._proj(index, "down_proj", mlp.down_proj, mlp.act_fn(gate) * up, lora_mask)
+        gate, up = self._proj(index, "gate_up", h, lora_mask).chunk(2, dim=-1)
+        return x + self._proj(index, "down_proj", layer.mlp.act_fn(gate) * up, lora_mask)
 
-    def _proj(self, index: int, name: str, module, x: torch.Tensor, lora_mask) -> torch.Tensor:
-        return self.lora.apply(index, name, x, module(x), lora_mask)
+    def _proj(self, index: int, group: str, x: torch.Tensor, lora_mask) -> torch.Tensor:
+        return self.lora.apply(index, group, x, self.projections[index][group](x), lora_mask)
 
     def _attention_masks(self, step: Step) -> list[torch.Tensor]:
         """Boolean masks (True = attend): the decode rows' [n, 1, 1, span], then each chunk's causal

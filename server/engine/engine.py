@@ -27,7 +27,7 @@ import torch
 from server.errors import Overloaded, Unavailable
 from server.engine.runner import ModelRunner
 from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
-from server.engine.sampling import SamplingParams, choose_tokens
+from server.engine.sampling import PendingChoices, SamplingParams, choose_tokens
 from server.engine.sequence import Sequence
 from server.engine.step_plan import StepPlan, plan_step
 
@@ -65,6 +65,7 @@ class Engine:
         self._abort_message: str | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events of this iteration, by listener loop
         self._failed_steps = 0  # consecutive forward passes that raised
+        self._in_flight: InFlight | None = None  # the step launched last, whose tokens are not read yet
 
     # -- asyncio side ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,6 +140,7 @@ class Engine:
                 self._iterate()
             except Exception:  # a bug must cost the running requests, never the thread (everyone would hang)
                 log.exception("engine iteration failed; failing the running requests")
+                self._in_flight = None
                 _release_cuda_memory()
                 for seq in list(self._slots):
                     self._fail(seq, "generation failed: internal error (see the server log)")
@@ -153,6 +155,8 @@ class Engine:
         self._fail_jobs(Unavailable("server is shutting down"))
 
     def _iterate(self) -> None:
+        """One turn: settle jobs and arrivals, launch the next step, then read the tokens of the step
+        before it while the device runs the new one (the host's work hides behind the device's)."""
         if self._abort_message:
             self._take_inbox()
             self._fail_all(self._abort_message)
@@ -160,14 +164,22 @@ class Engine:
         self._take_inbox()
         self._drop_cancelled()
         self._start_waiting()
+        if self._in_flight is not None and any(_needs_its_tokens(seq) for seq in self._slots):
+            self._read(self._finish_in_flight())
         plan = plan_step(self._slots, self._prefilling, cache=self.runner.cache,
                          chunk_tokens=self.prefill_chunk_tokens, device=self.runner.device)
-        if plan is None:
+        launched = self._launch(plan) if plan is not None else None
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._read(previous)
+        elif launched is None:
             self._flush_events()
             self._wake.wait(timeout=0.5)
             self._wake.clear()
-            return
-        self._run_step(plan)
+
+    def _finish_in_flight(self) -> InFlight:
+        previous, self._in_flight = self._in_flight, None
+        return previous
 
     def _fail_jobs(self, error: Exception) -> None:
         while True:
@@ -262,13 +274,16 @@ class Engine:
         self.stats.waiting = len(self._waiting)
         self.stats.running = len(self._slots)
 
-    def _run_step(self, plan: StepPlan) -> None:
+    def _launch(self, plan: StepPlan) -> InFlight | None:
+        """Queue the step's forward pass and token choice on the device; None when the pass failed."""
         try:
             logits = self.runner.forward(plan.step)  # [R, V]
         except Exception as exc:  # OOM or a kernel error: fail who is most likely the cause, keep serving
             self._step_failed(plan, exc)
-            return
+            return None
         self._failed_steps = 0
+        choices = choose_tokens(logits, plan.sampled)
+        self.runner.cache.last_token.index_copy_(0, plan.sampled_slots, choices.tokens)  # the next step's input
         self.stats.steps += 1
         for seq in plan.decoding:
             seq.cached += 1
@@ -278,7 +293,9 @@ class Engine:
         for seq in plan.prefilling:
             if seq.cached == len(seq.prompt_ids):
                 self._prefilling.remove(seq)
-        self._sample(plan.sampled, logits)
+        for seq in plan.sampled:
+            seq.in_flight += 1
+        return InFlight(plan.sampled, choices)
 
     def _step_failed(self, plan: StepPlan, exc: Exception) -> None:
         """A failed step wrote nothing it would not write again, so decoding rows can retry it. When
@@ -293,8 +310,11 @@ class Engine:
         for seq in blamed:
             self._fail(seq, message)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        for seq, choice in zip(seqs, choose_tokens(logits, seqs)):
+    def _read(self, step: InFlight) -> None:
+        """The tokens of a launched step: each goes to its sequence, unless that one ended meanwhile."""
+        for seq, choice in zip(step.sampled, step.choices.result()):
+            if seq.done:  # finished, failed or cancelled while this step ran: its token is dropped
+                continue
             if seq.cancelled.is_set():
                 self._finish(seq, "cancelled")
             elif choice is None:  # a NaN/inf row fails alone, not the batch
@@ -318,7 +338,7 @@ class Engine:
             now = time.monotonic()
             self._emit(seq, FinalEvent(
                 generated_text=seq.stops.text, finish_reason=reason, generated_tokens=len(seq.generated),
-                prompt_tokens=len(seq.prompt_ids), seed=seq.params.seed, tokens=seq.tokens,
+                prompt_tokens=len(seq.prompt_ids), seed=seq.seed, tokens=seq.tokens,
                 first_token_seconds=(seq.first_token_at or now) - seq.enqueued, total_seconds=now - seq.enqueued,
             ))
 
@@ -354,6 +374,18 @@ class Engine:
         for seq in self._waiting + list(self._slots):
             self._fail(seq, message)
         self._waiting.clear()
+
+
+@dataclass
+class InFlight:
+    sampled: list[Sequence]  # in logit-row order
+    choices: PendingChoices
+
+
+def _needs_its_tokens(seq: Sequence) -> bool:
+    """The repetition penalty reads every id drawn so far on the host: such a row cannot be planned
+    while its last token is still on the device."""
+    return seq.in_flight > 0 and seq.params.repetition_penalty != 1.0
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -23,6 +23,9 @@ class SlotKVCache:
         shape = (slots, kv_heads, max_len + 1, head_dim)
         self.K = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.V = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        # The token each slot's sequence drew last, written by the sampler on the device and read as
+        # the next decode step's input: the host need not know it before launching that step.
+        self.last_token = torch.zeros(slots, dtype=torch.long, device=device)
         self.slots, self.max_len = slots, max_len
         self.scratch = max_len  # the write position of rows without a token in this step
         self.used = 0
@@ -46,6 +49,7 @@ class SlotKVCache:
             return None
         for cache in (*self.K, *self.V):
             cache[slot, :, :top_length].copy_(cache[top, :, :top_length])
+        self.last_token[slot] = self.last_token[top]
         return top
 
 

@@ -1,20 +1,23 @@
 """LoRA weights for a batch that mixes adapters row by row, in a fixed number of device slots.
 
 Every loaded adapter keeps a host copy (the "CPU tier"); at most `slots` of them are resident on the
-device at once. Each projection p of each layer holds all slots side by side:
+device at once. Projections that read the same input form a group (q/k/v, gate/up: the decoder's
+fused projections); each group g of each layer holds all slots of all its projections side by side:
 
-    A[p]: [in, slots * R]     slot s owns columns s*R ... s*R + rank_s (the rest zero)
-    B[p]: [slots * R, out]    the matching rows, pre-multiplied by the adapter's scaling
+    A[g]: [in, P * slots * R]          projection i, slot s owns columns (i * slots + s) * R ... + rank_s
+    B[g]: [P * slots * R, sum(out)]    block diagonal: projection i's rows feed only its output columns,
+                                       pre-multiplied by the adapter's scaling
 
-so a batch whose row i runs adapter slot[i] gets its LoRA term from two matmuls and a mask,
+so a batch whose row t runs adapter slot[t] gets the LoRA terms of a whole group from two matmuls and
+a mask,
 
-    delta = where(mask, x @ A[p], 0) @ B[p]      mask[i, c] = (c // R == slot[i])
+    delta = where(mask, x @ A[g], 0) @ B[g]      mask[t, c] = ((c mod slots*R) // R == slot[t])
 
-whatever the mix of adapters: the number of kernel launches does not grow with the number of
-distinct adapters in the batch. R grows to the largest rank attached (buffers re-laid out once).
-Zeroed columns contribute exact zeros, so a row's result does not depend on its neighbours; `where`
-rather than a multiply, so that even an overflow in another adapter's columns (inf * 0 = NaN) stays
-out of a row. Non-finite weights are refused at load.
+whatever the mix of adapters: the number of kernel launches grows neither with the number of
+distinct adapters in the batch nor with the projections of a group. R grows to the largest rank
+attached (buffers re-laid out once). Zeroed columns and blocks contribute exact zeros, so a row's
+result does not depend on its neighbours; `where` rather than a multiply, so that even an overflow
+in another adapter's columns (inf * 0 = NaN) stays out of a row. Non-finite weights are refused at load.
 
 A resident adapter that no running sequence uses may be evicted (least recently used first) when
 another needs its slot; its host copy stays, so it comes back with one copy. This module knows
@@ -42,8 +45,14 @@ class HostAdapter:
 
 
 class LoraSlots:
-    def __init__(self, shapes: dict[tuple[int, str], tuple[int, int]], *, slots: int, device, dtype) -> None:
+    def __init__(self, shapes: dict[tuple[int, str], tuple[int, int]], *, slots: int, device, dtype,
+                 groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None) -> None:
         self.shapes = shapes  # (layer, projection) → (in_features, out_features)
+        names = sorted({proj for _, proj in shapes}, key=PROJECTIONS.index)
+        # group name → its projections, in output order; by default each projection alone, named after it
+        self.groups = dict(groups) if groups is not None else {name: (name,) for name in names}
+        self.group_of = {proj: (group, i) for group, projs in self.groups.items() for i, proj in enumerate(projs)}
+        self.layers = sorted({layer for layer, _ in shapes})
         self.slots = slots
         self.device, self.dtype = device, dtype
         self.rank = 0  # R: the column width of one slot; 0 until an adapter is attached
@@ -93,19 +102,22 @@ class LoraSlots:
         if not self.pins[key]:
             del self.pins[key]
 
-    def row_mask(self, row_slots: torch.Tensor) -> torch.Tensor | None:
-        """[T] slot per row (-1: no adapter) → [T, slots * R] bool, True on the row's own slot's columns;
-        None when no adapter is attached. (Callers skip it when no row has an adapter.)"""
+    def row_mask(self, row_slots: torch.Tensor) -> dict[int, torch.Tensor] | None:
+        """[T] slot per row (-1: no adapter) → for each group width P, [T, P * slots * R] bool, True on
+        the row's own slot's columns; None when no adapter is attached. (Callers skip it when no row
+        has an adapter.) Built once per step: every layer uses the same masks."""
         if self.rank == 0:
             return None
-        return self._column_slots[None, :] == row_slots[:, None]
+        own = self._column_slots[None, :] == row_slots[:, None]  # [T, slots * R]
+        return {width: own.repeat(1, width) for width in {len(projs) for projs in self.groups.values()}}
 
-    def apply(self, layer: int, proj: str, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """out + the LoRA term of projection `proj` for every row of x [T, in]; out is [T, out]."""
-        if mask is None:
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor,
+              masks: dict[int, torch.Tensor] | None) -> torch.Tensor:
+        """out + the LoRA terms of `group`'s projections for every row of x [T, in]; out is [T, sum(out)]."""
+        if masks is None:
             return out
-        hidden = torch.where(mask, x @ self.A[(layer, proj)], 0.0)  # [T, slots * R]
-        return torch.addmm(out, hidden, self.B[(layer, proj)])
+        hidden = torch.where(masks[len(self.groups[group])], x @ self.A[(layer, group)], 0.0)  # [T, P * slots * R]
+        return torch.addmm(out, hidden, self.B[(layer, group)])
 
     # -- slot bookkeeping --------------------------------------------------------------------------
     def _free_slot(self) -> int | None:
@@ -122,25 +134,41 @@ class LoraSlots:
     def _upload(self, key: str, slot: int) -> None:
         adapter = self.host[key]
         self._clear(slot)
-        start = slot * self.rank
-        for name, (a, b) in adapter.weights.items():
-            self.A[name][:, start:start + adapter.rank].copy_(a, non_blocking=True)
-            self.B[name][start:start + adapter.rank, :].copy_(b, non_blocking=True)
+        for (layer, proj), (a, b) in adapter.weights.items():
+            group, index = self.group_of[proj]
+            rows, cols = self._block(layer, proj, slot)
+            self.A[(layer, group)][:, rows.start:rows.start + adapter.rank].copy_(a, non_blocking=True)
+            self.B[(layer, group)][rows.start:rows.start + adapter.rank, cols].copy_(b, non_blocking=True)
         self.resident[key] = slot
         self.uploads += 1
 
     def _clear(self, slot: int) -> None:
-        start, stop = slot * self.rank, (slot + 1) * self.rank
-        for name in self.A:
-            self.A[name][:, start:stop].zero_()
-            self.B[name][start:stop, :].zero_()
+        for (layer, proj) in self.shapes:
+            group, _ = self.group_of[proj]
+            rows, cols = self._block(layer, proj, slot)
+            self.A[(layer, group)][:, rows].zero_()
+            self.B[(layer, group)][rows, cols].zero_()
+
+    def _block(self, layer: int, proj: str, slot: int) -> tuple[slice, slice]:
+        """Projection `proj`'s slot `slot`: its columns of A (= rows of B), and its output columns of B."""
+        group, index = self.group_of[proj]
+        start = (index * self.slots + slot) * self.rank
+        out_start = sum(self.shapes[(layer, p)][1] for p in self.groups[group][:index])
+        return slice(start, start + self.rank), slice(out_start, out_start + self.shapes[(layer, proj)][1])
 
     def _grow(self, rank: int) -> None:
         """Re-lay out the device buffers for a wider slot; resident adapters are uploaded again."""
-        A = {name: torch.zeros(i, self.slots * rank, device=self.device, dtype=self.dtype)
-             for name, (i, _) in self.shapes.items()}
-        B = {name: torch.zeros(self.slots * rank, o, device=self.device, dtype=self.dtype)
-             for name, (_, o) in self.shapes.items()}
+        A, B = {}, {}
+        for layer in self.layers:
+            for group, projs in self.groups.items():
+                present = [p for p in projs if (layer, p) in self.shapes]
+                if not present:
+                    continue
+                in_features = self.shapes[(layer, present[0])][0]
+                out_features = sum(self.shapes[(layer, p)][1] for p in projs)
+                width = len(projs) * self.slots * rank
+                A[(layer, group)] = torch.zeros(in_features, width, device=self.device, dtype=self.dtype)
+                B[(layer, group)] = torch.zeros(width, out_features, device=self.device, dtype=self.dtype)
         self.rank, self.A, self.B = rank, A, B
         self._column_slots = torch.arange(self.slots * rank, device=self.device) // rank  # [slots * R]: owner slot
         self.layout += 1

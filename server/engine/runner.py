@@ -21,6 +21,7 @@ from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.decoder import Decoder, Step, check_architecture, projection_shapes
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.engine.lora_slots import LoraSlots
+from server.engine.projections import GROUPS
 
 log = logging.getLogger("loraserve.runner")
 
@@ -40,7 +41,8 @@ class ModelRunner:
         slots = plan_slots(kv_slots, per_slot=bytes_per_slot(**kv, dtype=self.dtype), device=self.device,
                            memory_fraction=kv_memory_fraction)
         self.cache = SlotKVCache(**kv, slots=slots, device=self.device, dtype=self.dtype)
-        self.lora = LoraSlots(projection_shapes(model), slots=adapter_slots, device=self.device, dtype=self.dtype)
+        self.lora = LoraSlots(projection_shapes(model), slots=adapter_slots, device=self.device, dtype=self.dtype,
+                              groups=GROUPS)
         self.decoder = Decoder(model, cache=self.cache, lora=self.lora)
         self.graphs = DecodeGraphs(self.decoder) if cuda_graphs and self.device.type == "cuda" else None
         log.info("KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s", slots, max_context,

@@ -1,15 +1,27 @@
-"""Sampling parameters and the per-row choice of the next token.
+"""Sampling parameters and the choice of every row's next token, all rows at once on the device.
 
-Rows in a batch may carry different parameters, so choosing is per row (plain greedy rows together);
-the forward pass is not.
+Rows in a batch may carry different parameters (greedy or sampled, temperature, top-k, top-p,
+repetition penalty, seed); they are applied as per-row tensors in one pass, and one small copy brings
+the chosen ids and their log-probabilities back to the host. Never a per-row loop, never a copy of a
+probability vector.
+
+Seeded draws are reproducible whatever else runs: a row's random numbers come from a counter-based
+hash of (seed, how many tokens it drew before, token id), not from a generator whose state depends
+on the batch. Drawing is the exponential race (argmax of p / E with E ~ Exp(1)), which picks token i
+with probability p_i.
 """
 
 from __future__ import annotations
 
-import math
+import secrets
 from dataclasses import dataclass, field
 
 import torch
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit value (SplitMix64's increment)
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+SEED_LIMIT = 2**53  # seeds drawn for clients stay exact in JavaScript
 
 
 @dataclass(frozen=True)
@@ -25,77 +37,147 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    """A private RNG per request: the same seed gives the same text whatever else is running."""
-    if not params.do_sample:
-        return None
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-    return gen
+def draw_seed(params: SamplingParams) -> int:
+    """The seed a sampled request draws with: its own, or a fresh one (greedy rows draw nothing)."""
+    return params.seed if params.seed is not None else secrets.randbelow(SEED_LIMIT)
 
 
-def choose_token(
-    logits: torch.Tensor,  # [V] float32, one row
-    params: SamplingParams,
-    seen_ids: torch.Tensor | None,  # [N] prompt + generated ids; None when no repetition penalty applies
-    generator: torch.Generator | None,
-) -> tuple[int, float]:
-    """The next token id and its log-probability under the distribution it was drawn from."""
-    logits = _penalize_repeats(logits, seen_ids, params.repetition_penalty)
-    if not params.do_sample:
-        token = int(torch.argmax(logits))
-        return token, float(torch.log_softmax(logits, dim=-1)[token])
-    logits = _warp(logits / max(params.temperature, 1e-5), params)
-    probs = torch.softmax(logits, dim=-1)
-    token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-    return token, float(torch.log(probs[token].clamp_min(1e-30)))
+@dataclass
+class RowParams:
+    """Every row's parameters as device tensors, built with one host→device copy per dtype."""
+
+    sample: torch.Tensor  # [R] bool
+    temperature: torch.Tensor  # [R, 1]
+    top_p: torch.Tensor  # [R, 1]
+    top_k: torch.Tensor  # [R, 1] long, 0 = off
+    penalty: torch.Tensor  # [R, 1]
+    key: torch.Tensor  # [R, 1] long: hash of (seed, draws so far)
+    any_sample: bool
+    any_warp: bool  # some sampled row has top-k or top-p
+    seen: torch.Tensor | None  # [R, L] ids seen (prompt + generated), padded with a row's own ids; None: no penalty
 
 
-def _penalize_repeats(logits: torch.Tensor, seen_ids: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    if penalty == 1.0 or seen_ids is None or seen_ids.numel() == 0:
+def row_params(seqs: list, device) -> RowParams:
+    """Parameters of each row for seqs[i] (with `params`, `seed`, `prompt_ids`, `generated`, `in_flight`)."""
+    params = [seq.params for seq in seqs]
+    floats = torch.tensor([[p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
+                            p.repetition_penalty, 1.0 if p.do_sample else 0.0] for p in params], dtype=torch.float32)
+    ints = torch.tensor([[p.top_k if p.do_sample else 0, _row_key(seq.seed or 0, len(seq.generated) + seq.in_flight)]
+                         for p, seq in zip(params, seqs)], dtype=torch.long)
+    floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
+    penalized = any(p.repetition_penalty != 1.0 for p in params)
+    return RowParams(
+        sample=floats[:, 3] > 0, temperature=floats[:, 0:1].clamp_min(1e-5), top_p=floats[:, 1:2],
+        top_k=ints[:, 0:1], penalty=floats[:, 2:3], key=ints[:, 1:2],
+        any_sample=any(p.do_sample for p in params),
+        any_warp=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
+        seen=_seen_ids(seqs, device) if penalized else None,
+    )
+
+
+def choose_tokens(logits: torch.Tensor, seqs: list) -> PendingChoices:
+    """Launch the choice of each row's next token for seqs[i] from logits [R, V] float32; the result
+    comes back to the host without blocking the device (`PendingChoices.result`)."""
+    return PendingChoices(choose_on_device(logits, row_params(seqs, logits.device)))
+
+
+class PendingChoices:
+    """The chosen tokens on the device (`tokens`, [R] long) and on their way to the host."""
+
+    def __init__(self, packed: torch.Tensor) -> None:  # [3, R] float64 from choose_on_device
+        self.tokens = packed[0].long()
+        if packed.is_cuda:  # one small copy into pinned memory, waited for only when read
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = packed, None
+
+    def result(self) -> list[tuple[int, float] | None]:
+        """(token, logprob) per row, or None for a row whose logits held NaN or +inf (nothing can be
+        drawn from it: that row fails alone)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, logprobs, ok = self._host.tolist()
+        return [(int(t), lp) if good else None for t, lp, good in zip(tokens, logprobs, ok)]
+
+
+def choose_on_device(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """[3, R] float64: token id, its log-probability, 1.0 where the row could be drawn from."""
+    bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)  # [R]
+    logits = _penalize_repeats(logits, rows)
+    greedy_token = logits.argmax(dim=-1)  # [R]
+    greedy_logprob = torch.log_softmax(logits, dim=-1).gather(-1, greedy_token[:, None])[:, 0]
+    token, logprob = greedy_token, greedy_logprob
+    if rows.any_sample:
+        probs = torch.softmax(_warp(logits / rows.temperature, rows), dim=-1)  # [R, V]
+        drawn = (probs / _exponentials(rows.key, logits.shape[-1])).argmax(dim=-1)  # [R]
+        drawn_logprob = probs.gather(-1, drawn[:, None])[:, 0].clamp_min(1e-30).log()
+        token = torch.where(rows.sample, drawn, greedy_token)
+        logprob = torch.where(rows.sample, drawn_logprob, greedy_logprob)
+    ok = ~bad & torch.isfinite(logprob)
+    return torch.stack([token.double(), logprob.double(), ok.double()])
+
+
+def _penalize_repeats(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """CTRL's penalty on every id a row has seen; rows with penalty 1 come out unchanged bit for bit."""
+    if rows.seen is None:
         return logits
-    logits = logits.clone()
-    seen = logits[seen_ids]
-    logits[seen_ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits
+    seen = logits.gather(1, rows.seen)  # [R, L]
+    penalized = torch.where(seen > 0, seen / rows.penalty, seen * rows.penalty)
+    return logits.scatter(1, rows.seen, penalized)  # repeated ids write the same value
 
 
-def _warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    if params.top_k > 0 and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token crossing top_p
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
-    return logits
+def _warp(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """Top-k (ties at the k-th value kept), then top-p over what is left (the token crossing p kept)."""
+    if not rows.any_warp:
+        return logits
+    ordered, order = torch.sort(logits, dim=-1, descending=True)  # [R, V]
+    k = torch.where(rows.top_k > 0, rows.top_k, logits.shape[-1]).clamp_max(logits.shape[-1])  # [R, 1]
+    kth = ordered.gather(1, k - 1)  # [R, 1]
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+    ordered = ordered.masked_fill((before >= rows.top_p) & (rows.top_p < 1.0), float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
-def choose_tokens(logits: torch.Tensor, seqs: list) -> list[tuple[int, float] | None]:
-    """The next (token, logprob) of each row of logits [R, V] for seqs[i] (with `params`,
-    `generator`, `prompt_ids`, `generated`), or None for a row whose logits are not finite (NaN or
-    +inf: nothing can be drawn from it). Plain greedy rows are chosen together with one transfer from
-    the device; rows that sample or penalize repeats go through `choose_token` one by one."""
-    chosen: list[tuple[int, float] | None] = [None] * len(seqs)
-    is_plain = [not seq.params.do_sample and seq.params.repetition_penalty == 1.0 for seq in seqs]
-    plain = [i for i, flag in enumerate(is_plain) if flag]
-    if plain:
-        rows = logits if len(plain) == len(seqs) else logits[torch.tensor(plain, device=logits.device)]  # [P, V]
-        tokens = rows.argmax(dim=-1)  # [P]
-        logprobs = torch.log_softmax(rows, dim=-1).gather(-1, tokens[:, None])[:, 0]  # [P]
-        for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist()):
-            # A NaN or +inf anywhere in the row makes its log-softmax NaN: the check costs nothing more.
-            chosen[i] = (token, logprob) if math.isfinite(logprob) else None
-    others = [i for i, flag in enumerate(is_plain) if not flag]
-    finite = torch.isfinite(logits[others]).all(dim=-1).tolist() if others else []  # one transfer for all
-    for i, ok in zip(others, finite):
-        if not ok:  # nothing can be drawn from NaN or +inf
-            continue
-        seq = seqs[i]
-        # The repetition penalty needs every id seen so far; skip building that per token otherwise.
-        penalized = seq.params.repetition_penalty != 1.0
-        seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device) if penalized else None
-        chosen[i] = choose_token(logits[i], seq.params, seen, seq.generator)
-    return chosen
+def _exponentials(key: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, V] Exp(1) draws, a pure function of each row's key and the token id."""
+    ids = torch.arange(vocab, device=key.device, dtype=torch.long)[None, :]
+    bits = _mix(key + ids * _GOLDEN)  # [R, V]
+    uniform = (_shift_right(bits, 40).float() + 0.5) * (1.0 / 2**24)  # (0, 1): never 0 nor 1
+    return -torch.log(uniform)
+
+
+def _row_key(seed: int, draws: int) -> int:
+    """A row's key for its next draw (host side: plain Python integers, wrapped to signed 64 bits)."""
+    return _mix_int((seed * 0x9E3779B97F4A7C15 + draws * 0xD1B54A32D192ED03) & (2**64 - 1))
+
+
+def _mix_int(z: int) -> int:
+    mask = 2**64 - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return z - 2**64 if z >= 2**63 else z
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer on int64 tensors (multiplication wraps; shifts made logical)."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (z >> bits) & ((1 << (64 - bits)) - 1)  # >> is arithmetic on signed ints: drop the sign fill
+
+
+def _seen_ids(seqs: list, device) -> torch.Tensor:
+    """[R, L] each row's prompt + generated ids, padded with its own first id (a no-op to penalize twice)."""
+    ids = [seq.prompt_ids + seq.generated for seq in seqs]
+    width = max(len(row) for row in ids)
+    padded = torch.tensor([row + [row[0]] * (width - len(row)) for row in ids], dtype=torch.long)
+    return padded.to(device, non_blocking=True)

@@ -9,7 +9,7 @@ import time
 
 from server.engine.detokenize import Detokenizer, StopMatcher
 from server.engine.events import TokenEvent
-from server.engine.sampling import SamplingParams, make_generator
+from server.engine.sampling import SamplingParams, draw_seed
 
 
 class Sequence:
@@ -25,10 +25,11 @@ class Sequence:
         self.adapter_key = adapter_key
         self.listener = listener  # the caller's event loop and the queue its events go to
         self.cancelled = threading.Event()
-        self.generator = make_generator(params)
+        self.seed = draw_seed(params) if params.do_sample else None  # what its draws are a function of
         self.detok = Detokenizer(tokenizer)
         self.stops = StopMatcher(params.stop)
         self.generated: list[int] = []
+        self.in_flight = 0  # tokens drawn on the device whose ids the host has not read yet
         self.tokens: list[TokenEvent] = []
         self.finish_reason: str | None = None
         self.enqueued = time.monotonic()
@@ -39,6 +40,7 @@ class Sequence:
 
     def accept(self, token: int, logprob: float) -> tuple[TokenEvent, str | None]:
         """Append a token: its event (text released by it) and the finish reason it causes, if any."""
+        self.in_flight -= 1
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.generated.append(token)

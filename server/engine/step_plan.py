@@ -1,7 +1,12 @@
 """What the next forward pass computes: which sequences decode, which prompt chunks prefill.
 
-Pure bookkeeping over the running sequences (anything with `prompt_ids`, `generated`, `slot`,
-`lora_slot` and `cached`); the tensors it builds are the decoder's `Step`.
+Pure bookkeeping over the running sequences (anything with `prompt_ids`, `generated`, `in_flight`,
+`params.max_new_tokens`, `slot`, `lora_slot` and `cached`); the tensors it builds are the decoder's `Step`.
+
+The step may be planned while the one before it still runs on the device: a decode row's input id
+is the token its sequence drew last, which the decoder reads from the device (`SlotKVCache.last_token`),
+so the host never waits for it. A sequence decodes when it has a token (drawn, or still in flight)
+and may need another: one whose in-flight token is its last by length rides along instead.
 
 Every KV slot in use gets a decode row, because decode attention reads the slots as one view. A
 sequence still prefilling rides along in its row: it writes to the cache's scratch position and its
@@ -26,11 +31,12 @@ class StepPlan:
     decoding: list  # sequences advanced by one token
     prefilling: list  # sequences whose prompt chunk is in the step, in chunk order
     sampled: list  # sequences that get a token from this step, in logit-row order
+    sampled_slots: torch.Tensor  # [R] their KV slots: where the drawn tokens are kept for the next step
 
 
 def plan_step(slots: list, prefilling: list, *, cache, chunk_tokens: int, device) -> StepPlan | None:
     """The next step over `slots` (slots[i] owns KV slot i) and `prefilling` (oldest first)."""
-    decoding = [seq for seq in slots if seq.generated]
+    decoding = [seq for seq in slots if decodes(seq)]
     chunks = _next_chunks(prefilling, chunk_tokens)
     if not decoding and not chunks:
         return None
@@ -42,23 +48,31 @@ def plan_step(slots: list, prefilling: list, *, cache, chunk_tokens: int, device
     completing = [(seq, end) for (seq, chunk), end in zip(chunks, list(ends)[1:])
                   if chunk.start + chunk.length == len(seq.prompt_ids)]
     logit_rows = [seq.slot for seq in decoding] + [end - 1 for _, end in completing]
-    lengths = [seq.cached + 1 if seq.generated else 1 for seq in slots] if rows else []
+    lengths = [seq.cached + 1 if decodes(seq) else 1 for seq in slots] if rows else []
     step = Step(
         ids=ids, positions=positions, write_slots=write_slots, write_positions=write_positions, lora_slots=lora_slots,
         decode_rows=len(rows), chunks=[chunk for _, chunk in chunks], logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
         decode_lengths=torch.tensor(lengths, dtype=torch.long, device=device), decode_span=max(lengths, default=0),
         any_adapter=any(token[4] >= 0 for token in tokens),
     )
-    return StepPlan(step=step, decoding=decoding, prefilling=[seq for seq, _ in chunks],
-                    sampled=decoding + [seq for seq, _ in completing])
+    sampled = decoding + [seq for seq, _ in completing]
+    return StepPlan(step=step, decoding=decoding, prefilling=[seq for seq, _ in chunks], sampled=sampled,
+                    sampled_slots=torch.tensor([seq.slot for seq in sampled], dtype=torch.long, device=device))
+
+
+def decodes(seq) -> bool:
+    """Has a token to feed (drawn or in flight) and may still need one more."""
+    drawn = len(seq.generated) + seq.in_flight
+    return drawn > 0 and drawn < seq.params.max_new_tokens
 
 
 def _decode_rows(slots: list, scratch: int) -> list[tuple[int, int, int, int, int]]:
-    """(id, position, write slot, write position, adapter slot) of every slot's decode row."""
+    """(id, position, write slot, write position, adapter slot) of every slot's decode row. The id is a
+    placeholder: the decoder reads each decode row's token from the device."""
     rows = []
     for index, seq in enumerate(slots):
-        if seq.generated:
-            rows.append((seq.generated[-1], seq.cached, index, seq.cached, seq.lora_slot))
+        if decodes(seq):
+            rows.append((0, seq.cached, index, seq.cached, seq.lora_slot))
         else:  # still prefilling: rides along without touching its cache or an adapter
             rows.append((0, 0, index, scratch, -1))
     return rows
