@@ -488,11 +488,17 @@ async def ours_batch(engine, work: Workload, scenario: Scenario, *,
                      new: int | None = None) -> tuple[list[StreamRun], float]:
     from server.engine.sampling import SamplingParams
 
+    import dataclasses
+    import os
+
     params = SamplingParams(max_new_tokens=new or new_tokens(work, scenario), stop_token_ids=())
+    sampled = os.environ.get("LORASERVE_BENCH_SAMPLED") == "1"  # temperature 1, top_p 0.95, a seed per stream
     batch, keys = prompts(work, scenario).tolist(), row_adapters(work, scenario)
+    each = [dataclasses.replace(params, do_sample=True, temperature=1.0, top_p=0.95, seed=i) if sampled else params
+            for i in range(len(batch))]
     started = time.perf_counter()
     # return_exceptions: a failed stream must not leave the others running into the next scenario
-    runs = await asyncio.gather(*(ours_stream(engine, p, params, k, started) for p, k in zip(batch, keys)),
+    runs = await asyncio.gather(*(ours_stream(engine, p, q, k, started) for p, q, k in zip(batch, each, keys)),
                                 return_exceptions=True)
     wall = time.perf_counter() - started
     failed = next((r for r in runs if isinstance(r, BaseException)), None)
@@ -528,6 +534,7 @@ async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: b
     try:
         for name, state in work.adapters.items():
             await engine.call(lambda n=name, s=state: runner.attach(n, work.lora_config, dict(s)))
+        await engine.call(runner.warm_up)  # graphs captured and kernels compiled before timing, as the server does
         started = time.perf_counter()
         await ours_batch(engine, work, Scenario("warmup", 2), new=4)
         result.warmup_s = time.perf_counter() - started

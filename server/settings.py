@@ -37,6 +37,8 @@ class ServerSettings(BaseSettings):
     prefill_chunk_tokens: int = Field(512, ge=16, description="Prompt tokens prefilled per step, beside decoding.")
     adapter_slots: int = Field(8, ge=1, description="Adapters resident on the device; more stay in host memory (LRU).")
     cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU only).")
+    compile_kernels: bool = Field(True, description="Fuse norms, RoPE and SiLU into one kernel each with "
+                                                    "torch.compile (GPU only; a few seconds at start).")
     max_queue: int = Field(64, ge=0, description="Requests waiting beyond max_running before 429.")
     max_adapters: int = Field(16, ge=1, description="Adapters loaded at once (device slots and host memory).")
     max_adapter_rank: int = Field(256, ge=1, description="Highest LoRA rank an adapter may have.")

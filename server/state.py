@@ -42,7 +42,8 @@ class ServerState:
         template = default_template(s.default_template)  # a bad name fails before a long model load
         runner = load_runner(s.base_model, backend=s.backend, load_in_4bit=s.load_in_4bit, max_context=s.max_context,
                              kv_slots=s.max_running, adapter_slots=s.adapter_slots, max_lora_rank=s.max_adapter_rank,
-                             kv_memory_fraction=s.kv_memory_fraction, cuda_graphs=s.cuda_graphs)
+                             kv_memory_fraction=s.kv_memory_fraction, cuda_graphs=s.cuda_graphs,
+                             compile_kernels=s.compile_kernels)
         self.fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
         self.max_context = runner.max_context
         self.runner = runner
@@ -76,3 +77,4 @@ class ServerState:
             self.metrics.adapter_loads.labels("ok").inc()
             log.info("adapter %s version %s loaded from %s", name, version.version, path)
         self.metrics.adapters_loaded.set(len(self.registry.names()))
+        await self.engine.call(self.runner.warm_up)  # decode graphs captured before the first request

@@ -45,6 +45,7 @@ def test_decoder_matches_transformers(name):
     prefill = runner.decoder.forward(prompt_step(ids[:-1]))[0]  # one chunk over slot 0
     torch.testing.assert_close(prefill, reference[-2], rtol=1e-4, atol=1e-4)
     runner.cache.used = 1
+    runner.cache.last_token[0] = ids[-1]  # a decode row's input: the token its slot drew last
     longs = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     decode = Step(ids=longs([ids[-1]]), positions=longs([39]), write_slots=longs([0]), write_positions=longs([39]),
                   lora_slots=longs([-1]), decode_rows=1, decode_lengths=longs([40]), decode_span=40, chunks=[],

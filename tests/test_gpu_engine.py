@@ -44,7 +44,9 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_model_dir, trained_adapters)
             if graphs:
                 assert state.runner.graphs is not None and state.runner.graphs.enabled
                 assert state.runner.graphs._graphs, "no decode graph was captured"
-                assert all(entry.checked for entry in state.runner.graphs._graphs.values())
+                served = [entry for entry in state.runner.graphs._graphs.values() if entry.replays]
+                assert served, "no decode graph was replayed"
+                assert all(entry.checked for entry in served)  # (warm-up captures sizes this batch never used)
         finally:
             state.engine.stop()
     assert results[True] == results[False]

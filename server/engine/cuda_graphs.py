@@ -39,7 +39,8 @@ class _Graph:
     padding: dict[str, torch.Tensor]  # the capture-time inputs: what rows past a step's own are set to
     logits: torch.Tensor  # [rows, V] written by each replay
     layout: int  # LoraSlots.layout at capture
-    checked: bool = False
+    checked: bool = False  # its first replay for a real step matched the eager step
+    replays: int = 0
 
 
 class DecodeGraphs:
@@ -69,6 +70,20 @@ class DecodeGraphs:
             self.enabled = False
             self._graphs.clear()
             return None
+
+    def warm_up(self) -> None:
+        """Capture every rows bucket at the first span bucket (a short context: the common case)."""
+        rows, span = 1, min(SPAN_BUCKET, self.max_span)
+        while self.enabled:
+            try:
+                self._graphs[(rows, span)] = self._capture(rows, span)
+            except Exception:
+                log.exception("CUDA graphs disabled after a capture error; decoding eagerly")
+                self.enabled = False
+                self._graphs.clear()
+            if rows >= self.max_rows:
+                return
+            rows = _bucket(rows + 1, self.max_rows)
 
     def _capture(self, rows: int, span: int) -> _Graph:
         cache = self.decoder.cache
@@ -103,6 +118,7 @@ class DecodeGraphs:
             if n < rows:
                 buffer[n:].copy_(entry.padding[name][n:])
         entry.graph.replay()
+        entry.replays += 1
         # Rows riding along (no token wanted) are computed anyway; keep the wanted ones.
         return entry.logits[:n] if step.logit_rows.numel() == n else entry.logits[step.logit_rows]
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from server.engine.kv_cache import SlotKVCache
 from contract.lora import PROJECTIONS
 from server.engine.lora_slots import LoraSlots
+from server.engine.fused import Kernels
 from server.engine.projections import layer_projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -63,8 +64,10 @@ def check_architecture(config) -> None:
 
 
 class Decoder:
-    def __init__(self, model, *, cache: SlotKVCache, lora: LoraSlots) -> None:
+    def __init__(self, model, *, cache: SlotKVCache, lora: LoraSlots, kernels: Kernels | None = None) -> None:
         config = model.config
+        self.kernels = kernels or Kernels(compiled=False)
+        self.silu = getattr(config, "hidden_act", "silu") == "silu"  # else the module's own activation
         self.cache, self.lora = cache, lora
         self.layers = list(model.model.layers)
         self.projections = [layer_projections(layer) for layer in self.layers]  # fuses q/k/v and gate/up
@@ -80,13 +83,17 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step, writing its keys and values into the cache; logits [R, V] float32."""
-        x = self.embed(self._input_ids(step))  # [T, H]
+        k = self.kernels
+        x = self.embed(self._input_ids(step))  # [T, H]: the residual stream
         cos, sin = self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1)  # [T, 1, D]
-        lora_mask = self.lora.row_mask(step.lora_slots) if step.any_adapter else None  # [T, slots * R]
+        lora_mask = self.lora.row_mask(step.lora_slots) if step.any_adapter else None  # [T, slots * R] per width
         masks = self._attention_masks(step)  # the same for every layer: built once
+        h = k.rms_norm(x, *_norm(self.layers[0].input_layernorm))
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, step, rope=(cos, sin), lora_mask=lora_mask, attn_masks=masks)
-        last = rms_norm(x[step.logit_rows], self.norm)  # [R, H]
+            x, h = self._attention_block(index, layer, x, h, step, rope=(cos, sin), lora_mask=lora_mask, attn_masks=masks)
+            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else None
+            x, h = self._mlp_block(index, layer, x, h, lora_mask=lora_mask, next_norm=following)
+        last = k.rms_norm(x[step.logit_rows], *_norm(self.norm))  # [R, H]
         return self.head(last).float()  # [R, V]
 
     def _input_ids(self, step: Step) -> torch.Tensor:
@@ -97,21 +104,28 @@ class Decoder:
         drawn = self.cache.last_token[:n]
         return drawn if n == step.ids.shape[0] else torch.cat([drawn, step.ids[n:]])
 
-    def _layer(self, index: int, layer, x: torch.Tensor, step: Step, *, rope, lora_mask, attn_masks) -> torch.Tensor:
-        h = rms_norm(x, layer.input_layernorm)
+    def _attention_block(self, index: int, layer, x, h, step: Step, *, rope, lora_mask, attn_masks):
+        """Attention over h (the normed stream): the new stream and its post-attention norm."""
         qkv = self._proj(index, "qkv", h, lora_mask)  # [T, (Hq + 2 Hkv) * D]
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qk = apply_rope(qkv[:, :q_width + kv_width].view(-1, self.heads + self.kv_heads, self.head_dim), *rope)
+        qk = self.kernels.rope(qkv[:, :q_width + kv_width].view(-1, self.heads + self.kv_heads, self.head_dim), *rope)
         q, k = qk[:, :self.heads], qk[:, self.heads:]  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, q_width + kv_width:].view(-1, self.kv_heads, self.head_dim)
         K, V = self.cache.K[index], self.cache.V[index]
         K[step.write_slots, :, step.write_positions] = k
         V[step.write_slots, :, step.write_positions] = v
         o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
-        x = x + self._proj(index, "o_proj", o, lora_mask)
-        h = rms_norm(x, layer.post_attention_layernorm)
+        return self.kernels.add_rms_norm(x, self._proj(index, "o_proj", o, lora_mask),
+                                         *_norm(layer.post_attention_layernorm))
+
+    def _mlp_block(self, index: int, layer, x, h, *, lora_mask, next_norm):
+        """The MLP over h: the new stream, and its norm under the next layer's input norm (None: last layer)."""
         gate, up = self._proj(index, "gate_up", h, lora_mask).chunk(2, dim=-1)
-        return x + self._proj(index, "down_proj", layer.mlp.act_fn(gate) * up, lora_mask)
+        act = self.kernels.silu_mul(gate, up) if self.silu else layer.mlp.act_fn(gate) * up
+        delta = self._proj(index, "down_proj", act, lora_mask)
+        if next_norm is None:
+            return x + delta, None
+        return self.kernels.add_rms_norm(x, delta, *_norm(next_norm))
 
     def _proj(self, index: int, group: str, x: torch.Tensor, lora_mask) -> torch.Tensor:
         return self.lora.apply(index, group, x, self.projections[index][group](x), lora_mask)
@@ -155,19 +169,9 @@ class Decoder:
         return out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
 
 
-def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """LlamaRMSNorm's arithmetic (float32 inside), from the module's weight and epsilon; computed
-    here because Unsloth swaps the module's forward for its own kernels."""
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return norm.weight * x32.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _norm(norm) -> tuple[torch.Tensor, float]:
+    """An RMSNorm module's weight and epsilon: computed here because Unsloth swaps its forward for its own."""
+    return norm.weight, getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
 
 
 def rope_tables(config, *, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

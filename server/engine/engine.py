@@ -172,7 +172,7 @@ class Engine:
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
             self._read(previous)
-        elif launched is None:
+        elif plan is None:
             self._flush_events()
             self._wake.wait(timeout=0.5)
             self._wake.clear()
@@ -282,8 +282,10 @@ class Engine:
             self._step_failed(plan, exc)
             return None
         self._failed_steps = 0
-        choices = choose_tokens(logits, plan.sampled)
-        self.runner.cache.last_token.index_copy_(0, plan.sampled_slots, choices.tokens)  # the next step's input
+        choices = None
+        if plan.sampled:  # a step of prompt chunks alone, none completing, draws nothing
+            choices = choose_tokens(logits, plan.sampled)
+            self.runner.cache.last_token.index_copy_(0, plan.sampled_slots, choices.tokens)  # the next step's input
         self.stats.steps += 1
         for seq in plan.decoding:
             seq.cached += 1
@@ -295,7 +297,7 @@ class Engine:
                 self._prefilling.remove(seq)
         for seq in plan.sampled:
             seq.in_flight += 1
-        return InFlight(plan.sampled, choices)
+        return InFlight(plan.sampled, choices) if choices is not None else None
 
     def _step_failed(self, plan: StepPlan, exc: Exception) -> None:
         """A failed step wrote nothing it would not write again, so decoding rows can retry it. When

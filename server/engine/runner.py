@@ -21,6 +21,7 @@ from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.decoder import Decoder, Step, check_architecture, projection_shapes
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.engine.lora_slots import LoraSlots
+from server.engine.fused import Kernels
 from server.engine.projections import GROUPS
 
 log = logging.getLogger("loraserve.runner")
@@ -28,7 +29,8 @@ log = logging.getLogger("loraserve.runner")
 
 class ModelRunner:
     def __init__(self, model, tokenizer, *, backend: str, max_context: int, kv_slots: int, adapter_slots: int,
-                 max_lora_rank: int = 256, kv_memory_fraction: float = 0.9, cuda_graphs: bool = True) -> None:
+                 max_lora_rank: int = 256, kv_memory_fraction: float = 0.9, cuda_graphs: bool = True,
+                 compile_kernels: bool = True) -> None:
         check_architecture(model.config)
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.device = next(model.parameters()).device
@@ -43,7 +45,8 @@ class ModelRunner:
         self.cache = SlotKVCache(**kv, slots=slots, device=self.device, dtype=self.dtype)
         self.lora = LoraSlots(projection_shapes(model), slots=adapter_slots, device=self.device, dtype=self.dtype,
                               groups=GROUPS)
-        self.decoder = Decoder(model, cache=self.cache, lora=self.lora)
+        kernels = Kernels(compiled=compile_kernels and self.device.type == "cuda")
+        self.decoder = Decoder(model, cache=self.cache, lora=self.lora, kernels=kernels)
         self.graphs = DecodeGraphs(self.decoder) if cuda_graphs and self.device.type == "cuda" else None
         log.info("KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s", slots, max_context,
                  adapter_slots, "on" if self.graphs else "off")
@@ -52,6 +55,12 @@ class ModelRunner:
         """Logits [R, V] of the step: a CUDA graph replay for decode-only steps where possible."""
         logits = self.graphs.forward(step) if self.graphs else None
         return self.decoder.forward(step) if logits is None else logits
+
+    def warm_up(self) -> None:
+        """Capture the decode graphs of every batch size at the shortest span (and compile the fused
+        kernels) now, so that no request waits for it. Other spans are captured when first needed."""
+        if self.graphs:
+            self.graphs.warm_up()
 
     @property
     def attached(self) -> set[str]:
@@ -83,7 +92,7 @@ def choose_backend(requested: str) -> str:
 
 def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int = 4096,
                 kv_slots: int = 4, adapter_slots: int = 8, max_lora_rank: int = 256,
-                kv_memory_fraction: float = 0.9, cuda_graphs: bool = True) -> ModelRunner:
+                kv_memory_fraction: float = 0.9, cuda_graphs: bool = True, compile_kernels: bool = True) -> ModelRunner:
     backend = choose_backend(backend)
     if load_in_4bit and backend != "unsloth":  # serving full precision instead could run out of memory
         raise RuntimeError("a 4-bit base (LOAD_IN_4BIT) is loaded by Unsloth: it needs the unsloth backend "
@@ -97,7 +106,8 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
         tokenizer.pad_token = tokenizer.eos_token
     return ModelRunner(model, tokenizer, backend=backend, max_context=max_context,
                        kv_slots=kv_slots, adapter_slots=adapter_slots, max_lora_rank=max_lora_rank,
-                       kv_memory_fraction=kv_memory_fraction, cuda_graphs=cuda_graphs)
+                       kv_memory_fraction=kv_memory_fraction, cuda_graphs=cuda_graphs,
+                       compile_kernels=compile_kernels)
 
 
 def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int):

@@ -1,0 +1,50 @@
+"""Time the device-side token choice (server/engine/sampling.py) alone: greedy against sampled
+(temperature 1, top-p 0.95, a seed per row) at 1 / 8 / 64 rows over a Llama-3 vocabulary.
+
+    python -m bench.sampling_bench [--vocab 128256] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import torch
+
+from server.engine.sampling import SamplingParams, choose_on_device, row_params
+
+
+def rows(n: int, *, sampled: bool) -> list:
+    params = SamplingParams(16, do_sample=sampled, temperature=1.0, top_p=0.95 if sampled else 1.0)
+    return [SimpleNamespace(params=params, seed=i, generated=[], in_flight=0, prompt_ids=[1]) for i in range(n)]
+
+
+def time_choice(logits: torch.Tensor, seqs: list, *, repeats: int) -> float:
+    """Median milliseconds of one choice, parameters built from the host included (as in a step)."""
+    times = []
+    for _ in range(repeats):
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        choose_on_device(logits, row_params(seqs, logits.device)).cpu()
+        times.append((time.perf_counter() - started) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    print(f"{'rows':>5} {'greedy ms':>10} {'sampled ms':>11} {'sampled/greedy':>15}")
+    for n in (1, 8, 64):
+        logits = torch.randn(n, args.vocab, device=args.device) * 0.5
+        greedy = time_choice(logits, rows(n, sampled=False), repeats=args.repeats)
+        sampled = time_choice(logits, rows(n, sampled=True), repeats=args.repeats)
+        print(f"{n:>5} {greedy:>10.3f} {sampled:>11.3f} {sampled / greedy:>15.2f}")
+
+
+if __name__ == "__main__":
+    main()
