@@ -178,7 +178,7 @@ class AdapterRegistry:
         manifest = checked.manifest
         version = manifest.version if manifest else checked.sha256[:12]
         return AdapterVersion(
-            name=name, version=version, key=f"{name}__{next(self._keys)}", path=path, rank=int(checked.config["r"]),
+            name=name, version=version, key=f"{name}__{next(self._keys)}", path=path, rank=checked.lora.r,
             template=self._template_of(manifest), eos_token=manifest.eos_token if manifest else None,
             stop=tuple(manifest.stop) if manifest else (), manifest=manifest, loaded_at=time.time(), load_seconds=0.0,
         )

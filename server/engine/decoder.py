@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 from server.engine.kv_cache import SlotKVCache
-from server.engine.lora_slots import PROJECTIONS, LoraSlots
+from server.engine.lora_slots import LoraSlots
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -184,7 +185,7 @@ def projection_shapes(model) -> dict[tuple[int, str], tuple[int, int]]:
     shapes = {}
     for index, layer in enumerate(model.model.layers):
         for name in PROJECTIONS:
-            parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+            parent = layer.mlp if name in MLP_PROJECTIONS else layer.self_attn
             module = getattr(parent, name)
             shapes[(index, name)] = (int(module.in_features), int(module.out_features))
     return shapes
