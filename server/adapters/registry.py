@@ -1,6 +1,6 @@
 """The adapter registry: names → live versions, and the load / reload / unload protocol.
 
-A load validates the directory (adapter_files) off the event loop, then attaches the weights on the
+A load validates the directory (checks) off the event loop, then attaches the weights on the
 engine's worker thread under a fresh internal key, and only then publishes the name → version
 mapping. Requests hold a reference to the version they started with, so a reload never changes a
 running request; the old version is detached once its last request finishes. A failed load leaves

@@ -1,9 +1,9 @@
 """The loaded model with the engine-owned state around it: KV cache slots and LoRA slots.
 
-The backend comes from contract.backend.choose_backend, the one place that does `import unsloth`
-(first, before transformers), when the Unsloth backend is chosen (CUDA and the package present, or
-asked for); this module's Unsloth loader runs only after it. Unsloth is the loader there
-(its fast 16-bit and 4-bit loading); the forward pass is always our decoder, which reads the base
+The backend is contract.backend's choice, shared with training; the `import unsloth` that must come
+before transformers happens there, once, when the Unsloth backend is chosen (CUDA and the package
+present, or asked for), and this module's Unsloth loader runs only after it. Unsloth is the loader
+there (its fast 16-bit and 4-bit loading); the forward pass is always our decoder, which reads the base
 weights through the model's modules and applies every row's adapter itself (Unsloth's fused decode
 ignores per-row adapters: DESIGN.md). Every method must be called from the engine's worker thread.
 
