@@ -1,5 +1,8 @@
-"""What training and serving must agree on: prompt templates and the adapter manifest.
+"""What training and serving must agree on, each fact once: prompt templates, the adapter manifest, the
+adapter's files and LoRA settings (lora), adapter names, the base model's identity and position limit, and
+the backend choice (with the `import unsloth` that must precede transformers).
 
-This is the only package that both `training` and `server` import. It depends on nothing heavier
-than the standard library and pydantic, so the server can read a manifest without loading trl.
+This is the only package that both `training` and `server` import. At import it needs nothing heavier
+than the standard library and pydantic (torch and transformers only inside the functions that read a
+model), so the server reads a manifest and an adapter config without loading trl or peft.
 """

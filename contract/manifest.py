@@ -16,10 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from contract.lora import CONFIG_FILE, WEIGHTS_FILE
+
 MANIFEST_FILE = "loraserve.json"
 SCHEMA_VERSION = 1
 # The files whose bytes define an adapter; the manifest itself is excluded (it names the hash).
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 class ManifestError(ValueError):

@@ -1,18 +1,52 @@
 """The `loraserve` command: train, serve, generate, demo, and small tools around them.
 
 Heavy imports (torch, trl, the server) happen inside each command, so `loraserve --help` is instant
-and `serve` never imports training code.
+and `serve` never imports the training pipeline: only training.config (standard library only), whose
+fields `train`'s flags are built from.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+from contract.backend import BACKENDS_HELP
+
+_NO_BREAK_HYPHEN = "\u2011"
+
+
+class _HelpFormatter(typer.Context.formatter_class):
+    """Click's help, wrapped between words only: textwrap would also break at hyphens (`--max-` / `steps`)."""
+
+    def write_text(self, text: str) -> None:
+        super().write_text(text.replace("-", _NO_BREAK_HYPHEN))
+
+    def write_dl(self, rows, *args, **kwargs) -> None:
+        super().write_dl([(term, text.replace("-", _NO_BREAK_HYPHEN)) for term, text in rows], *args, **kwargs)
+
+    def getvalue(self) -> str:
+        return super().getvalue().replace(_NO_BREAK_HYPHEN, "-")
+
+
+class _Context(typer.Context):
+    formatter_class = _HelpFormatter
+
+
+class _Command(TyperCommand):
+    context_class = _Context
+
+
+# Click's plain help, not Rich's tables (at 80 columns they cut flags and words short, and show `<bool>`
+# after flags that take no value); as wide as the terminal, up to 120 columns (Click stops at 80).
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"max_content_width": 120}, help=__doc__.splitlines()[0])
 
 
 def _fail(message: str) -> None:
@@ -20,47 +54,37 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _parse_columns(pairs: list[str]) -> dict[str, str]:
-    mapping = {}
-    for pair in pairs:
-        field, sep, column = pair.partition("=")
-        if not sep or not field or not column:
-            _fail(f"--column expects FIELD=COLUMN (e.g. output=answer), got {pair!r}")
-        mapping[field.strip()] = column.strip()
-    return mapping
+def _with_config_flags(command):
+    """`command`'s flags: one per TrainConfig field, with the config's own default and help text, then the
+    command's own keyword-only parameters. Typer reads the signature; the settings arrive as **settings."""
+    from training.config import TrainConfig  # standard library only: no torch, trl or datasets
+
+    hints = typing.get_type_hints(TrainConfig)
+    settings = [_config_flag(setting, hints[setting.name]) for setting in dataclasses.fields(TrainConfig)]
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    command.__signature__ = inspect.Signature(settings + own)
+    return command
 
 
-@app.command()
+def _config_flag(setting: dataclasses.Field, hint) -> inspect.Parameter:
+    flag = setting.metadata["flag"]
+    default = setting.default if flag.type is None else flag.default
+    return inspect.Parameter(
+        setting.name, inspect.Parameter.KEYWORD_ONLY,
+        default=inspect.Parameter.empty if default is dataclasses.MISSING else default,  # a required flag
+        annotation=Annotated[flag.type or hint, typer.Option(*flag.decls, help=flag.help, metavar=flag.metavar)],
+    )
+
+
+@app.command(cls=_Command)
+@_with_config_flags
 def train(
-    base_model: Annotated[str, typer.Option(help="Base model: a local dir or a hub id.")],
-    data: Annotated[str, typer.Option(help="Alpaca data: a hub dataset name or a local .json/.jsonl/.csv/.parquet file.")],
-    output: Annotated[Path, typer.Option(help="Adapter dir to create (appears only when training succeeded).")],
-    template: Annotated[str, typer.Option(help="Prompt template: alpaca, alpaca-zh, or a template file.")] = "alpaca",
-    name: Annotated[Optional[str], typer.Option(help="Adapter name (default: the output dir's name).")] = None,
-    max_seq_length: int = 2048,
-    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Load the base in 4-bit (CUDA + bitsandbytes).")] = False,
-    r: Annotated[int, typer.Option("--r", help="LoRA rank.")] = 16,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
-    target_modules: Annotated[str, typer.Option(help="Comma-separated module names.")] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-    batch_size: int = 2,
-    grad_accum: int = 4,
-    warmup_steps: int = 5,
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps (ignored when --epochs is given).")] = 60,
-    epochs: Annotated[Optional[float], typer.Option(help="Train for this many epochs instead of --max-steps.")] = None,
-    lr: float = 2e-4,
-    optim: str = "adamw_8bit",
-    weight_decay: float = 0.01,
-    scheduler: str = "cosine",
-    seed: int = 3407,
-    packing: bool = False,
-    train_on_responses_only: Annotated[bool, typer.Option(help="Compute loss on the response only.")] = False,
-    eval_split: Annotated[float, typer.Option(help="Fraction of rows held out for evaluation.")] = 0.0,
-    column: Annotated[list[str], typer.Option(help="Map a field to your column: FIELD=COLUMN, e.g. output=answer. Repeatable.")] = [],
-    backend: Annotated[str, typer.Option(help="auto (Unsloth on CUDA if installed), unsloth or transformers.")] = "auto",
-    overwrite: bool = False,
-    deploy: Annotated[Optional[str], typer.Option(help="After training, hot-load into the server at this URL (admin token from LORASERVE_ADMIN_TOKEN).")] = None,
-    deploy_path: Annotated[Optional[str], typer.Option(help="The adapter's path relative to the server's adapter root (default: the output dir's name).")] = None,
+    *,
+    deploy: Annotated[Optional[str], typer.Option(
+        help="After training, hot-load into the server at this URL (admin token from LORASERVE_ADMIN_TOKEN).")] = None,
+    deploy_path: Annotated[Optional[str], typer.Option(
+        help="The adapter's path relative to the server's adapter root (default: the output dir's name).")] = None,
+    **settings,
 ) -> None:
     """Fine-tune a LoRA adapter on Alpaca-style data."""
     import os
@@ -76,15 +100,7 @@ def train(
     from training.data import DataError
 
     try:
-        cfg = TrainConfig(
-            base_model=base_model, data=data, output=output, template=template, name=name,
-            max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, r=r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
-            batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps, max_steps=max_steps,
-            epochs=epochs, lr=lr, optim=optim, weight_decay=weight_decay, scheduler=scheduler, seed=seed,
-            packing=packing, train_on_responses_only=train_on_responses_only, eval_split=eval_split,
-            columns=_parse_columns(column), backend=backend, overwrite=overwrite,
-        )
+        cfg = TrainConfig.from_flags(**settings)
         from training.fit import train as run_training
 
         result = run_training(cfg)
@@ -167,14 +183,16 @@ def _parse_adapters(pairs: list[str]) -> dict[str, str] | None:
     return adapters or None
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
-    base_model: Annotated[Optional[str], typer.Option(help="Base model dir (absolute) or hub id. Env: LORASERVE_BASE_MODEL.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        help="Base model: a local dir or a hub id. Env: LORASERVE_BASE_MODEL.")] = None,
     adapter_root: Annotated[Optional[Path], typer.Option(help="Adapters load only from under this dir.")] = None,
-    adapter: Annotated[list[str], typer.Option(help="Preload NAME=SUBDIR (under --adapter-root). Repeatable.")] = [],
+    adapter: Annotated[list[str], typer.Option(
+        metavar="NAME=SUBDIR", help="Preload NAME=SUBDIR (under --adapter-root). Repeatable.")] = [],
     host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="auto, unsloth or transformers.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help=BACKENDS_HELP)] = None,
     load_in_4bit: Annotated[Optional[bool], typer.Option("--load-in-4bit/--no-load-in-4bit", help="4-bit base (CUDA).")] = None,
     log_level: str = "info",
 ) -> None:
@@ -186,7 +204,7 @@ def serve(
     run_server(settings, log_level=log_level)
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     base_model: Annotated[str, typer.Option(help="Base model dir or hub id.")],
     instruction: Annotated[Optional[str], typer.Option(help="Alpaca instruction (formatted with the adapter's template).")] = None,
@@ -196,9 +214,9 @@ def generate(
     max_new_tokens: int = 128,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: greedy).")] = None,
     seed: Optional[int] = None,
-    backend: str = "auto",
+    backend: Annotated[str, typer.Option(help=BACKENDS_HELP)] = "auto",
 ) -> None:
-    """Generate once, streamed to the terminal, through the server's engine and templates."""
+    """Generate once, streamed to the terminal. It runs the server's engine and templates."""
     import asyncio
 
     from server.errors import ServeError
@@ -215,9 +233,9 @@ def generate(
     sys.stdout.write("\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 def openapi(output: Annotated[Path, typer.Option(help="Where to write the spec.")] = Path("openapi/openapi.json")) -> None:
-    """Write the HTTP API's OpenAPI spec (generated from the app, no model loaded)."""
+    """Write the HTTP API's OpenAPI spec. It is generated from the app, no model loaded."""
     import json
 
     from server.api.app import create_app
@@ -229,14 +247,15 @@ def openapi(output: Annotated[Path, typer.Option(help="Where to write the spec."
     typer.echo(f"wrote {output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the tiny base and demo adapters go (reused across runs).")] = Path("demo-work"),
     port: int = 8000,
     exit: Annotated[bool, typer.Option("--exit", help="Stop after the showcase instead of serving until Ctrl-C.")] = False,
     retrain: Annotated[bool, typer.Option(help="Train the demo adapters again even if they exist.")] = False,
 ) -> None:
-    """Offline showcase: tiny base, two trained adapters, live server, hot-load, streamed answers."""
+    """Offline showcase of training and serving. A tiny base, two trained adapters, a live server, hot-load,
+    streamed answers."""
     from loraserve.demo import DemoError, run_demo
 
     try:
@@ -246,11 +265,11 @@ def demo(
     raise typer.Exit(code=code)
 
 
-@app.command("build-tiny-model")
+@app.command("build-tiny-model", cls=_Command)
 def build_tiny_model_cmd(
     output: Annotated[Optional[Path], typer.Argument(help="Where to write it (default: the user cache).")] = None,
 ) -> None:
-    """Build the tiny random Llama + tokenizer used by the demo and tests (offline, seconds)."""
+    """Build the tiny random Llama of the demo and tests. With its tokenizer, offline, in seconds."""
     from loraserve.tiny_model import build_tiny_model
 
     typer.echo(build_tiny_model(output))

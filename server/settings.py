@@ -7,15 +7,17 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.backend import BACKENDS, BACKENDS_HELP
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="ignore")
 
-    base_model: str = Field(description="Base model: a local dir (absolute path) or a hub id.")
+    base_model: str = Field(description="Base model: a local dir or a hub id.")
     base_model_name: str | None = Field(None, description="Public name of the base model (default: its dir name).")
     adapter_root: Path | None = Field(None, description="Adapters load only from under this dir.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Adapters to preload: name → path under the root.")
-    backend: str = Field("auto", description="auto (Unsloth on CUDA if installed), unsloth or transformers.")
+    backend: str = Field("auto", description=BACKENDS_HELP)
     load_in_4bit: bool = Field(False, description="4-bit base (bitsandbytes); needs the unsloth backend.")
     default_template: str = Field("alpaca", description="Template for adapters without a manifest and the base model.")
 
@@ -50,8 +52,8 @@ class ServerSettings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        if value not in ("auto", "unsloth", "transformers"):
-            raise ValueError("backend must be auto, unsloth or transformers")
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
         return value
 
     @property

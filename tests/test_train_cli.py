@@ -14,9 +14,9 @@ import pytest
 
 import loraserve
 from contract.fingerprint import base_fingerprint
+from contract.lora import PROJECTIONS as SEVEN_PROJECTIONS
 from contract.manifest import MANIFEST_FILE, adapter_sha256, read_manifest
 from contract.templates import PromptTemplate, resolve_template
-from training.config import SEVEN_PROJECTIONS
 from training.data import AlpacaRow, load_dataset_rows
 
 pytestmark = pytest.mark.slow

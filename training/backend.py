@@ -1,8 +1,9 @@
 """Which library trains: Unsloth on CUDA when installed, plain transformers + PEFT otherwise.
 
-This module is the only place on the training side that imports `unsloth`. Unsloth patches
-transformers and TRL when imported, so `load_model` must run before anything imports trl.
-What a backend cannot do (4-bit, 8-bit Adam without CUDA) is reported and replaced, never a traceback.
+The choice is contract.backend's, shared with the server, and so is the one `import unsloth`: Unsloth
+patches transformers and TRL when imported, so `choose_backend` runs first and `load_model` before
+anything imports trl. What a backend cannot do (4-bit, 8-bit Adam without CUDA) is reported and
+replaced, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from contract.backend import BackendUnavailable
+from contract.backend import choose_backend as choose_library
 from contract.base_config import position_limit
+from contract.lora import is_targeted
 from training.config import ConfigError, TrainConfig
 
 
@@ -25,15 +29,11 @@ class Backend:
 def choose_backend(cfg: TrainConfig, warn: Callable[[str], None] = print) -> Backend:
     import torch
 
-    cuda = torch.cuda.is_available()
-    has_unsloth = importlib.util.find_spec("unsloth") is not None
-    if cfg.backend == "unsloth" and not (cuda and has_unsloth):
-        missing = "CUDA" if not cuda else "the unsloth package (pip install 'loraserve[unsloth]')"
-        raise ConfigError(f"--backend unsloth needs {missing}")
-    name = cfg.backend if cfg.backend != "auto" else ("unsloth" if cuda and has_unsloth else "transformers")
-    backend = Backend(name=name, cuda=cuda)
-    if name == "unsloth":
-        import unsloth  # noqa: F401  first: it patches transformers, which the steps after this import
+    try:
+        name = choose_library(cfg.backend)  # imports unsloth when chosen, before the steps after this
+    except BackendUnavailable as exc:
+        raise ConfigError(f"--backend unsloth needs {exc.missing}") from exc
+    backend = Backend(name=name, cuda=torch.cuda.is_available())
     _fallbacks(cfg, backend, warn)
     return backend
 
@@ -120,6 +120,6 @@ def _load_transformers(cfg: TrainConfig, backend: Backend) -> tuple[Any, Any]:
 def _check_target_modules(model, names) -> None:
     """PEFT raises only when no name matches, so a typo among real names would silently train fewer modules."""
     modules = [full for full, _ in model.named_modules()]
-    missing = [n for n in names if not any(full == n or full.endswith("." + n) for full in modules)]
+    missing = [n for n in names if not any(is_targeted(full, [n]) for full in modules)]
     if missing:
         raise ValueError(f"target modules {missing} not found in the base model")

@@ -1,51 +1,108 @@
-"""Training settings: one dataclass that validates itself, built by the CLI (defaults = Unsloth's notebook)."""
+"""Training settings: one dataclass that validates itself (defaults = Unsloth's notebook).
+
+Each field carries its help text and, where the shell spells it otherwise, how its flag reads: the
+`train` command builds its flags from these fields, so a default or a help text is written here only.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
+from contract.backend import BACKENDS, BACKENDS_HELP
+from contract.lora import PROJECTIONS
 from contract.names import ADAPTER_NAME, ADAPTER_NAME_RULE
 
-SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALPACA_COLUMNS = ("instruction", "input", "output")
-BACKENDS = ("auto", "unsloth", "transformers")
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the flag."""
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A setting as a `train` flag. `decls` names it when the flag is not --field-name (or takes no
+    value); `metavar` names its value where the type's name would not say it. Where the shell's form
+    differs from the setting's (a comma-separated list, repeated FIELD=COLUMN pairs), `type` is the
+    flag's, with its `default`, and `parse` turns its value into the setting."""
+
+    help: str
+    decls: tuple[str, ...] = ()
+    metavar: str | None = None
+    type: Any = None
+    default: Any = None
+    parse: Callable[[Any], Any] | None = None
+
+
+def _setting(value: Any = MISSING, *, help: str, factory: Any = MISSING, **flag: Any) -> Any:
+    """A field with default `value` (or `factory`), and its flag."""
+    return field(default=value, default_factory=factory, metadata={"flag": Flag(help, **flag)})
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _column_mapping(pairs: list[str]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        name, sep, column = pair.partition("=")
+        if not sep or not name or not column:
+            raise ConfigError(f"--column expects FIELD=COLUMN (e.g. output=answer), got {pair!r}")
+        mapping[name.strip()] = column.strip()
+    return mapping
+
+
 @dataclass
 class TrainConfig:
-    base_model: str
-    data: str
-    output: Path
-    template: str = "alpaca"
-    name: str | None = None
-    max_seq_length: int = 2048
-    load_in_4bit: bool = False
-    r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = SEVEN_PROJECTIONS
-    batch_size: int = 2
-    grad_accum: int = 4
-    warmup_steps: int = 5
-    max_steps: int | None = 60
-    epochs: float | None = None
-    lr: float = 2e-4
-    optim: str = "adamw_8bit"
-    weight_decay: float = 0.01
-    scheduler: str = "cosine"
-    seed: int = 3407
-    packing: bool = False
-    train_on_responses_only: bool = False
-    eval_split: float = 0.0
-    columns: dict[str, str] = field(default_factory=dict)
-    backend: str = "auto"
-    overwrite: bool = False
+    base_model: str = _setting(help="Base model: a local dir or a hub id.")
+    data: str = _setting(help="Alpaca data: a hub dataset name or a local .json/.jsonl/.csv/.parquet file.")
+    output: Path = _setting(help="Adapter dir to create (appears only when training succeeded).")
+    template: str = _setting("alpaca", help="Prompt template: alpaca, alpaca-zh, or a template file.")
+    name: str | None = _setting(None, help="Adapter name (default: the output dir's name).")
+    max_seq_length: int = _setting(2048, help="Longest training text in tokens: longer rows are dropped, not cut. "
+                                              "At most the base model's positions.")
+    load_in_4bit: bool = _setting(False, help="Load the base in 4-bit (Unsloth on CUDA, with bitsandbytes; "
+                                              "elsewhere in full precision, with a note).", decls=("--load-in-4bit",))
+    r: int = _setting(16, help="LoRA rank.", decls=("--r",))
+    lora_alpha: int = _setting(16, help="LoRA alpha: the update is scaled by lora_alpha / r.")
+    lora_dropout: float = _setting(0.0, help="Dropout on the LoRA layers' input, in [0, 1).")
+    target_modules: tuple[str, ...] = _setting(
+        PROJECTIONS, help="Comma-separated module names.", metavar="NAMES", type=str, default=", ".join(PROJECTIONS),
+        parse=_names)
+    batch_size: int = _setting(2, help="Rows per batch.")
+    grad_accum: int = _setting(4, help="Batches per optimizer step (gradient accumulation).")
+    warmup_steps: int = _setting(5, help="Steps of learning-rate warm-up.")
+    max_steps: int | None = _setting(60, help="Optimizer steps (ignored when --epochs is given).")
+    epochs: float | None = _setting(None, help="Train for this many epochs instead of --max-steps.")
+    lr: float = _setting(2e-4, help="Peak learning rate.")
+    optim: str = _setting("adamw_8bit", help="Optimizer, by its transformers name. Without CUDA and bitsandbytes, "
+                                             "adamw_8bit becomes adamw_torch.")
+    weight_decay: float = _setting(0.01, help="Weight decay, in [0, 1).")
+    scheduler: str = _setting("cosine", help="Learning-rate schedule, by its transformers name (cosine, linear, "
+                                             "constant, ...).")
+    seed: int = _setting(3407, help="Random seed (LoRA init, data order, the eval split).")
+    packing: bool = _setting(False, help="Pack rows together into sequences of --max-seq-length tokens (TRL).")
+    train_on_responses_only: bool = _setting(False, help="Compute loss on the response only.")
+    eval_split: float = _setting(0.0, help="Fraction of rows held out for evaluation.")
+    columns: dict[str, str] = _setting(
+        factory=dict, help="Map a field to your column: FIELD=COLUMN, e.g. output=answer. Repeatable.",
+        decls=("--column",), metavar="FIELD=COLUMN", type=list[str], default=[], parse=_column_mapping)
+    backend: str = _setting("auto", help=BACKENDS_HELP)
+    overwrite: bool = _setting(False, help="Replace an existing --output (swapped out once the new adapter is "
+                                           "complete).")
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> TrainConfig:
+        """The config from the `train` command's flag values, one per field. Raises ConfigError."""
+        def value(setting):
+            parse = setting.metadata["flag"].parse
+            return parse(flags[setting.name]) if parse else flags[setting.name]
+
+        return cls(**{setting.name: value(setting) for setting in fields(cls)})
 
     def __post_init__(self) -> None:
         self.output = Path(self.output).absolute()

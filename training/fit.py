@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from contract.fingerprint import base_fingerprint
+from contract.lora import PICKLE_SUFFIXES
 from contract.manifest import AdapterManifest, BaseModelInfo, DatasetInfo, LoraInfo, LossInfo, TemplateInfo, write_manifest
 from contract.templates import PromptTemplate, resolve_template
 from training.backend import Backend, choose_backend, load_model
@@ -219,8 +220,8 @@ def _sft_config(SFTConfig, cfg: TrainConfig, backend: Backend, workdir: Path, *,
 
 def _drop_non_safetensors(adapter_dir: Path) -> None:
     """Only safetensors weights leave training: a pickle file is a code-execution risk for whoever loads it."""
-    for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl"):
-        for path in adapter_dir.glob(pattern):
+    for path in adapter_dir.iterdir():
+        if path.suffix in PICKLE_SUFFIXES and path.is_file():
             path.unlink()
 
 

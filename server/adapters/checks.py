@@ -7,23 +7,17 @@ weights are read (onto the CPU) only after their size and shapes passed.
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from contract.lora import (CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterConfig, AdapterConfigError, is_targeted,
+                           parse_lora_key)
 from contract.manifest import MANIFEST_FILE, AdapterManifest, ManifestError, adapter_sha256, read_manifest
 from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_CONFIG_BYTES = 64 * 1024
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED_TRUE = ("use_dora", "use_rslora_lora_ga", "fan_in_fan_out")
-_UNSUPPORTED_NONEMPTY = ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern", "layer_replication")
 
 
 @dataclass
@@ -37,7 +31,8 @@ class BaseShapes:
 @dataclass
 class CheckedAdapter:
     path: Path
-    config: dict
+    config: dict  # adapter_config.json as read
+    lora: AdapterConfig  # what of it the runner applies
     manifest: AdapterManifest | None
     weights_bytes: int
     sha256: str  # of the adapter's own files: the version when there is no manifest
@@ -68,13 +63,13 @@ def check_adapter_dir(path: Path, root: Path, base: BaseShapes, *, max_rank: int
         if pickles:
             raise BadRequest(f"only safetensors adapters are loaded; found pickle files {pickles}", param="path")
         if not manifest_path.exists() and not config_path.is_file():
-            raise BadRequest("not an adapter directory (no adapter_config.json, no weights)", param="path")
+            raise BadRequest(f"not an adapter directory (no {CONFIG_FILE}, no weights)", param="path")
         raise BadRequest(f"{WEIGHTS_FILE} is missing (a directory still being written?)", param="path")
     size = weights.stat().st_size
     if size > max_bytes:
         raise PayloadTooLarge(f"adapter weights are {size} bytes; the limit is {max_bytes}", param="path")
     config = _read_config(config_path)
-    _check_config(config, max_rank=max_rank)
+    lora = _lora_config(config, max_rank=max_rank)
     manifest = _read_manifest(path)
     if manifest is not None and manifest.base_model.fingerprint != base.fingerprint:
         raise Conflict(
@@ -86,8 +81,8 @@ def check_adapter_dir(path: Path, root: Path, base: BaseShapes, *, max_rank: int
         # copied in, and the version it names would be a lie.
         raise BadRequest(f"the adapter files do not match {MANIFEST_FILE} (adapter_sha256): changed after "
                          "training, or still being written", param="path")
-    _check_weight_shapes(weights, config, base)
-    return CheckedAdapter(path=path, config=config, manifest=manifest, weights_bytes=size, sha256=sha)
+    _check_weight_shapes(weights, lora, base)
+    return CheckedAdapter(path=path, config=config, lora=lora, manifest=manifest, weights_bytes=size, sha256=sha)
 
 
 def load_weights(checked: CheckedAdapter) -> dict[str, torch.Tensor]:
@@ -96,19 +91,9 @@ def load_weights(checked: CheckedAdapter) -> dict[str, torch.Tensor]:
     return load_file(str(checked.path / WEIGHTS_FILE), device="cpu")
 
 
-def lora_config(checked: CheckedAdapter):
-    from peft import LoraConfig
-
-    cfg = checked.config
-    return LoraConfig(
-        r=int(cfg["r"]),
-        lora_alpha=cfg.get("lora_alpha", cfg["r"]),
-        lora_dropout=0.0,
-        target_modules=cfg["target_modules"],
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        bias="none",
-        inference_mode=True,
-    )
+def lora_config(checked: CheckedAdapter) -> AdapterConfig:
+    """The LoRA settings the runner attaches the weights with (rank, scaling)."""
+    return checked.lora
 
 
 def _inside_root(path: Path, root: Path) -> Path:
@@ -134,31 +119,17 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _check_config(config: dict, *, max_rank: int) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise BadRequest(f"only LoRA adapters are served; this is {config.get('peft_type')!r}", param="path")
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise BadRequest(f"{CONFIG_FILE}: 'r' must be a positive integer, got {r!r}", param="path")
-    if r > max_rank:
-        raise BadRequest(f"{CONFIG_FILE}: rank {r} is over this server's limit of {max_rank}", param="path")
-    alpha = config.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        raise BadRequest(f"{CONFIG_FILE}: 'lora_alpha' must be a positive number, got {alpha!r}", param="path")
-    targets = config.get("target_modules")
-    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
-        raise BadRequest(f"{CONFIG_FILE}: 'target_modules' must be a non-empty list of names", param="path")
-    for key in _UNSUPPORTED_TRUE:
-        if config.get(key):
-            raise BadRequest(f"{CONFIG_FILE}: {key}=true is not supported", param="path")
-    for key in _UNSUPPORTED_NONEMPTY:
-        if config.get(key):
-            raise BadRequest(f"{CONFIG_FILE}: {key} is not supported", param="path")
-    if config.get("bias", "none") != "none":
-        raise BadRequest(f"{CONFIG_FILE}: bias={config.get('bias')!r} is not supported (only 'none')", param="path")
+def _lora_config(config: dict, *, max_rank: int) -> AdapterConfig:
+    try:
+        lora = AdapterConfig.from_json(config)
+    except AdapterConfigError as exc:
+        raise BadRequest(str(exc), param="path") from exc
+    if lora.r > max_rank:
+        raise BadRequest(f"{CONFIG_FILE}: rank {lora.r} is over this server's limit of {max_rank}", param="path")
+    return lora
 
 
-def _check_weight_shapes(weights: Path, config: dict, base: BaseShapes) -> None:
+def _check_weight_shapes(weights: Path, lora: AdapterConfig, base: BaseShapes) -> None:
     from safetensors import safe_open
 
     try:
@@ -170,28 +141,27 @@ def _check_weight_shapes(weights: Path, config: dict, base: BaseShapes) -> None:
         raise BadRequest(f"{WEIGHTS_FILE} holds no tensors", param="path")
     found: dict[str, set[str]] = {}
     for key, shape in shapes.items():
-        m = _KEY.match(key)
-        if not m:
+        parsed = parse_lora_key(key)
+        if parsed is None:
             raise Invalid(f"{WEIGHTS_FILE}: tensor {key!r} is not a LoRA A/B weight", param="path")
-        module = m["module"]
-        if module not in base.linear:
-            raise Invalid(f"adapter targets {module!r}, which this base model does not have", param="path")
-        _check_shape(key, shape, m["part"], base.linear[module], config["r"])
-        found.setdefault(module, set()).add(m["part"])
-    _check_coverage(found, config["target_modules"], base)
+        if parsed.module not in base.linear:
+            raise Invalid(f"adapter targets {parsed.module!r}, which this base model does not have", param="path")
+        _check_shape(key, shape, parsed.part, base.linear[parsed.module], lora.r)
+        found.setdefault(parsed.module, set()).add(parsed.part)
+    _check_coverage(found, list(lora.target_modules), base)
 
 
 def _check_coverage(found: dict[str, set[str]], targets: list[str], base: BaseShapes) -> None:
     """The tensors must be exactly the A and B of every module target_modules selects (PEFT's suffix
     match); otherwise PEFT fails on the model thread, or leaves modules at their random init."""
-    targeted = {m for m in base.linear if any(m == t or m.endswith("." + t) for t in targets)}
+    targeted = {m for m in base.linear if is_targeted(m, targets)}
     if not targeted:
         raise Invalid(f"target_modules {targets} match no module of this base model", param="path")
     extra = sorted(set(found) - targeted)
     if extra:
         raise Invalid(f"{WEIGHTS_FILE} has weights for {extra[0]!r}, which is not in target_modules {targets}",
                       param="path")
-    incomplete = sorted(m for m in targeted if found.get(m) != {"lora_A", "lora_B"})
+    incomplete = sorted(m for m in targeted if found.get(m) != {"A", "B"})
     if incomplete:
         raise Invalid(f"{WEIGHTS_FILE} has no weights for {incomplete[0]!r} (lora_A and lora_B), which "
                       f"target_modules {targets} selects", param="path")
@@ -199,7 +169,7 @@ def _check_coverage(found: dict[str, set[str]], targets: list[str], base: BaseSh
 
 def _check_shape(key: str, shape: tuple, part: str, in_out: tuple[int, int], r: int) -> None:
     in_features, out_features = in_out
-    expected = (r, in_features) if part == "lora_A" else (out_features, r)
+    expected = (r, in_features) if part == "A" else (out_features, r)
     if shape != expected:
         raise Invalid(f"{key}: shape {list(shape)} does not fit this base model (expected {list(expected)})", param="path")
 

@@ -1,6 +1,6 @@
 """The adapter registry: names → live versions, and the load / reload / unload protocol.
 
-A load validates the directory (adapter_files) off the event loop, then attaches the weights on the
+A load validates the directory (checks) off the event loop, then attaches the weights on the
 engine's worker thread under a fresh internal key, and only then publishes the name → version
 mapping. Requests hold a reference to the version they started with, so a reload never changes a
 running request; the old version is detached once its last request finishes. A failed load leaves
@@ -178,7 +178,7 @@ class AdapterRegistry:
         manifest = checked.manifest
         version = manifest.version if manifest else checked.sha256[:12]
         return AdapterVersion(
-            name=name, version=version, key=f"{name}__{next(self._keys)}", path=path, rank=int(checked.config["r"]),
+            name=name, version=version, key=f"{name}__{next(self._keys)}", path=path, rank=checked.lora.r,
             template=self._template_of(manifest), eos_token=manifest.eos_token if manifest else None,
             stop=tuple(manifest.stop) if manifest else (), manifest=manifest, loaded_at=time.time(), load_seconds=0.0,
         )

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 from server.engine.kv_cache import SlotKVCache
-from contract.lora import PROJECTIONS
-from server.engine.lora_slots import LoraSlots
 from server.engine.fused import Kernels
+from server.engine.lora_slots import LoraSlots
 from server.engine.projections import layer_projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -198,7 +198,7 @@ def projection_shapes(model) -> dict[tuple[int, str], tuple[int, int]]:
     shapes = {}
     for index, layer in enumerate(model.model.layers):
         for name in PROJECTIONS:
-            parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+            parent = layer.mlp if name in MLP_PROJECTIONS else layer.self_attn
             module = getattr(parent, name)
             shapes[(index, name)] = (int(module.in_features), int(module.out_features))
     return shapes

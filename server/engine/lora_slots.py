@@ -26,14 +26,12 @@ nothing of requests: callers pin a slot with `acquire` and unpin it with `releas
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_KEY = re.compile(r"layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+from contract.lora import PROJECTIONS, parse_lora_key
 
 
 @dataclass
@@ -180,12 +178,12 @@ def _host_weights(state_dict: dict[str, torch.Tensor], shapes: dict[tuple[int, s
                   rank: int, scaling: float, dtype) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        match = _KEY.search(key)
-        name = (int(match["layer"]), match["proj"]) if match else None
+        parsed = parse_lora_key(key)
+        name = (parsed.layer, parsed.projection) if parsed else None
         if name not in shapes:
             raise ValueError(f"{key!r} is not a LoRA weight of a servable projection "
                              f"({', '.join(PROJECTIONS)} of layers 0-{max(l for l, _ in shapes)})")
-        parts.setdefault(name, {})[match["part"]] = tensor
+        parts.setdefault(name, {})[parsed.part] = tensor
     weights = {}
     for name, ab in parts.items():
         if set(ab) != {"A", "B"}:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contract.lora import PROJECTIONS
+from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 
 # The decoder's groups, in the order their outputs are concatenated.
 GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o_proj", ("o_proj",)),
@@ -41,7 +41,7 @@ def layer_projections(layer) -> dict[str, GroupProjection]:
 
 
 def _module(layer, name: str) -> nn.Module:
-    return getattr(layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn, name)
+    return getattr(layer.mlp if name in MLP_PROJECTIONS else layer.self_attn, name)
 
 
 def _fusable(modules: list[nn.Module]) -> bool:

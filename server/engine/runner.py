@@ -1,22 +1,25 @@
 """The loaded model with the engine-owned state around it: KV cache slots and LoRA slots.
 
-This is the only module on the server side that imports `unsloth`; it does so only when the
-Unsloth backend is chosen (CUDA and the package present, or asked for). Unsloth is the loader there
-(its fast 16-bit and 4-bit loading); the forward pass is always our decoder, which reads the base
+The backend is contract.backend's choice, shared with training; the `import unsloth` that must come
+before transformers happens there, once, when the Unsloth backend is chosen (CUDA and the package
+present, or asked for), and this module's Unsloth loader runs only after it. Unsloth is the loader
+there (its fast 16-bit and 4-bit loading); the forward pass is always our decoder, which reads the base
 weights through the model's modules and applies every row's adapter itself (Unsloth's fused decode
 ignores per-row adapters: DESIGN.md). Every method must be called from the engine's worker thread.
 
-Adapters arrive as a LoRA config and a state dict we read and checked ourselves (never a path
+Adapters arrive as a contract AdapterConfig and a state dict we read and checked ourselves (never a path
 handed to a loader that might fall back to pickle); they are never merged into the base weights.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+
 import torch
 
+from contract.backend import choose_backend
 from contract.base_config import position_limit
+from contract.lora import AdapterConfig, lora_scaling
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.decoder import Decoder, Step, check_architecture, projection_shapes
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
@@ -66,28 +69,16 @@ class ModelRunner:
     def attached(self) -> set[str]:
         return set(self.lora.host)
 
-    def attach(self, key: str, lora_config, state_dict: dict[str, torch.Tensor]) -> None:
+    def attach(self, key: str, lora_config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> None:
         """Keep adapter `key` ready to serve: host copy now, a device slot when a request needs it.
         Raises ValueError when it does not fit this model or this server's rank limit."""
         rank = int(lora_config.r)
         if rank > self.max_lora_rank:
             raise ValueError(f"rank {rank} is over this server's limit of {self.max_lora_rank}")
-        scaling = lora_config.lora_alpha / (rank ** 0.5 if lora_config.use_rslora else rank)
-        self.lora.add(key, rank=rank, scaling=scaling, state_dict=state_dict)
+        self.lora.add(key, rank=rank, scaling=lora_scaling(lora_config), state_dict=state_dict)
 
     def detach(self, key: str) -> None:
         self.lora.remove(key)
-
-
-def choose_backend(requested: str) -> str:
-    cuda = torch.cuda.is_available()
-    has_unsloth = importlib.util.find_spec("unsloth") is not None
-    if requested == "unsloth" and not (cuda and has_unsloth):
-        raise RuntimeError("backend 'unsloth' needs CUDA and the unsloth package (pip install 'loraserve[unsloth]')")
-    chosen = ("unsloth" if cuda and has_unsloth else "transformers") if requested == "auto" else requested
-    if chosen == "unsloth":
-        import unsloth  # noqa: F401  first: it patches transformers, which loading imports (position_limit too)
-    return chosen
 
 
 def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int = 4096,
