@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.transfer import to_device
+
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit value (SplitMix64's increment)
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MIX2 = -7723592293110705685  # 0x94D049BB133111EB
@@ -64,7 +66,7 @@ def row_params(seqs: list, device) -> RowParams:
                             p.repetition_penalty, 1.0 if p.do_sample else 0.0] for p in params], dtype=torch.float32)
     ints = torch.tensor([[p.top_k if p.do_sample else 0, _row_key(seq.seed or 0, len(seq.generated) + seq.in_flight)]
                          for p, seq in zip(params, seqs)], dtype=torch.long)
-    floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
+    floats, ints = to_device(floats, device), to_device(ints, device)
     penalized = any(p.repetition_penalty != 1.0 for p in params)
     return RowParams(
         sample=floats[:, 3] > 0, temperature=floats[:, 0:1].clamp_min(1e-5), top_p=floats[:, 1:2],
@@ -180,4 +182,4 @@ def _seen_ids(seqs: list, device) -> torch.Tensor:
     ids = [seq.prompt_ids + seq.generated for seq in seqs]
     width = max(len(row) for row in ids)
     padded = torch.tensor([row + [row[0]] * (width - len(row)) for row in ids], dtype=torch.long)
-    return padded.to(device, non_blocking=True)
+    return to_device(padded, device)
