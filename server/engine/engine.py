@@ -14,7 +14,6 @@ own LoRA); a newcomer joins at the next step and a finished sequence leaves at o
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
