@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import sys
 import time
 from collections import Counter
 
@@ -22,6 +23,7 @@ from server.engine.engine import Engine
 from server.engine.events import FinalEvent
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
+from server.settings import ServerSettings
 
 RANK, ADAPTERS, PROMPT = 16, 8, 128
 
@@ -70,6 +72,16 @@ async def wave(engine: Engine, streams: int, new: int, *, sampled: bool) -> floa
     return time.perf_counter() - started
 
 
+def timed(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
+    """Without the profiler (its own cost off): tok/s and wall ms per step (for a host-side sampler)."""
+    asyncio.run(wave(engine, streams, new, sampled=sampled))
+    steps_before = engine.stats.steps
+    wall = asyncio.run(wave(engine, streams, new, sampled=sampled))
+    steps = engine.stats.steps - steps_before
+    print(f"== {streams} streams {'sampled' if sampled else 'greedy'}: {streams * new / wall:.0f} tok/s, "
+          f"wall {wall / steps * 1000:.2f} ms/step")
+
+
 def profile(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -95,7 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", default="1,8,64")
     parser.add_argument("--new", type=int, default=48)
+    parser.add_argument("--plain", action="store_true", help="time only, no torch.profiler")
     args = parser.parse_args()
+    sys.setswitchinterval(ServerSettings.model_fields["gil_switch_seconds"].default)  # as the server runs
     model, tokenizer = random_8b()
     runner = ModelRunner(model, tokenizer, backend="transformers", max_context=1024, kv_slots=64, adapter_slots=ADAPTERS,
                          max_lora_rank=RANK)
@@ -114,7 +128,7 @@ def main() -> None:
     try:
         for streams in (int(s) for s in args.streams.split(",")):
             for sampled in (False, True):
-                profile(engine, streams, args.new, sampled=sampled)
+                (timed if args.plain else profile)(engine, streams, args.new, sampled=sampled)
     finally:
         engine.stop()
 
