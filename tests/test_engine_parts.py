@@ -165,3 +165,24 @@ def test_decode_rows_cover_every_slot_and_prefilling_ones_ride_along():
     assert step.positions[2:].tolist() == list(range(16))  # the newcomer's first chunk
     assert step.logit_rows.tolist() == [0]
     assert plan_step([], [], cache=cache, chunk_tokens=16, device=CPU) is None
+
+
+# -- detokenizing ------------------------------------------------------------------------------------------------
+
+
+def test_tokens_without_text_do_not_grow_what_each_push_decodes():
+    """Ids that decode to nothing (skipped specials, ids past the vocabulary) used to keep the decode
+    window open for ever: every push decoded the whole tail again (quadratic in the answer's length)."""
+    from server.engine.detokenize import Detokenizer
+
+    class Silent:  # "a" for id 1, nothing for every other id
+        longest = 0
+
+        def decode(self, ids, **_):
+            Silent.longest = max(Silent.longest, len(ids))
+            return "".join("a" for i in ids if i == 1)
+
+    detok = Detokenizer(Silent())
+    text = "".join(detok.push(1 if i % 50 == 0 else 7) for i in range(500))
+    assert text == "a" * 10
+    assert Silent.longest <= 10

@@ -8,6 +8,9 @@ character. Text that could still turn into a stop string is held back until it c
 from __future__ import annotations
 
 
+_CONTEXT = 6  # tokens decoded before the new ones, for the spacing rules of the tokens around them
+
+
 class Detokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -20,9 +23,15 @@ class Detokenizer:
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if full.endswith("\ufffd"):  # an incomplete character: wait for the tokens that complete it
+            return ""
+        if len(full) > len(prefix):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
+        # No text (a skipped special token, an id the tokenizer does not know): nothing is pending, so
+        # the window moves on; else every later push would decode an ever longer tail (quadratic).
+        self.read_offset = len(self.ids)
+        self.prefix_offset = max(self.prefix_offset, self.read_offset - _CONTEXT)
         return ""
 
     def flush(self) -> str:
