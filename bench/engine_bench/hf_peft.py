@@ -60,6 +60,7 @@ class HFRun:
 
 
 def sampling_kwargs(sampled: bool, seed: int) -> dict:
+    """generate's sampling arguments; sampling also seeds torch's global generator, which every row draws from."""
     if not sampled:
         return {"do_sample": False}
     torch.manual_seed(seed)

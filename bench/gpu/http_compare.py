@@ -11,7 +11,7 @@ one process, as its CLI does (add_cli_args, then main), so vLLM is imported once
 Each run is bounded (--run-timeout), and none starts past --deadline: those are recorded as skipped.
 Every run's own result file lands in OUT, and OUT/bench_serve_LABEL.json lists them all.
 
-table prints the comparison from OUT: start-up times, bench/serving.py on the native route
+table prints the comparison from OUT: start-up times (startup_NAME.json), bench/serving.py on the native route
 (native_greedy.json, native_sampled.json) and the bench-serve runs of each server, with ours / vLLM ratios;
 and writes OUT/summary.json.
 """
@@ -210,7 +210,7 @@ def ratio(row: dict, other: dict, level: int) -> float | None:
 def table(args) -> int:
     out = Path(args.out)
     rows = native_rows(out) + bench_serve_rows(out)
-    startup = read_json(out / "startup.json") or {}
+    startup = {path.stem.removeprefix("startup_"): read_json(path) for path in sorted(out.glob("startup_*.json"))}
     levels = sorted({level for row in rows for level in row["cells"]})
     print("\nHTTP, both servers on the same files, adapters round-robin, lengths forced (ignore_eos): output tok/s "
           "(TTFT p50 ms) per concurrency; sampled = temperature 1, top_p 0.95")

@@ -11,7 +11,9 @@
 #    /v1/chat/completions, greedy (temperature 0) and sampled (temperature 1, top_p 0.95)
 # 3. vLLM's OpenAI server on the same files (../shared/gpu/vllm/README.md's command): start-up to /v1/models 200,
 #    the same client runs
-# 4. a table (http_compare.py table), also in OUT_DIR/table.txt; every result as JSON in OUT_DIR.
+# 4. a table (http_compare.py table), also in OUT_DIR/table.txt; every result as JSON in OUT_DIR. The files of
+#    two calls (PHASES=ours, then PHASES=vllm) do not collide: copied into one folder, `python3
+#    bench/gpu/http_compare.py table DIR` prints the whole comparison.
 #
 # 128-token prompts, exactly 128 new tokens (ignore_eos), adapters round-robin, 2 x concurrency prompts (at least
 # 8) per level. Time-bounded: the whole script within BUDGET_S (540); our phases stop early enough to leave
@@ -40,7 +42,8 @@ now() { date +%s.%N; }
 left() { echo $(( t0 + budget - $(date +%s) )); }
 ours_left() { echo $(( $(left) - reserve )); }
 cap() { local a=$1 b=$2; echo $(( a < b ? a : b )); }
-startup=()  # "name": seconds or a reason, for startup.json
+# NAME SECONDS|'"REASON"': a file per server, so that the OUT_DIRs of two calls (PHASES=ours, PHASES=vllm) merge
+startup() { echo "$2" > "$out/startup_$1.json"; }
 
 [ "${SKIP_SETUP:-0}" = 1 ] || source bench/gpu/setup.sh  # SKIP_SETUP=1: a CPU dry run of the script itself
 
@@ -90,7 +93,7 @@ if has "$phases" ours; then
     LORASERVE_DRAIN_SECONDS=2 python3 -m loraserve serve --port 8011 --log-level warning > "$out/ours_server.log" 2>&1 &
   ours=$!
   if ready=$(wait_ready http://127.0.0.1:8011/ready "$ours" "$(cap 300 "$(ours_left)")" "$started"); then
-    echo "ours ready after ${ready}s"; startup+=("\"ours\": $ready")
+    echo "ours ready after ${ready}s"; startup ours "$ready"
     curl -s localhost:8011/info > "$out/ours_info.json"
     for mode in ${sampling//,/ }; do
       limit=$(cap 240 "$(ours_left)")
@@ -104,7 +107,7 @@ if has "$phases" ours; then
     done
     bench_serve ours http://127.0.0.1:8011 $(( t0 + budget - reserve ))
   else
-    echo "ours not ready (see ours_server.log)"; startup+=('"ours": "not ready"'); tail -5 "$out/ours_server.log"
+    echo "ours not ready (see ours_server.log)"; startup ours '"not ready"'; tail -5 "$out/ours_server.log"
   fi
   stop_group "$ours"
 fi
@@ -112,7 +115,7 @@ fi
 # -- 3. vLLM --------------------------------------------------------------------------------------------------------
 if has "$phases" vllm; then
   if [ ! -f "$vllm_env" ]; then
-    echo "no $vllm_env: install vLLM first (../shared/gpu/vllm/README.md)"; startup+=('"vllm": "not installed"')
+    echo "no $vllm_env: install vLLM first (../shared/gpu/vllm/README.md)"; startup vllm '"not installed"'
   else
     nvidia-smi --query-gpu=memory.used --format=csv,noheader
     loras=(); for i in 0 1 2 3 4 5 6 7; do loras+=("a$i=$files/adapters/a$i"); done
@@ -124,16 +127,15 @@ if has "$phases" vllm; then
       > "$out/vllm_server.log" 2>&1 &
     vllm=$!
     if ready=$(wait_ready http://127.0.0.1:8001/v1/models "$vllm" "$(cap 300 $(( $(left) - 60 )))" "$started"); then
-      echo "vllm ready after ${ready}s"; startup+=("\"vllm\": $ready")
+      echo "vllm ready after ${ready}s"; startup vllm "$ready"
       bench_serve vllm http://127.0.0.1:8001 $(( t0 + budget - 20 ))
     else
-      echo "vllm not ready (see vllm_server.log)"; startup+=('"vllm": "not ready"'); tail -5 "$out/vllm_server.log"
+      echo "vllm not ready (see vllm_server.log)"; startup vllm '"not ready"'; tail -5 "$out/vllm_server.log"
     fi
     stop_group "$vllm"
   fi
 fi
 
 # -- 4. the table ---------------------------------------------------------------------------------------------------
-(IFS=,; echo "{${startup[*]}}") > "$out/startup.json"
 python3 bench/gpu/http_compare.py table "$out" | tee "$out/table.txt"
 echo "total $(( $(date +%s) - t0 ))s"
