@@ -1,4 +1,4 @@
-"""Plot benchmark JSON: aggregate tok/s against concurrent streams per method (bench/engine_bench.py), and,
+"""Plot benchmark JSON: aggregate tok/s against concurrent streams per method (python -m bench.engine_bench), and,
 given bench/serving.py results, server tok/s and latency against concurrency. Writes one PNG.
 
     python bench/plot_results.py engine.json --out engine.png
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-METHOD_ORDER = ("hf_peft", "hf_static", "unsloth", "ours")
+METHOD_ORDER = ("hf_peft", "hf_static", "unsloth", "vllm", "ours")
 
 
 def load_pyplot():
@@ -32,9 +32,10 @@ def load_pyplot():
 
 
 def decode_points(method: dict) -> list[tuple[int, float]]:
-    """(streams, tok/s) of the adapter scenarios that ran: bs1 and streamsN, not the base or TTFT ones."""
+    """(streams, tok/s) of the greedy adapter scenarios that ran: bs1 and streamsN, not the base, sampled or
+    TTFT ones."""
     points = [(r["streams"], r["tok_s"]) for name, r in method.get("scenarios", {}).items()
-              if "tok_s" in r and not name.endswith("_base")]
+              if "tok_s" in r and not name.endswith(("_base", "_sampled"))]
     return sorted(points)
 
 
@@ -42,7 +43,7 @@ def roofline_points(engine: dict) -> list[tuple[int, float]]:
     points = []
     for name, bound in engine["roofline"]["scenarios"].items():
         own = bound.get(str(bound.get("distinct_adapters")))
-        if own and not name.endswith("_base"):
+        if own and not name.endswith(("_base", "_sampled")):
             points.append((bound["streams"], own["tok_s"]))
     return sorted(points)
 
@@ -96,7 +97,7 @@ def plot_serving(ax_tput, ax_latency, runs: dict[str, dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("engine", nargs="+", help="bench/engine_bench.py --json output(s)")
+    p.add_argument("engine", nargs="+", help="python -m bench.engine_bench --json output(s)")
     p.add_argument("--serving", action="append", default=[], help="bench/serving.py --json output (repeatable)")
     p.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Smoke test of the in-process engine benchmark (bench/engine_bench.py) on CPU with the tiny model.
+"""Smoke test of the in-process engine benchmark (python -m bench.engine_bench) on CPU with the tiny model.
 
 Checks that the harness runs end to end and its bookkeeping is consistent; never asserts on speed.
 """
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ SCENARIOS = {"bs1": 1, "streams8": 8}  # name -> streams
 def test_engine_bench_hf_peft_and_ours(tmp_path):
     out = tmp_path / "engine.json"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))  # the tiny model builds here, not in ~/.cache
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "engine_bench.py"), "--model", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "bench.engine_bench", "--model", "tiny",
                            "--quick", "--methods", "hf_peft,ours", "--scenarios", ",".join(SCENARIOS),
                            "--input-len", "16", "--output-len", str(OUTPUT_LEN), "--json", str(out)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
@@ -75,3 +76,112 @@ def check_scenarios(method: dict) -> None:
         assert record["tok_s"] > 0 and record["wall_s"] > 0 and record["pct_roofline"] > 0
         assert 0 < record["ttft_ms"]["p50"] <= record["wall_s"] * 1000
         assert record["tpot_ms"]["p50"] > 0
+
+
+def run_bench(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "engine.json"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "bench.engine_bench", "--model", "tiny", "--quick",
+                           "--input-len", "16", "--output-len", str(OUTPUT_LEN), "--json", str(out), *extra],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, json.loads(out.read_text())
+
+
+def test_engine_bench_sampled_scenarios(tmp_path):
+    proc, result = run_bench(tmp_path, "--methods", "ours", "--scenarios", ",".join(SCENARIOS), "--sampling", "sampled")
+    sampled = [f"{name}_sampled" for name in SCENARIOS]
+    assert result["config"]["scenario_variants"] == sampled and result["config"]["sampling"] == ["sampled"]
+    rows = [line.split()[0] for line in proc.stdout.splitlines() if line.split()]
+    assert set(sampled) <= set(rows), proc.stdout
+    ours = result["methods"]["ours"]
+    assert ours["error"] is None, ours["error"]
+    assert set(ours["scenarios"]) == set(sampled)
+    for name, streams in SCENARIOS.items():
+        record = ours["scenarios"][f"{name}_sampled"]
+        assert record["streams"] == streams and record["tokens"] == OUTPUT_LEN * streams, record
+        assert record["short_rows"] == 0 and record["tok_s"] > 0 and record["pct_roofline"] > 0
+    assert result["match"] == {} and result["divergence"] == {}  # sampled rows are never compared token for token
+
+
+FAKE_VLLM = '''
+"""A stand-in for vllm with its offline API's names: checks what the benchmark's child sends, answers with
+max_tokens tokens, and logs every call."""
+import json, os, sys
+__version__ = "0.0-fake"
+LOG = os.environ["FAKE_VLLM_LOG"]
+
+def log(**entry):
+    with open(LOG, "a") as fh:
+        fh.write(json.dumps(entry) + "\\n")
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+class LLM:
+    def __init__(self, model, **kwargs):
+        log(event="init", model=model, kwargs=kwargs, heavy=[m for m in ("torch", "transformers") if m in sys.modules])
+        self.llm_engine = None
+
+    def generate(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        log(event="generate", rows=len(prompts), prompt_len=len(prompts[0]["prompt_token_ids"]),
+            params=[p.kwargs for p in sampling_params],
+            loras=[None if r is None else [r.lora_name, r.lora_int_id, os.path.isfile(os.path.join(r.lora_path,
+                   "adapter_config.json"))] for r in loras])
+        return [Output(p["prompt_token_ids"][-1], s.kwargs["max_tokens"]) for p, s in zip(prompts, sampling_params)]
+
+class Output:
+    def __init__(self, token, n):
+        self.outputs = [type("Completion", (), {"token_ids": [token] * n})()]
+'''
+
+
+def fake_vllm_env(tmp_path) -> tuple[str, str]:
+    site = tmp_path / "fake_site"
+    request = "from dataclasses import dataclass\n\n\n@dataclass\nclass LoRARequest:\n" + "".join(
+        f"    {field}\n" for field in ("lora_name: str", "lora_int_id: int", "lora_path: str"))
+    for name, text in {"vllm/__init__.py": FAKE_VLLM, "vllm/inputs.py": "TokensPrompt = dict\n",
+                       "vllm/lora/__init__.py": "", "vllm/lora/request.py": request}.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text)
+    env_file, log = tmp_path / "vllm_env.sh", tmp_path / "fake_vllm.log"
+    # As /tmp/vllm_env.sh does on the GPU machine, only with the fake in place of /tmp/vllm_site.
+    env_file.write_text(f"export PYTHONPATH={site} PATH={Path(sys.executable).parent}:$PATH FAKE_VLLM_LOG={log}\n")
+    return str(env_file), str(log)
+
+
+def test_engine_bench_vllm_child_with_a_fake_vllm(tmp_path):
+    """The vllm method end to end on CPU: files and spec out, a child in the environment the env file gives
+    (none of our dependencies imported there), the offline API called as the vLLM README says, records back."""
+    env_file, log = fake_vllm_env(tmp_path)
+    proc, result = run_bench(tmp_path, "--methods", "ours,vllm", "--scenarios", "bs1,streams8,ttft512",
+                             "--waves", "2", "--vllm-env", env_file)
+    assert "ours/vllm" in proc.stdout and "sampled / greedy" in proc.stdout
+    vllm = result["methods"]["vllm"]
+    assert vllm["error"] is None and not vllm["skipped"], vllm
+    assert vllm["startup_s"] is not None and vllm["versions"]["vllm"] == "0.0-fake"
+    for name, streams in SCENARIOS.items():
+        for variant in (name, f"{name}_sampled"):
+            record = vllm["scenarios"][variant]
+            assert record["streams"] == streams and record["tokens"] == OUTPUT_LEN * streams, record
+            assert record["short_rows"] == 0 and len(record["waves_tok_s"]) == 2 and record["pct_roofline"] > 0
+    assert vllm["scenarios"]["ttft512"]["reps"] == 3 and vllm["scenarios"]["ttft512"]["prompt_len"] == 64
+    assert len(vllm["token_ids"]["streams8"]) == 8 and set(result["match_vllm"]) == set(SCENARIOS)
+
+    calls = [json.loads(line) for line in Path(log).read_text().splitlines()]
+    init = calls[0]
+    assert init["event"] == "init" and init["heavy"] == [], init
+    assert {k: init["kwargs"][k] for k in ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
+                                           "enable_prefix_caching", "max_num_seqs")} == {
+        "enable_lora": True, "max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 4, "enable_prefix_caching": False,
+        "max_num_seqs": 64}
+    eight = [c for c in calls[1:] if c["rows"] == 8 and c["params"][0]["max_tokens"] == OUTPUT_LEN]
+    assert len(eight) == 4  # streams8 greedy and sampled, two waves each (warm-ups are shorter)
+    for call in eight:
+        assert [lora[:2] for lora in call["loras"]] == [[f"a{i % 4}", i % 4 + 1] for i in range(8)]
+        assert all(lora[2] for lora in call["loras"])  # a PEFT dir on disk
+        length = {"max_tokens": OUTPUT_LEN, "min_tokens": OUTPUT_LEN, "ignore_eos": True}
+        for row, params in enumerate(call["params"]):
+            assert params in ({**length, "temperature": 0}, {**length, "temperature": 1.0, "top_p": 0.95, "seed": row})

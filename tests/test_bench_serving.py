@@ -24,7 +24,9 @@ def test_serving_bench_closed_and_open_loop(tiny_model_dir, trained_adapters, tm
     with LiveServer(tiny_model_dir, trained_adapters.root,
                     adapters={"facts-en": "facts-en", "facts-zh": "facts-zh"}) as server:
         runs = [(["--concurrency", "1,4", "--requests", "8", "--warmup", "2"], out),
-                (["--rates", "4", "--requests", "6"], tmp_path / "rate.json")]
+                (["--rates", "4", "--requests", "6"], tmp_path / "rate.json"),
+                (["--concurrency", "2", "--requests", "2", "--requests-per-stream", "2", "--route", "completions",
+                  "--sampled", "--adapter-dist", "round-robin", "--warmup", "0"], tmp_path / "openai.json")]
         for extra, path in runs:
             proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "serving.py"), "--url", server.url,
                                    *common, *extra, "--json", str(path)],
@@ -32,6 +34,7 @@ def test_serving_bench_closed_and_open_loop(tiny_model_dir, trained_adapters, tm
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert "tok/s" in proc.stdout
 
+    check_openai_sampled(json.loads((tmp_path / "openai.json").read_text()))
     closed, rate = json.loads(out.read_text()), json.loads((tmp_path / "rate.json").read_text())
     assert set(closed["machine"]["server_info"]["adapters"]) == {"facts-en", "facts-zh"}
     levels = closed["levels"] + rate["levels"]
@@ -53,3 +56,14 @@ def test_serving_bench_closed_and_open_loop(tiny_model_dir, trained_adapters, tm
         assert sum(s["not_length"].values()) == len(early) <= len(requests) // 2, s["not_length"]
         assert s["total_output_tokens"] == sum(r["generated_tokens"] for r in requests)
         assert set(s["adapters"]) <= {"facts-en", "facts-zh"}
+
+
+def check_openai_sampled(result: dict) -> None:
+    """/v1/completions streamed, sampled with a seed per request, adapters in turn: every request completes
+    and usage gives its token count."""
+    (level,) = result["levels"]
+    assert result["args"]["route"] == "completions" and result["args"]["sampled"]
+    assert (level["level"], level["requested"], level["completed"]) == (2, 4, 4), level["errors"]
+    assert level["adapters"] == {"facts-en": 2, "facts-zh": 2}
+    assert all(0 < r["generated_tokens"] <= OUTPUT_LEN and r["prompt_tokens"] for r in level["requests"])
+    assert level["ttft_ms"]["p50"] <= level["e2e_ms"]["p50"]
