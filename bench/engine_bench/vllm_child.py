@@ -124,6 +124,8 @@ def run_vllm(work, disk, *, env_file: str, timeout: float, gpu_memory_utilizatio
         if offload:
             work.model.to("cpu")
             release_cuda_memory()
+            free, total = torch.cuda.mem_get_info()  # vLLM asks for gpu_memory_utilization x total of it
+            print(f"  GPU memory free for vLLM: {free / 2**30:.1f} of {total / 2**30:.1f} GiB", file=sys.stderr)
         try:
             code = run_child(child_command(env_file, spec_path), timeout=timeout)
         finally:
