@@ -9,6 +9,10 @@ for an adapter, a device adapter slot) is free, then its prompt is prefilled in 
 `prefill_chunk_tokens`, inside the same forward passes that advance every running sequence by one
 token. All running sequences share each pass whatever their adapters (the runner applies each row's
 own LoRA); a newcomer joins at the next step and a finished sequence leaves at once, freeing its slot.
+
+One step is in flight while the host reads the one before it: `_iterate` launches step N+1 (forward pass
+and token choice queued on the device), then turns step N's tokens into events. The host's work hides
+behind the device's instead of adding to it.
 """
 
 from __future__ import annotations
