@@ -6,3 +6,5 @@ This is the only package that both `training` and `server` import. At import it 
 than the standard library and pydantic (torch and transformers only inside the functions that read a
 model), so the server reads a manifest and an adapter config without loading trl or peft.
 """
+
+__version__ = "0.1.0"  # the product's version, as both sides and the `loraserve` command report it

@@ -1,3 +1,3 @@
 """loraserve: train LoRA adapters on Alpaca-style data and serve many of them on one base model."""
 
-__version__ = "0.1.0"
+from contract import __version__  # noqa: F401  (one place for the version: contract/)

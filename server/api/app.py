@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from loraserve import __version__
+from contract import __version__
 from server.api import admin, ops, playground
 from server.api.handlers import install_error_handlers
 from server.api.openai import routes as openai_routes
