@@ -169,8 +169,6 @@ class GenerationService:
             raise Invalid(f"'{param}' is empty", param=param)
         if len(text) > self.settings.max_input_chars:
             raise Invalid(f"'{param}' is {len(text)} characters; the limit is {self.settings.max_input_chars}", param=param)
-        if "\x00" in text:
-            raise Invalid(f"'{param}' contains a NUL character", param=param)
         if not _is_unicode(text):  # JSON's "\ud800" escapes decode to lone surrogates the tokenizer rejects
             raise Invalid(f"'{param}' is not valid Unicode (it contains a lone surrogate)", param=param)
 

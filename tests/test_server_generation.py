@@ -446,8 +446,6 @@ def test_prompt_plus_max_new_tokens_over_context_is_422_with_both_counts(server,
     {"instruction": ""},
     {"parameters": {"max_new_tokens": 4}},  # no prompt at all
     {"inputs": "hello", "instruction": "hello"},  # both forms at once
-    {"inputs": "a\u0000b"},
-    {"instruction": "a\u0000b", "adapter": EN},
     {"inputs": None},
     {"inputs": 5},
     {"inputs": ["a", "b"]},
@@ -460,6 +458,15 @@ def test_bad_prompts_are_4xx(server, body):
         response = post(server, route, body)
         assert 400 <= response.status_code < 500, (route, response.status_code, response.text)
         assert "error" in response.json()
+
+
+@pytest.mark.parametrize("body", [{"inputs": "a\u0000b"}, {"instruction": "a\u0000b", "adapter": EN}],
+                         ids=["inputs", "instruction"])
+def test_nul_in_prompt_text_is_text(server, body):
+    """A prompt is text to tokenize: NUL is refused in adapter names and paths, not here (vLLM accepts it,
+    and its benchmark client's random prompts contain it)."""
+    response = post(server, "/generate", {**body, "parameters": {"max_new_tokens": 2}})
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("content", [
@@ -850,3 +857,20 @@ def test_sigterm_drains_then_ends_streams_with_an_error_event(tiny_model_dir, tm
         assert time.monotonic() - signalled < 10
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/generate_stream", {"inputs": ENDLESS, "parameters": {"max_new_tokens": 8}}),
+    ("/v1/completions", {"model": "base", "prompt": ENDLESS, "max_tokens": 8, "stream": True, "temperature": 0}),
+])
+def test_sse_events_end_in_a_plain_blank_line(server, path, body):
+    """Clients that split a read on `\\n\\n` (vLLM's benchmark client, many hand-written ones) lost the
+    events of reads holding several when they ended in `\\r\\n\\r\\n`: events end in `\\n\\n`, as OpenAI's do."""
+    if path.startswith("/v1"):
+        body = {**body, "model": httpx.get(server.url + "/info", timeout=10).json()["model_id"]}
+    with httpx.stream("POST", server.url + path, json=body, timeout=TIMEOUT) as response:
+        assert response.status_code == 200, response.read()
+        raw = response.read()
+    events = [chunk for chunk in raw.split(b"\n\n") if chunk.strip()]
+    assert b"\r" not in raw and len(events) >= 8, raw[:300]
+    assert all(chunk.startswith((b"data:", b":")) for chunk in events)

@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+from server.api.sse import event_stream
 
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
@@ -95,7 +95,7 @@ async def _answer(state, request: Request, body, requests: list[GenerationReques
         # client gone meanwhile gives its place up at once (start() stops every choice when cancelled).
         await unless_disconnected(request, choices.start())
         formatter.fingerprint = choices.preps[0].adapter_version
-        return EventSourceResponse(_sse(formatter, choices, include_usage=body.include_usage, route=request.url.path,
+        return event_stream(_sse(formatter, choices, include_usage=body.include_usage, route=request.url.path,
                                         started=started), ping=state.settings.sse_ping_seconds)
     finals = await unless_disconnected(request, choices.finals())
     formatter.fingerprint = choices.preps[0].adapter_version

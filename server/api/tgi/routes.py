@@ -10,6 +10,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
+from server.api.sse import event_stream
+
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
 from server.api.tgi.errors import error_body
@@ -55,7 +57,7 @@ async def generate_stream(body: GenerateRequest, state: ReadyState, request: Req
     except BaseException:
         await events.aclose()
         raise
-    return EventSourceResponse(_sse(prep, first, events), ping=state.settings.sse_ping_seconds)
+    return event_stream(_sse(prep, first, events), ping=state.settings.sse_ping_seconds)
 
 
 @router.post("/", summary="TGI compatibility route: dispatches on `stream`")
