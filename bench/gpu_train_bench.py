@@ -24,8 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
 
 
 def build(out: Path) -> None:
@@ -38,8 +46,13 @@ def build(out: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    config = LlamaConfig(**LLAMA3_8B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        **LLAMA3_8B,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     started = time.monotonic()
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -66,22 +79,38 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp())
     data = work / "data.jsonl"
     synthetic_data(data, rows=args.batch_size * args.grad_accum * args.steps, words=args.words)
-    cfg = TrainConfig(base_model=str(args.model), data=str(data), output=work / "adapter", backend=args.backend,
-                      max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length, warmup_steps=1,
-                      optim="adamw_8bit")
+    cfg = TrainConfig(
+        base_model=str(args.model),
+        data=str(data),
+        output=work / "adapter",
+        backend=args.backend,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        load_in_4bit=args.load_in_4bit,
+        max_seq_length=args.max_seq_length,
+        warmup_steps=1,
+        optim="adamw_8bit",
+    )
     torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
     result = train(cfg)
     wall = time.monotonic() - started
     record = {
-        "backend": result.manifest.backend, "load_in_4bit": args.load_in_4bit, "steps": args.steps,
-        "batch_size": args.batch_size, "grad_accum": args.grad_accum, "words_per_row": args.words,
-        "train_seconds": round(result.seconds, 2), "wall_seconds_with_load": round(wall, 2),
+        "backend": result.manifest.backend,
+        "load_in_4bit": args.load_in_4bit,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "words_per_row": args.words,
+        "train_seconds": round(result.seconds, 2),
+        "wall_seconds_with_load": round(wall, 2),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "final_loss": result.manifest.loss.final, "gpu": torch.cuda.get_device_name(0),
-        "versions": result.manifest.versions, "python": platform.python_version(),
+        "final_loss": result.manifest.loss.final,
+        "gpu": torch.cuda.get_device_name(0),
+        "versions": result.manifest.versions,
+        "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(record))
@@ -99,8 +128,10 @@ def table(paths: list[str]) -> None:
     print(f"{'backend':<14}{'4bit':<6}{'tok/s':>10}{'x plain':>9}{'peak GiB':>10}{'train s':>9}{'loss':>8}")
     for r in rows:
         ratio = r["tokens_per_second"] / base["tokens_per_second"]
-        print(f"{r['backend']:<14}{str(r['load_in_4bit']):<6}{r['tokens_per_second']:>10.0f}{ratio:>9.2f}"
-              f"{r['peak_vram_gib']:>10.1f}{r['train_seconds']:>9.1f}{r['final_loss']:>8.3f}")
+        print(
+            f"{r['backend']:<14}{str(r['load_in_4bit']):<6}{r['tokens_per_second']:>10.0f}{ratio:>9.2f}"
+            f"{r['peak_vram_gib']:>10.1f}{r['train_seconds']:>9.1f}{r['final_loss']:>8.3f}"
+        )
 
 
 def main() -> None:

@@ -34,8 +34,11 @@ def load_pyplot():
 def decode_points(method: dict) -> list[tuple[int, float]]:
     """(streams, tok/s) of the greedy adapter scenarios that ran: bs1 and streamsN, not the base, sampled or
     TTFT ones."""
-    points = [(r["streams"], r["tok_s"]) for name, r in method.get("scenarios", {}).items()
-              if "tok_s" in r and not name.endswith(("_base", "_sampled"))]
+    points = [
+        (r["streams"], r["tok_s"])
+        for name, r in method.get("scenarios", {}).items()
+        if "tok_s" in r and not name.endswith(("_base", "_sampled"))
+    ]
     return sorted(points)
 
 
@@ -50,8 +53,10 @@ def roofline_points(engine: dict) -> list[tuple[int, float]]:
 
 def engine_title(engine: dict) -> str:
     cfg, machine = engine["config"], engine["machine"]
-    return (f"{cfg['model']} on {machine.get('gpu') or machine.get('cpu')}: in {cfg['input_len']} / "
-            f"out {cfg['output_len']}, {cfg['adapters']} adapters")
+    return (
+        f"{cfg['model']} on {machine.get('gpu') or machine.get('cpu')}: in {cfg['input_len']} / "
+        f"out {cfg['output_len']}, {cfg['adapters']} adapters"
+    )
 
 
 def plot_engine(ax, engines: dict[str, dict]) -> None:
@@ -67,8 +72,9 @@ def plot_engine(ax, engines: dict[str, dict]) -> None:
     roof = roofline_points(engine)
     if roof:
         ax.plot(*zip(*roof), linestyle="--", color="gray", label="memory roofline")
-    ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="aggregate tok/s",
-           title=engine_title(engine))
+    ax.set(
+        xscale="log", yscale="log", xlabel="concurrent streams", ylabel="aggregate tok/s", title=engine_title(engine)
+    )
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
 
@@ -86,8 +92,14 @@ def plot_serving(ax_tput, ax_latency, runs: dict[str, dict]) -> None:
         (line,) = ax_tput.plot(x, [s["output_throughput"] for s in levels], marker="o", label=label)
         for metric, q, style in (("ttft_ms", "p50", "-"), ("ttft_ms", "p99", ":"), ("e2e_ms", "p50", "--")):
             y = [s[metric][q] if s[metric] else float("nan") for s in levels]
-            ax_latency.plot(x, y, marker="o", linestyle=style, color=line.get_color(),  # one color per run
-                            label=f"{label} {metric[:-3]} {q}")
+            ax_latency.plot(
+                x,
+                y,
+                marker="o",
+                linestyle=style,
+                color=line.get_color(),  # one color per run
+                label=f"{label} {metric[:-3]} {q}",
+            )
     ax_tput.set(xlabel="concurrency (closed loop)", ylabel="output tok/s", title="server throughput")
     ax_latency.set(xlabel="concurrency (closed loop)", ylabel="ms", yscale="log", title="server latency")
     for ax in (ax_tput, ax_latency):

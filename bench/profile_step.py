@@ -36,9 +36,17 @@ def random_8b():
     from loraserve.tiny_model import build_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model())
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).eval()
@@ -52,8 +60,8 @@ def random_adapter(runner: ModelRunner, seed: int) -> dict[str, torch.Tensor]:
     for (layer, proj), (fan_in, fan_out) in runner.lora.shapes.items():
         parent = "mlp" if proj in MLP_PROJECTIONS else "self_attn"
         key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
-        state[f"{key}.lora_A.weight"] = torch.randn(RANK, fan_in, generator=gen) / fan_in ** 0.5
-        state[f"{key}.lora_B.weight"] = torch.randn(fan_out, RANK, generator=gen) * 0.25 / RANK ** 0.5
+        state[f"{key}.lora_A.weight"] = torch.randn(RANK, fan_in, generator=gen) / fan_in**0.5
+        state[f"{key}.lora_B.weight"] = torch.randn(fan_out, RANK, generator=gen) * 0.25 / RANK**0.5
     return state
 
 
@@ -78,12 +86,15 @@ def timed(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
     steps_before = engine.stats.steps
     wall = asyncio.run(wave(engine, streams, new, sampled=sampled))
     steps = engine.stats.steps - steps_before
-    print(f"== {streams} streams {'sampled' if sampled else 'greedy'}: {streams * new / wall:.0f} tok/s, "
-          f"wall {wall / steps * 1000:.2f} ms/step")
+    print(
+        f"== {streams} streams {'sampled' if sampled else 'greedy'}: {streams * new / wall:.0f} tok/s, "
+        f"wall {wall / steps * 1000:.2f} ms/step"
+    )
 
 
 def profile(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     asyncio.run(wave(engine, streams, new, sampled=sampled))  # warm: graphs for this size
     steps_before = engine.stats.steps
@@ -97,8 +108,10 @@ def profile(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
     for e in kernels:
         by_name[e.name[:70]] += e.device_time
     label = f"{streams} streams {'sampled' if sampled else 'greedy'}"
-    print(f"\n== {label}: {streams * new / wall:.0f} tok/s, {steps} steps, wall {wall / steps * 1000:.2f} ms/step, "
-          f"GPU busy {busy_us / steps / 1000:.2f} ms/step, {len(kernels) / steps:.0f} kernels/step")
+    print(
+        f"\n== {label}: {streams * new / wall:.0f} tok/s, {steps} steps, wall {wall / steps * 1000:.2f} ms/step, "
+        f"GPU busy {busy_us / steps / 1000:.2f} ms/step, {len(kernels) / steps:.0f} kernels/step"
+    )
     for name, us in by_name.most_common(12):
         print(f"   {us / steps / 1000:7.3f} ms/step  {name}")
 
@@ -111,8 +124,15 @@ def main() -> None:
     args = parser.parse_args()
     sys.setswitchinterval(ServerSettings.model_fields["gil_switch_seconds"].default)  # as the server runs
     model, tokenizer = random_8b()
-    runner = ModelRunner(model, tokenizer, backend="transformers", max_context=1024, kv_slots=64, adapter_slots=ADAPTERS,
-                         max_lora_rank=RANK)
+    runner = ModelRunner(
+        model,
+        tokenizer,
+        backend="transformers",
+        max_context=1024,
+        kv_slots=64,
+        adapter_slots=ADAPTERS,
+        max_lora_rank=RANK,
+    )
     engine = Engine(runner, max_running=64, max_queue=1000)
     engine.start()
     config = AdapterConfig(r=RANK, lora_alpha=RANK, target_modules=PROJECTIONS)

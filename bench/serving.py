@@ -41,8 +41,10 @@ from loraserve import __version__ as loraserve_version  # noqa: E402
 
 TEMPERATURE, TOP_P = 1.0, 0.95  # --sampled, as the engine benchmark's sampled scenarios
 ROUTES = {"native": "/generate_stream", "completions": "/v1/completions", "chat": "/v1/chat/completions"}
-WORDS = ("the quick brown fox jumps over lazy dog river castle tower answer question capital city "
-         "world hello poem wrote number color red blue green apple").split()
+WORDS = (
+    "the quick brown fox jumps over lazy dog river castle tower answer question capital city "
+    "world hello poem wrote number color red blue green apple"
+).split()
 
 
 @dataclass
@@ -65,12 +67,22 @@ class Target:
     def body(self, req: Request) -> dict:
         sampling = {"temperature": TEMPERATURE, "top_p": TOP_P, "seed": req.seed} if self.sampled else {}
         if self.route == "native":
-            parameters = {"adapter_id": req.adapter, "max_new_tokens": req.output_len, "ignore_eos": True,
-                          **sampling, **({"do_sample": True} if self.sampled else {})}
+            parameters = {
+                "adapter_id": req.adapter,
+                "max_new_tokens": req.output_len,
+                "ignore_eos": True,
+                **sampling,
+                **({"do_sample": True} if self.sampled else {}),
+            }
             return {"inputs": req.prompt, "parameters": parameters}
-        body = {"model": req.adapter or self.base_model, "max_tokens": req.output_len, "stream": True,
-                "stream_options": {"include_usage": True}, "ignore_eos": True,
-                **(sampling or {"temperature": 0})}  # OpenAI's default temperature (1) samples
+        body = {
+            "model": req.adapter or self.base_model,
+            "max_tokens": req.output_len,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+            **(sampling or {"temperature": 0}),
+        }  # OpenAI's default temperature (1) samples
         if self.route == "chat":
             return {**body, "messages": [{"role": "user", "content": req.prompt}]}
         return {**body, "prompt": req.prompt}
@@ -114,8 +126,12 @@ def request_factory(args, rng: random.Random, tokens_per_word: float):
     def next_request() -> Request:
         index = next(counter)
         adapter = names[index % len(names)] if args.adapter_dist == "round-robin" else rng.choices(names, weights)[0]
-        return Request(adapter, words(rng, round(length(args.input_len, args.input_len_range) / tokens_per_word)),
-                       length(args.output_len, args.output_len_range), seed=index)
+        return Request(
+            adapter,
+            words(rng, round(length(args.input_len, args.input_len_range) / tokens_per_word)),
+            length(args.output_len, args.output_len_range),
+            seed=index,
+        )
 
     return next_request
 
@@ -165,7 +181,8 @@ def read_native(event: dict, res: Result) -> bool:
     if event.get("details"):
         details = event["details"]
         res.generated_tokens, res.prompt_tokens, res.finish_reason = (
-            details.get(k) for k in ("generated_tokens", "prompt_tokens", "finish_reason"))
+            details.get(k) for k in ("generated_tokens", "prompt_tokens", "finish_reason")
+        )
     return event.get("token") is not None
 
 
@@ -173,8 +190,10 @@ def read_openai(event: dict, res: Result) -> bool:
     """Notes what an OpenAI stream chunk tells; True when it carries text (a chat's opening role chunk,
     the closing chunk and the usage chunk do not)."""
     if event.get("usage"):
-        res.generated_tokens, res.prompt_tokens = event["usage"].get("completion_tokens"), event["usage"].get(
-            "prompt_tokens")
+        res.generated_tokens, res.prompt_tokens = (
+            event["usage"].get("completion_tokens"),
+            event["usage"].get("prompt_tokens"),
+        )
     text = False
     for choice in event.get("choices") or []:
         res.finish_reason = choice.get("finish_reason") or res.finish_reason
@@ -182,8 +201,9 @@ def read_openai(event: dict, res: Result) -> bool:
     return text
 
 
-async def closed_loop(client, target: Target, next_request, concurrency: int, total: int | None,
-                      duration: float | None):
+async def closed_loop(
+    client, target: Target, next_request, concurrency: int, total: int | None, duration: float | None
+):
     results: list[Result] = []
     deadline = time.perf_counter() + duration if duration else None
     issued = 0
@@ -198,8 +218,9 @@ async def closed_loop(client, target: Target, next_request, concurrency: int, to
     return results
 
 
-async def open_loop(client, target: Target, next_request, rate: float, total: int | None, duration: float | None,
-                    rng: random.Random):
+async def open_loop(
+    client, target: Target, next_request, rate: float, total: int | None, duration: float | None, rng: random.Random
+):
     tasks, start = [], time.perf_counter()
     while total is None or len(tasks) < total:
         await asyncio.sleep(rng.expovariate(rate))
@@ -220,9 +241,15 @@ def summarize(mode: str, level, results: list[Result], wall: float) -> dict:
     done = [r for r in results if r.ok]
     tokens = sum(r.generated_tokens or r.tokens for r in done)
     return {
-        "mode": mode, "level": level, "requested": len(results), "completed": len(done),
-        "errors": dict(Counter(r.error for r in results if not r.ok)), "duration_s": wall,
-        "request_throughput": len(done) / wall, "output_throughput": tokens / wall, "total_output_tokens": tokens,
+        "mode": mode,
+        "level": level,
+        "requested": len(results),
+        "completed": len(done),
+        "errors": dict(Counter(r.error for r in results if not r.ok)),
+        "duration_s": wall,
+        "request_throughput": len(done) / wall,
+        "output_throughput": tokens / wall,
+        "total_output_tokens": tokens,
         "not_length": dict(Counter(r.finish_reason for r in done if r.finish_reason != "length")),
         "short_outputs": sum(1 for r in done if (r.generated_tokens or 0) != r.output_len),
         "mean_prompt_tokens": sum(r.prompt_tokens or 0 for r in done) / len(done) if done else None,
@@ -253,15 +280,40 @@ def machine_info(url: str) -> dict:
         server = httpx.get(f"{url}/info", timeout=10).json()
     except (httpx.HTTPError, ValueError) as exc:
         server = {"error": repr(exc)}
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "loadavg": os.getloadavg(), "loraserve_version": loraserve_version, "server_info": server,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "loraserve_version": loraserve_version,
+        "server_info": server,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
-HEADER = ["mode", "level", "done", "err", "req/s", "tok/s", "ttft p50", "ttft p99", "tpot p50", "itl p99",
-          "e2e p50", "e2e p99", "!len"]
-TIMES = [("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), ("itl_ms", "p99"),
-         ("e2e_ms", "p50"), ("e2e_ms", "p99")]
+HEADER = [
+    "mode",
+    "level",
+    "done",
+    "err",
+    "req/s",
+    "tok/s",
+    "ttft p50",
+    "ttft p99",
+    "tpot p50",
+    "itl p99",
+    "e2e p50",
+    "e2e p99",
+    "!len",
+]
+TIMES = [
+    ("ttft_ms", "p50"),
+    ("ttft_ms", "p99"),
+    ("tpot_ms", "p50"),
+    ("itl_ms", "p99"),
+    ("e2e_ms", "p50"),
+    ("e2e_ms", "p99"),
+]
 
 
 def print_table(levels: list[dict]) -> None:
@@ -271,8 +323,18 @@ def print_table(levels: list[dict]) -> None:
     line(HEADER)
     for s in levels:
         times = [f"{s[metric][q]:.1f}" if s[metric] else "-" for metric, q in TIMES]
-        line([s["mode"], s["level"], s["completed"], sum(s["errors"].values()), f"{s['request_throughput']:.2f}",
-              f"{s['output_throughput']:.1f}", *times, sum(s["not_length"].values())])
+        line(
+            [
+                s["mode"],
+                s["level"],
+                s["completed"],
+                sum(s["errors"].values()),
+                f"{s['request_throughput']:.2f}",
+                f"{s['output_throughput']:.1f}",
+                *times,
+                sum(s["not_length"].values()),
+            ]
+        )
         if s["errors"]:
             print(f"{'':<12}errors: {s['errors']}")
 
@@ -297,8 +359,11 @@ async def bench(args) -> dict:
             out["levels"].append(summary)
             if args.json:
                 write_json(out, args.json)
-            print(f"  {mode}={level}: {summary['completed']}/{summary['requested']} done, "
-                  f"{summary['output_throughput']:.1f} tok/s", file=sys.stderr)
+            print(
+                f"  {mode}={level}: {summary['completed']}/{summary['requested']} done, "
+                f"{summary['output_throughput']:.1f} tok/s",
+                file=sys.stderr,
+            )
     return out
 
 
@@ -323,12 +388,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=numbers(int), default=[], help="closed-loop levels, e.g. 1,2,4,8")
     p.add_argument("--rates", type=numbers(float), default=[], help="open-loop Poisson rates (req/s), e.g. 1,2,4")
     p.add_argument("--requests", type=int, default=32, help="requests per level")
-    p.add_argument("--requests-per-stream", type=int, default=0,
-                   help="closed loop: at least this many requests per concurrent stream (e.g. 2: 2 x level)")
-    p.add_argument("--route", choices=list(ROUTES), default="native",
-                   help="native /generate_stream, or the OpenAI routes /v1/completions, /v1/chat/completions")
-    p.add_argument("--sampled", action="store_true", help="temperature 1, top_p 0.95, a seed per request; "
-                                                          "default greedy")
+    p.add_argument(
+        "--requests-per-stream",
+        type=int,
+        default=0,
+        help="closed loop: at least this many requests per concurrent stream (e.g. 2: 2 x level)",
+    )
+    p.add_argument(
+        "--route",
+        choices=list(ROUTES),
+        default="native",
+        help="native /generate_stream, or the OpenAI routes /v1/completions, /v1/chat/completions",
+    )
+    p.add_argument(
+        "--sampled", action="store_true", help="temperature 1, top_p 0.95, a seed per request; default greedy"
+    )
     p.add_argument("--model-name", help="OpenAI routes: the base model's id (default: from GET /v1/models)")
     p.add_argument("--duration", type=float, default=None, help="seconds per level (instead of --requests)")
     p.add_argument("--input-len", type=int, default=64, help="prompt tokens (approx.)")
@@ -352,9 +426,11 @@ def main(argv=None) -> int:
     for mode, title in (("concurrency", "closed loop (concurrency)"), ("rate", "open loop (Poisson req/s)")):
         levels = [s for s in out["levels"] if s["mode"] == mode]
         if levels:
-            print(f"\n{title}: {args.route} route, {'sampled' if args.sampled else 'greedy'}, {args.adapters} "
-                  f"({args.adapter_dist}), in ~{args.input_len_range or args.input_len} out "
-                  f"{args.output_len_range or args.output_len}; times in ms; !len: finish_reason != length")
+            print(
+                f"\n{title}: {args.route} route, {'sampled' if args.sampled else 'greedy'}, {args.adapters} "
+                f"({args.adapter_dist}), in ~{args.input_len_range or args.input_len} out "
+                f"{args.output_len_range or args.output_len}; times in ms; !len: finish_reason != length"
+            )
             print_table(levels)
     if args.json:
         write_json(out, args.json)

@@ -24,7 +24,7 @@ class BackendUnavailable(RuntimeError):
 
 
 def choose_backend(requested: str) -> str:
-    """"unsloth" or "transformers" for `requested` (one of BACKENDS), Unsloth imported when it is chosen."""
+    """ "unsloth" or "transformers" for `requested` (one of BACKENDS), Unsloth imported when it is chosen."""
     import torch
 
     if requested not in BACKENDS:

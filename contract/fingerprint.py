@@ -13,9 +13,19 @@ from typing import Any
 
 # Config keys that describe how a model was saved or run, not what it is.
 _VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "quantization_config",
-    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "architectures",
-    "unsloth_version", "unsloth_fixed", "pad_token_id",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "quantization_config",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "architectures",
+    "unsloth_version",
+    "unsloth_fixed",
+    "pad_token_id",
 }
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -41,8 +42,12 @@ def parse_lora_key(key: str) -> LoraKey | None:
     if match is None:
         return None
     where = _LAYER_PROJECTION.search(match["module"])
-    return LoraKey(module=match["module"], part=match["part"], layer=int(where["layer"]) if where else None,
-                   projection=where["projection"] if where else None)
+    return LoraKey(
+        module=match["module"],
+        part=match["part"],
+        layer=int(where["layer"]) if where else None,
+        projection=where["projection"] if where else None,
+    )
 
 
 def is_targeted(module: str, target_modules: Iterable[str]) -> bool:
@@ -53,7 +58,7 @@ def is_targeted(module: str, target_modules: Iterable[str]) -> bool:
 def lora_scaling(config: AdapterConfig) -> float:
     """What B @ A is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (PEFT's rule). Reads
     only r, lora_alpha and use_rslora, so a peft.LoraConfig (the engine benchmark's) gives the same."""
-    return config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+    return config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
 
 
 class AdapterConfigError(ValueError):
@@ -92,9 +97,13 @@ class AdapterConfig:
         if data.get("peft_type", "LORA") != "LORA":
             raise AdapterConfigError(f"only LoRA adapters are served; this is {data.get('peft_type')!r}")
         name = data.get("base_model_name_or_path")
-        config = cls(r=data.get("r"), lora_alpha=data.get("lora_alpha", data.get("r")),
-                     target_modules=data.get("target_modules"), use_rslora=bool(data.get("use_rslora", False)),
-                     base_model_name_or_path=name if isinstance(name, str) else None)
+        config = cls(
+            r=data.get("r"),
+            lora_alpha=data.get("lora_alpha", data.get("r")),
+            target_modules=data.get("target_modules"),
+            use_rslora=bool(data.get("use_rslora", False)),
+            base_model_name_or_path=name if isinstance(name, str) else None,
+        )
         for key in _UNSUPPORTED_TRUE:
             if data.get(key):
                 raise AdapterConfigError(f"{CONFIG_FILE}: {key}=true is not supported")

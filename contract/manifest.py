@@ -125,7 +125,8 @@ def read_manifest(adapter_dir: str | Path) -> AdapterManifest | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{MANIFEST_FILE} is not readable JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise ManifestError(f"{MANIFEST_FILE} has schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}; this loraserve reads {SCHEMA_VERSION}")
+        found = data.get("schema_version") if isinstance(data, dict) else None
+        raise ManifestError(f"{MANIFEST_FILE} has schema_version {found!r}; this loraserve reads {SCHEMA_VERSION}")
     try:
         return AdapterManifest.model_validate(data)
     except ValidationError as exc:

@@ -46,7 +46,7 @@ class PromptTemplate:
         """The response part of a decoded `prompt + generation`: prompt stripped, cut at the first EOS."""
         if not full_text.startswith(prompt):
             raise TemplateError("generated text does not start with its prompt")
-        return full_text[len(prompt):].split(eos, 1)[0]
+        return full_text[len(prompt) :].split(eos, 1)[0]
 
 
 def _validate_text(text: str, *, where: str) -> None:

@@ -87,8 +87,11 @@ def uses_chat_template(template_name: str, tokenizer: Any, *, is_base: bool) -> 
 def render_chat_template(tokenizer: Any, messages: list[ChatMessage]) -> str:
     """The conversation through the tokenizer's own chat template, ending where the assistant speaks."""
     if not getattr(tokenizer, "chat_template", None):
-        raise Invalid("this model's template is 'chat' but the base tokenizer has no chat template; "
-                      "use /v1/completions with a raw prompt", param="messages")
+        raise Invalid(
+            "this model's template is 'chat' but the base tokenizer has no chat template; "
+            "use /v1/completions with a raw prompt",
+            param="messages",
+        )
     plain = [{"role": "system" if m.role in SYSTEM_ROLES else m.role, "content": m.content} for m in messages]
     try:
         return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)

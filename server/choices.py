@@ -9,7 +9,7 @@ All choices are admitted in one event-loop turn, so the engine batches them toge
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from server.engine.events import FinalEvent, TokenEvent
 from server.service import GenerationRequest, GenerationService, Prepared

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,18 +17,29 @@ class Metrics:
         self.requests = Counter("loraserve_requests", "HTTP requests", ["route", "status", "adapter"], registry=r)
         self.generated_tokens = Counter("loraserve_generated_tokens", "Tokens generated", ["adapter"], registry=r)
         self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
-        self.ttft = Histogram("loraserve_time_to_first_token_seconds", "Time to first token", ["adapter"],
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token = Histogram("loraserve_inter_token_seconds", "Time between tokens of a stream", ["adapter"],
-                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "loraserve_time_to_first_token_seconds",
+            "Time to first token",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "loraserve_inter_token_seconds",
+            "Time between tokens of a stream",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("loraserve_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge("loraserve_running_generations", "Generations in progress", registry=r)
         self.adapter_loads = Counter("loraserve_adapter_loads", "Adapter loads", ["outcome"], registry=r)
-        self.adapter_load_seconds = Histogram("loraserve_adapter_load_seconds", "Adapter load latency",
-                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.adapter_load_seconds = Histogram(
+            "loraserve_adapter_load_seconds", "Adapter load latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.adapters_loaded = Gauge("loraserve_adapters_loaded", "Adapters currently loaded", registry=r)
 
-    def watch_engine(self, read: Callable[[], "EngineNumbers"]) -> None:
+    def watch_engine(self, read: Callable[[], EngineNumbers]) -> None:
         """Export the engine's own counters, read at scrape time (the engine never imports this)."""
         self.registry.register(_EngineCollector(read))
 

@@ -56,8 +56,13 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     # busy loop (formatting SSE for several streams) keeps the engine waiting up to 5 ms per step.
     sys.setswitchinterval(settings.gil_switch_seconds)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
+    )
     DrainingServer(config, app.state.loraserve).run()
     if app.state.loraserve.load_error:  # the model never loaded: fail as uvicorn does when startup fails
         raise SystemExit(3)

@@ -6,17 +6,17 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from contract.templates import PromptTemplate
 from server import chat
 from server.adapters.registry import AdapterRegistry, AdapterVersion
 from server.engine.engine import Engine
 from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
+from server.engine.sampling import SamplingParams
 from server.errors import GenerationFailed, Invalid, ServeError
 from server.metrics import Metrics
-from server.engine.sampling import SamplingParams
 from server.settings import ServerSettings
 
 
@@ -59,8 +59,16 @@ class Prepared:
 
 
 class GenerationService:
-    def __init__(self, *, engine: Engine, registry: AdapterRegistry, settings: ServerSettings, metrics: Metrics,
-                 max_context: int, base_template: PromptTemplate) -> None:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        registry: AdapterRegistry,
+        settings: ServerSettings,
+        metrics: Metrics,
+        max_context: int,
+        base_template: PromptTemplate,
+    ) -> None:
         self.engine = engine
         self.registry = registry
         self.tokenizer = engine.tokenizer
@@ -80,9 +88,13 @@ class GenerationService:
             if adapter:
                 self.registry.release(adapter)
             raise
-        return Prepared(prompt_ids=ids, params=params, adapter=adapter,
-                        adapter_name=adapter.name if adapter else None,
-                        adapter_version=adapter.version if adapter else None)
+        return Prepared(
+            prompt_ids=ids,
+            params=params,
+            adapter=adapter,
+            adapter_name=adapter.name if adapter else None,
+            adapter_version=adapter.version if adapter else None,
+        )
 
     def _acquire(self, req: GenerationRequest) -> AdapterVersion | None:
         if not req.adapter:
@@ -138,8 +150,9 @@ class GenerationService:
     def _prompt(self, req: GenerationRequest, adapter: AdapterVersion | None) -> tuple[str, bool]:
         """The prompt text, and whether the tokenizer should add its special tokens (BOS) to it."""
         if sum(x is not None for x in (req.inputs, req.instruction, req.messages)) > 1:
-            raise Invalid(f"give either '{req.name('inputs')}' or 'instruction' (+ 'input'), not both",
-                          param=req.name("inputs"))
+            raise Invalid(
+                f"give either '{req.name('inputs')}' or 'instruction' (+ 'input'), not both", param=req.name("inputs")
+            )
         if req.messages is not None:
             return self._chat_prompt(req.messages, adapter)
         if req.inputs is not None:
@@ -147,7 +160,9 @@ class GenerationService:
             self._check_text(text, req.name("inputs"))
             return text, True
         if req.instruction is None:
-            raise Invalid(f"the prompt is missing: give '{req.name('inputs')}' or 'instruction'", param=req.name("inputs"))
+            raise Invalid(
+                f"the prompt is missing: give '{req.name('inputs')}' or 'instruction'", param=req.name("inputs")
+            )
         self._check_text(req.instruction, "instruction")
         self._check_text(req.input, "input", allow_empty=True)
         template = adapter.template if adapter else self.base_template
@@ -168,16 +183,23 @@ class GenerationService:
         if not allow_empty and not text.strip():
             raise Invalid(f"'{param}' is empty", param=param)
         if len(text) > self.settings.max_input_chars:
-            raise Invalid(f"'{param}' is {len(text)} characters; the limit is {self.settings.max_input_chars}", param=param)
+            raise Invalid(
+                f"'{param}' is {len(text)} characters; the limit is {self.settings.max_input_chars}", param=param
+            )
         if not _is_unicode(text):  # JSON's "\ud800" escapes decode to lone surrogates the tokenizer rejects
             raise Invalid(f"'{param}' is not valid Unicode (it contains a lone surrogate)", param=param)
 
-    def _sampling(self, req: GenerationRequest, adapter: AdapterVersion | None, *, prompt_tokens: int) -> SamplingParams:
+    def _sampling(
+        self, req: GenerationRequest, adapter: AdapterVersion | None, *, prompt_tokens: int
+    ) -> SamplingParams:
         s = self.settings
         room = self.max_context - prompt_tokens
         if room < 1:
-            raise Invalid(f"the prompt ({prompt_tokens} tokens) leaves no room for new tokens in the context of "
-                          f"{self.max_context} tokens", param=req.name("inputs"))
+            raise Invalid(
+                f"the prompt ({prompt_tokens} tokens) leaves no room for new tokens in the context of "
+                f"{self.max_context} tokens",
+                param=req.name("inputs"),
+            )
         # Not given: the default, or as much as the context leaves (OpenAI's "up to the context").
         max_name = req.name("max_new_tokens")
         max_new = req.max_new_tokens if req.max_new_tokens is not None else min(s.default_max_new_tokens, room)
@@ -186,7 +208,9 @@ class GenerationService:
         if prompt_tokens + max_new > self.max_context:
             raise Invalid(
                 f"prompt ({prompt_tokens} tokens) + {max_name} ({max_new}) exceeds the context of "
-                f"{self.max_context} tokens", param=max_name)
+                f"{self.max_context} tokens",
+                param=max_name,
+            )
         stop = self._stops(req.stop)
         _check_number(req.temperature, "temperature", low=0.0, high=100.0)
         _check_number(req.top_p, "top_p", low=0.0, high=1.0, low_open=True)
@@ -195,17 +219,24 @@ class GenerationService:
             raise Invalid("top_k must be 0 or more", param="top_k")
         temperature = 1.0 if req.temperature is None else req.temperature
         # Like TGI: any sampling parameter turns sampling on; temperature 0 means greedy (as in OpenAI's API).
-        sampling = req.do_sample or any(v is not None for v in (req.top_p, req.top_k)) or (
-            req.temperature is not None and req.temperature != 1.0)
+        sampling = (
+            req.do_sample
+            or any(v is not None for v in (req.top_p, req.top_k))
+            or (req.temperature is not None and req.temperature != 1.0)
+        )
         do_sample = sampling and temperature > 0
         # A sampled answer gets a seed drawn here when the client sent none, and reports it (details.seed,
         # as TGI does), so that it can be generated again. Below 2**53: JavaScript clients read it exactly.
         seed = req.seed if req.seed is not None or not do_sample else secrets.randbelow(2**53)
         return SamplingParams(
-            max_new_tokens=max_new, do_sample=do_sample, temperature=temperature,
-            top_p=req.top_p if req.top_p is not None else 1.0, top_k=req.top_k or 0,
+            max_new_tokens=max_new,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=req.top_p if req.top_p is not None else 1.0,
+            top_k=req.top_k or 0,
             repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
-            seed=seed, stop=tuple(stop) + _text_stops(adapter),
+            seed=seed,
+            stop=tuple(stop) + _text_stops(adapter),
             stop_token_ids=() if req.ignore_eos else self._eos_ids(adapter),
         )
 

@@ -16,7 +16,9 @@ class ServerSettings(BaseSettings):
     base_model: str = Field(description="Base model: a local dir or a hub id.")
     base_model_name: str | None = Field(None, description="Public name of the base model (default: its dir name).")
     adapter_root: Path | None = Field(None, description="Adapters load only from under this dir.")
-    adapters: dict[str, str] = Field(default_factory=dict, description="Adapters to preload: name → path under the root.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Adapters to preload: name → path under the root."
+    )
     backend: str = Field("auto", description=BACKENDS_HELP)
     load_in_4bit: bool = Field(False, description="4-bit base (bitsandbytes); needs the unsloth backend.")
     default_template: str = Field("alpaca", description="Template for adapters without a manifest and the base model.")
@@ -27,20 +29,29 @@ class ServerSettings(BaseSettings):
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys for generation; empty = open.")
 
     max_new_tokens_cap: int = Field(1024, ge=1, description="Largest max_new_tokens / max_tokens a request may ask.")
-    default_max_new_tokens: int = Field(256, ge=1, description="When a request names none (less if the context leaves less).")
+    default_max_new_tokens: int = Field(
+        256, ge=1, description="When a request names none (less if the context leaves less)."
+    )
     max_input_chars: int = Field(100_000, ge=1, description="Longest prompt text (inputs, instruction, messages).")
     max_stop_sequences: int = Field(8, ge=0, description="Stop strings a request may give.")
     max_stop_chars: int = Field(64, ge=1, description="Longest stop string.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 beyond).")
     max_running: int = Field(32, ge=1, description="Sequences generating at once: one KV cache slot each.")
-    max_context: int = Field(4096, ge=16, description="Tokens per KV slot (prompt + new), at most the model's limit. "
-                                                    "Every slot is preallocated at this length.")
+    max_context: int = Field(
+        4096,
+        ge=16,
+        description="Tokens per KV slot (prompt + new), at most the model's limit. "
+        "Every slot is preallocated at this length.",
+    )
     kv_memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of free GPU memory the KV cache may take.")
     prefill_chunk_tokens: int = Field(512, ge=16, description="Prompt tokens prefilled per step, beside decoding.")
     adapter_slots: int = Field(8, ge=1, description="Adapters resident on the device; more stay in host memory (LRU).")
     cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU only).")
-    compile_kernels: bool = Field(True, description="Fuse norms, RoPE and SiLU into one kernel each with "
-                                                    "torch.compile (GPU only; a few seconds at start).")
+    compile_kernels: bool = Field(
+        True,
+        description="Fuse norms, RoPE and SiLU into one kernel each with "
+        "torch.compile (GPU only; a few seconds at start).",
+    )
     max_queue: int = Field(64, ge=0, description="Requests waiting beyond max_running before 429.")
     max_adapters: int = Field(16, ge=1, description="Adapters loaded at once (device slots and host memory).")
     max_adapter_rank: int = Field(256, ge=1, description="Highest LoRA rank an adapter may have.")

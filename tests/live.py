@@ -27,13 +27,27 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, base_model: Path, adapter_root: Path | None = None, *, adapters: dict[str, str] | None = None,
-                 admin_token: str | None = ADMIN_TOKEN, log_path: Path | None = None, **settings) -> None:
+    def __init__(
+        self,
+        base_model: Path,
+        adapter_root: Path | None = None,
+        *,
+        adapters: dict[str, str] | None = None,
+        admin_token: str | None = ADMIN_TOKEN,
+        log_path: Path | None = None,
+        **settings,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_token = admin_token
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "LORASERVE_BASE_MODEL": str(base_model), "LORASERVE_PORT": str(self.port)}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "LORASERVE_BASE_MODEL": str(base_model),
+            "LORASERVE_PORT": str(self.port),
+        }
         if adapter_root is not None:
             env["LORASERVE_ADAPTER_ROOT"] = str(adapter_root)
         if adapters:
@@ -46,10 +60,15 @@ class LiveServer:
             env[f"LORASERVE_{key.upper()}"] = value if isinstance(value, str) else __import__("json").dumps(value)
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"loraserve-test-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "loraserve", "serve", "--log-level", "warning"],
-                                     cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraserve", "serve", "--log-level", "warning"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
-    def wait_ready(self, timeout: float = 120) -> "LiveServer":
+    def wait_ready(self, timeout: float = 120) -> LiveServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -80,7 +99,7 @@ class LiveServer:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         return self.wait_ready()
 
     def __exit__(self, *exc) -> None:

@@ -27,8 +27,15 @@ import torch
 
 from contract.fingerprint import base_fingerprint
 from contract.manifest import MANIFEST_FILE
-from server.adapters.checks import (CONFIG_FILE, WEIGHTS_FILE, BaseShapes, base_shapes, check_adapter_dir, load_weights,
-                                 resolve_under_root)
+from server.adapters.checks import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    BaseShapes,
+    base_shapes,
+    check_adapter_dir,
+    load_weights,
+    resolve_under_root,
+)
 from server.errors import BadRequest, ServeError
 from tests.live import ADMIN_TOKEN, LiveServer
 
@@ -102,14 +109,19 @@ class Evil:
 
 
 def evil_pickle(path: Path, canary: Path) -> None:
-    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(16, 128),
-                "payload": Evil(canary)}, path)
+    torch.save(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(16, 128),
+            "payload": Evil(canary),
+        },
+        path,
+    )
 
 
 def header(path: Path) -> tuple[int, dict, bytes]:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    return n, json.loads(data[8:8 + n]), data[8 + n:]
+    return n, json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def lying_safetensors(d: Path, how: str) -> None:
@@ -128,8 +140,15 @@ def lying_safetensors(d: Path, how: str) -> None:
         raw = json.dumps(head).encode()
         path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
     elif how == "shape-1Tx1T":
-        raw = json.dumps({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
-                          {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 16]}}).encode()
+        raw = json.dumps(
+            {
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": {
+                    "dtype": "F32",
+                    "shape": [1 << 20, 1 << 20],
+                    "data_offsets": [0, 16],
+                }
+            }
+        ).encode()
         path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
     elif how == "empty-file":
         path.write_bytes(b"")
@@ -169,6 +188,7 @@ def watch(monkeypatch):
             if _OPENED is not None:
                 _OPENED.append(os.fsdecode(filename))
             return real(filename, *args, **kwargs)
+
         return record
 
     monkeypatch.setattr(safetensors, "safe_open", spy(safetensors.safe_open))
@@ -368,8 +388,8 @@ CONFIGS = {  # id: (change, words the 400 must carry)
     "alpha-zero": ({"lora_alpha": 0}, ["lora_alpha"]),
     "alpha-string": ({"lora_alpha": "16"}, ["lora_alpha"]),
     "alpha-bool": ({"lora_alpha": True}, ["lora_alpha"]),
-    "alpha-nan": ('NAN', ["lora_alpha"]),
-    "alpha-inf": ('INF', ["lora_alpha"]),
+    "alpha-nan": ("NAN", ["lora_alpha"]),
+    "alpha-inf": ("INF", ["lora_alpha"]),
     "use-dora": ({"use_dora": True}, ["use_dora"]),
     "fan-in-fan-out": ({"fan_in_fan_out": True}, ["fan_in_fan_out"]),
     "modules-to-save": ({"modules_to_save": ["lm_head"]}, ["modules_to_save"]),
@@ -461,9 +481,18 @@ def _a_without_b(state):
     return "v_proj"
 
 
-TENSOR_CASES = {f.__name__.strip("_"): f for f in
-                (_wrong_shape, _missing_module, _not_lora, _dora_magnitude, _rank_differs_from_config, _only_q_proj,
-                 _a_without_b)}
+TENSOR_CASES = {
+    f.__name__.strip("_"): f
+    for f in (
+        _wrong_shape,
+        _missing_module,
+        _not_lora,
+        _dora_magnitude,
+        _rank_differs_from_config,
+        _only_q_proj,
+        _a_without_b,
+    )
+}
 
 
 @pytest.mark.parametrize("mutate", TENSOR_CASES.values(), ids=TENSOR_CASES.keys())
@@ -475,9 +504,14 @@ def test_tensors_that_do_not_fit_this_base_are_422(root, bare, base, mutate):
         check(root, "a", base)
 
 
-@pytest.mark.parametrize("targets,word", [(["q_proj"], "not in target_modules"), (["foo_proj"], "foo_proj"),
-                                          (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj", "lm_head"], "lm_head")])
+@pytest.mark.parametrize(
+    "targets,word",
+    [
+        (["q_proj"], "not in target_modules"),
+        (["foo_proj"], "foo_proj"),
+        (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"], "lm_head"),
+    ],
+)
 def test_target_modules_that_disagree_with_the_tensors_are_422(root, bare, base, targets, word):
     """Otherwise the mismatch only surfaces inside PEFT on the model thread, as a 500."""
     edit_json(bare / CONFIG_FILE, target_modules=targets)
@@ -651,9 +685,18 @@ def test_registry_keeps_the_old_version_when_attach_fails(root, adapter, base, t
     async def on_worker(fn):
         return fn()
 
-    registry = AdapterRegistry(root=root, base=base, base_name="tiny", default_template=BUILTIN["alpaca"],
-                               max_adapters=4, max_rank=64, max_bytes=BIG, run_on_worker=on_worker,
-                               attach=attach, detach=detached.append)
+    registry = AdapterRegistry(
+        root=root,
+        base=base,
+        base_name="tiny",
+        default_template=BUILTIN["alpaca"],
+        max_adapters=4,
+        max_rank=64,
+        max_bytes=BIG,
+        run_on_worker=on_worker,
+        attach=attach,
+        detach=detached.append,
+    )
 
     async def scenario():
         first = await registry.load("x", "a")
@@ -766,7 +809,9 @@ def test_live_pickle_only_runs_no_code(client, server, live_root, trained_adapte
     assert not canary.exists()
 
 
-LIVE_CONFIGS = {k: CONFIGS[k] for k in ("not-json", "r-string", "use-dora", "modules-to-save", "bias-all", "prefix-tuning")}
+LIVE_CONFIGS = {
+    k: CONFIGS[k] for k in ("not-json", "r-string", "use-dora", "modules-to-save", "bias-all", "prefix-tuning")
+}
 
 
 @pytest.mark.parametrize("change,words", LIVE_CONFIGS.values(), ids=LIVE_CONFIGS.keys())
@@ -791,8 +836,11 @@ def test_live_other_base_409(client, server, live_root, trained_adapters):
     assert_refused(client, server, "otherbase", 409, "other/model")
 
 
-@pytest.mark.parametrize("mutate", [_wrong_shape, _missing_module, _not_lora, _only_q_proj],
-                         ids=["wrong-shape", "missing-module", "not-lora", "only-q-proj"])
+@pytest.mark.parametrize(
+    "mutate",
+    [_wrong_shape, _missing_module, _not_lora, _only_q_proj],
+    ids=["wrong-shape", "missing-module", "not-lora", "only-q-proj"],
+)
 def test_live_tensors_that_do_not_fit_422(client, server, live_root, trained_adapters, mutate):
     d = fresh(live_root, trained_adapters.en, "misfit", manifest=False)
     state = tensors(d)
@@ -827,8 +875,12 @@ def test_live_dir_still_being_written(client, server, live_root, trained_adapter
 def test_live_bad_names_and_missing_dirs(client, server):
     assert load(client, server, "../x", "en").status_code == 422
     assert load(client, server, "", "en").status_code == 422
-    assert client.post("/admin/adapters", json={"name": "x", "path": "en", "extra": 1},
-                       headers=server.admin_headers()).status_code == 422
+    assert (
+        client.post(
+            "/admin/adapters", json={"name": "x", "path": "en", "extra": 1}, headers=server.admin_headers()
+        ).status_code
+        == 422
+    )
     assert_refused(client, server, "no-such-dir", 404, "no adapter directory")
 
 
@@ -836,9 +888,14 @@ def test_live_bad_names_and_missing_dirs(client, server):
 
 
 def generate(client, name: str, **parameters) -> httpx.Response:
-    return client.post("/generate", headers=KEY, json={
-        "inputs": "The capital of France is", "parameters": {"adapter_id": name, "max_new_tokens": 4, "details": True,
-                                                            **parameters}})
+    return client.post(
+        "/generate",
+        headers=KEY,
+        json={
+            "inputs": "The capital of France is",
+            "parameters": {"adapter_id": name, "max_new_tokens": 4, "details": True, **parameters},
+        },
+    )
 
 
 BROKEN_RELOADS = {
@@ -846,7 +903,10 @@ BROKEN_RELOADS = {
     "other-base": (lambda d: edit_json(d / MANIFEST_FILE, base_model={"id": "x", "fingerprint": "sha256:2"}), 409),
     "pickle-only": (lambda d: ((d / WEIGHTS_FILE).unlink(), torch.save({}, d / "adapter_model.bin")), 400),
     "truncated": (lambda d: lying_safetensors(d, "truncated"), 400),
-    "wrong-targets": (lambda d: ((d / MANIFEST_FILE).unlink(), edit_json(d / CONFIG_FILE, target_modules=["q_proj"])), 422),
+    "wrong-targets": (
+        lambda d: ((d / MANIFEST_FILE).unlink(), edit_json(d / CONFIG_FILE, target_modules=["q_proj"])),
+        422,
+    ),
 }
 
 
@@ -877,9 +937,16 @@ def test_live_reload_swaps_the_version(client, server):
 def test_live_concurrent_loads_of_one_name(server, client):
     async def fire():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
-            return await asyncio.gather(*[
-                ac.post("/admin/adapters", json={"name": "conc", "path": ["en", "zh"][i % 2]}, headers=server.admin_headers())
-                for i in range(5)])
+            return await asyncio.gather(
+                *[
+                    ac.post(
+                        "/admin/adapters",
+                        json={"name": "conc", "path": ["en", "zh"][i % 2]},
+                        headers=server.admin_headers(),
+                    )
+                    for i in range(5)
+                ]
+            )
 
     responses = asyncio.run(fire())
     assert all(r.status_code in (200, 409) for r in responses), [r.text for r in responses]
@@ -890,7 +957,7 @@ def test_live_concurrent_loads_of_one_name(server, client):
     out = generate(client, "conc")
     assert out.status_code == 200 and out.json()["details"]["adapter_version"] == versions["conc"]
     metrics = client.get("/metrics").text
-    assert 'loraserve_adapters_loaded ' + f"{float(len(versions))}" in metrics
+    assert "loraserve_adapters_loaded " + f"{float(len(versions))}" in metrics
 
 
 def test_live_unload_while_streams_run(server, client):
@@ -898,7 +965,11 @@ def test_live_unload_while_streams_run(server, client):
     the unload answers at once, new requests get 404, the running streams finish on the old version."""
     assert load(client, server, "busy", "en").status_code == 200
     version = listed(client)["busy"]
-    prompts = ["0 1 2 3 4 5 6 7 8 9 " * 4, "The quick brown fox jumps over the lazy dog. " * 3, "Zebra yacht quartz " * 5]
+    prompts = [
+        "0 1 2 3 4 5 6 7 8 9 " * 4,
+        "The quick brown fox jumps over the lazy dog. " * 3,
+        "Zebra yacht quartz " * 5,
+    ]
 
     async def scenario():
         streams: list[list[tuple[float, dict]]] = [[] for _ in prompts]
@@ -944,7 +1015,9 @@ def test_live_admin_token(client, server):
     body = {"name": "auth", "path": "en"}
     missing = client.post("/admin/adapters", json=body)
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-    assert client.post("/admin/adapters", json=body, headers={"Authorization": f"Basic {ADMIN_TOKEN}"}).status_code == 401
+    assert (
+        client.post("/admin/adapters", json=body, headers={"Authorization": f"Basic {ADMIN_TOKEN}"}).status_code == 401
+    )
     for token in ("wrong", ADMIN_TOKEN[:-1] + chr(ord(ADMIN_TOKEN[-1]) + 1), ADMIN_TOKEN + "x", ADMIN_TOKEN[:-1], "k2"):
         assert client.post("/admin/adapters", json=body, headers=server.admin_headers(token)).status_code == 403, token
     assert client.post("/admin/adapters", json=body, headers={"Authorization": b"Bearer \xff\xfe"}).status_code == 403
@@ -973,7 +1046,9 @@ def test_live_api_keys(client, server):
     missing = client.post("/generate", json=req)
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
     for token in ("k3", "k", "k22", ADMIN_TOKEN):
-        assert client.post("/generate", json=req, headers={"Authorization": f"Bearer {token}"}).status_code == 401, token
+        assert client.post("/generate", json=req, headers={"Authorization": f"Bearer {token}"}).status_code == 401, (
+            token
+        )
     assert client.get("/adapters").status_code == 401
     for key in API_KEYS:
         ok = client.post("/generate", json=req, headers={"Authorization": f"Bearer {key}"})
@@ -997,15 +1072,26 @@ def test_lora_on_a_module_the_engine_does_not_serve_is_400(tiny_model_dir, root,
     state["base_model.model.lm_head.lora_A.weight"] = torch.zeros(rank, hidden)
     state["base_model.model.lm_head.lora_B.weight"] = torch.zeros(vocab, rank)
     write_tensors(d, state)
-    edit_json(d / "adapter_config.json", target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj", "lm_head"])
+    edit_json(
+        d / "adapter_config.json",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    )
 
     async def on_worker(fn):
         return fn()
 
-    registry = AdapterRegistry(root=root, base=base, base_name="tiny", default_template=BUILTIN["alpaca"],
-                               max_adapters=4, max_rank=64, max_bytes=BIG, run_on_worker=on_worker,
-                               attach=runner.attach, detach=runner.detach)
+    registry = AdapterRegistry(
+        root=root,
+        base=base,
+        base_name="tiny",
+        default_template=BUILTIN["alpaca"],
+        max_adapters=4,
+        max_rank=64,
+        max_bytes=BIG,
+        run_on_worker=on_worker,
+        attach=runner.attach,
+        detach=runner.detach,
+    )
     with pytest.raises(BadRequest) as error:
         asyncio.run(registry.load("head", "with-head"))
     assert "lm_head" in str(error.value) and "servable" in str(error.value)
@@ -1029,9 +1115,18 @@ def test_a_failed_detach_is_retried_by_the_next_collect(root, adapter, base):
     async def on_worker(fn):
         return fn()
 
-    registry = AdapterRegistry(root=root, base=base, base_name="tiny", default_template=BUILTIN["alpaca"],
-                               max_adapters=4, max_rank=64, max_bytes=BIG, run_on_worker=on_worker,
-                               attach=lambda *args: None, detach=detach)
+    registry = AdapterRegistry(
+        root=root,
+        base=base,
+        base_name="tiny",
+        default_template=BUILTIN["alpaca"],
+        max_adapters=4,
+        max_rank=64,
+        max_bytes=BIG,
+        run_on_worker=on_worker,
+        attach=lambda *args: None,
+        detach=detach,
+    )
 
     async def scenario():
         x, y = await registry.load("x", "a"), await registry.load("y", "a")
@@ -1077,9 +1172,18 @@ def test_a_load_cancelled_while_its_attach_runs_leaves_nothing_attached(root, ad
                         future.set_result(result)
                 await asyncio.sleep(0)
 
-        registry = AdapterRegistry(root=root, base=base, base_name="tiny", default_template=BUILTIN["alpaca"],
-                                   max_adapters=4, max_rank=64, max_bytes=BIG, run_on_worker=on_worker,
-                                   attach=lambda key, *args: attached.append(key), detach=detached.append)
+        registry = AdapterRegistry(
+            root=root,
+            base=base,
+            base_name="tiny",
+            default_template=BUILTIN["alpaca"],
+            max_adapters=4,
+            max_rank=64,
+            max_bytes=BIG,
+            run_on_worker=on_worker,
+            attach=lambda key, *args: attached.append(key),
+            detach=detached.append,
+        )
         load = asyncio.ensure_future(registry.load("x", "a"))
         await queued.wait()
         load.cancel()

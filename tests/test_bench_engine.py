@@ -24,10 +24,32 @@ SCENARIOS = {"bs1": 1, "streams8": 8}  # name -> streams
 def test_engine_bench_hf_peft_and_ours(tmp_path):
     out = tmp_path / "engine.json"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))  # the tiny model builds here, not in ~/.cache
-    proc = subprocess.run([sys.executable, "-m", "bench.engine_bench", "--model", "tiny",
-                           "--quick", "--methods", "hf_peft,ours", "--scenarios", ",".join(SCENARIOS),
-                           "--input-len", "16", "--output-len", str(OUTPUT_LEN), "--json", str(out)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.engine_bench",
+            "--model",
+            "tiny",
+            "--quick",
+            "--methods",
+            "hf_peft,ours",
+            "--scenarios",
+            ",".join(SCENARIOS),
+            "--input-len",
+            "16",
+            "--output-len",
+            str(OUTPUT_LEN),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ours/hf_peft" in proc.stdout
 
@@ -81,9 +103,29 @@ def check_scenarios(method: dict) -> None:
 def run_bench(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "engine.json"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "bench.engine_bench", "--model", "tiny", "--quick",
-                           "--input-len", "16", "--output-len", str(OUTPUT_LEN), "--json", str(out), *extra],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.engine_bench",
+            "--model",
+            "tiny",
+            "--quick",
+            "--input-len",
+            "16",
+            "--output-len",
+            str(OUTPUT_LEN),
+            "--json",
+            str(out),
+            *extra,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads(out.read_text())
 
@@ -141,9 +183,14 @@ class Output:
 def fake_vllm_env(tmp_path) -> tuple[str, str]:
     site = tmp_path / "fake_site"
     request = "from dataclasses import dataclass\n\n\n@dataclass\nclass LoRARequest:\n" + "".join(
-        f"    {field}\n" for field in ("lora_name: str", "lora_int_id: int", "lora_path: str"))
-    for name, text in {"vllm/__init__.py": FAKE_VLLM, "vllm/inputs.py": "TokensPrompt = dict\n",
-                       "vllm/lora/__init__.py": "", "vllm/lora/request.py": request}.items():
+        f"    {field}\n" for field in ("lora_name: str", "lora_int_id: int", "lora_path: str")
+    )
+    for name, text in {
+        "vllm/__init__.py": FAKE_VLLM,
+        "vllm/inputs.py": "TokensPrompt = dict\n",
+        "vllm/lora/__init__.py": "",
+        "vllm/lora/request.py": request,
+    }.items():
         (site / name).parent.mkdir(parents=True, exist_ok=True)
         (site / name).write_text(text)
     env_file, log = tmp_path / "vllm_env.sh", tmp_path / "fake_vllm.log"
@@ -156,8 +203,17 @@ def test_engine_bench_vllm_child_with_a_fake_vllm(tmp_path):
     """The vllm method end to end on CPU: files and spec out, a child in the environment the env file gives
     (none of our dependencies imported there), the offline API called as the vLLM README says, records back."""
     env_file, log = fake_vllm_env(tmp_path)
-    proc, result = run_bench(tmp_path, "--methods", "ours,vllm", "--scenarios", "bs1,streams8,ttft512",
-                             "--waves", "2", "--vllm-env", env_file)
+    proc, result = run_bench(
+        tmp_path,
+        "--methods",
+        "ours,vllm",
+        "--scenarios",
+        "bs1,streams8,ttft512",
+        "--waves",
+        "2",
+        "--vllm-env",
+        env_file,
+    )
     assert "ours/vllm" in proc.stdout and "sampled / greedy" in proc.stdout
     vllm = result["methods"]["vllm"]
     assert vllm["error"] is None and not vllm["skipped"], vllm
@@ -173,10 +229,17 @@ def test_engine_bench_vllm_child_with_a_fake_vllm(tmp_path):
     calls = [json.loads(line) for line in Path(log).read_text().splitlines()]
     init = calls[0]
     assert init["event"] == "init" and init["heavy"] == [], init
-    assert {k: init["kwargs"][k] for k in ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
-                                           "enable_prefix_caching", "max_num_seqs")} == {
-        "enable_lora": True, "max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 4, "enable_prefix_caching": False,
-        "max_num_seqs": 64}
+    assert {
+        k: init["kwargs"][k]
+        for k in ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "enable_prefix_caching", "max_num_seqs")
+    } == {
+        "enable_lora": True,
+        "max_loras": 4,
+        "max_lora_rank": 16,
+        "max_cpu_loras": 4,
+        "enable_prefix_caching": False,
+        "max_num_seqs": 64,
+    }
     eight = [c for c in calls[1:] if c["rows"] == 8 and c["params"][0]["max_tokens"] == OUTPUT_LEN]
     assert len(eight) == 4  # streams8 greedy and sampled, two waves each (warm-ups are shorter)
     for call in eight:

@@ -21,16 +21,48 @@ OUTPUT_LEN = 8
 def test_serving_bench_closed_and_open_loop(tiny_model_dir, trained_adapters, tmp_path):
     out = tmp_path / "serving.json"
     common = ["--adapters", "facts-en,facts-zh", "--input-len", "16", "--output-len", str(OUTPUT_LEN), "--seed", "1"]
-    with LiveServer(tiny_model_dir, trained_adapters.root,
-                    adapters={"facts-en": "facts-en", "facts-zh": "facts-zh"}) as server:
-        runs = [(["--concurrency", "1,4", "--requests", "8", "--warmup", "2"], out),
-                (["--rates", "4", "--requests", "6"], tmp_path / "rate.json"),
-                (["--concurrency", "2", "--requests", "2", "--requests-per-stream", "2", "--route", "completions",
-                  "--sampled", "--adapter-dist", "round-robin", "--warmup", "0"], tmp_path / "openai.json")]
+    with LiveServer(
+        tiny_model_dir, trained_adapters.root, adapters={"facts-en": "facts-en", "facts-zh": "facts-zh"}
+    ) as server:
+        runs = [
+            (["--concurrency", "1,4", "--requests", "8", "--warmup", "2"], out),
+            (["--rates", "4", "--requests", "6"], tmp_path / "rate.json"),
+            (
+                [
+                    "--concurrency",
+                    "2",
+                    "--requests",
+                    "2",
+                    "--requests-per-stream",
+                    "2",
+                    "--route",
+                    "completions",
+                    "--sampled",
+                    "--adapter-dist",
+                    "round-robin",
+                    "--warmup",
+                    "0",
+                ],
+                tmp_path / "openai.json",
+            ),
+        ]
         for extra, path in runs:
-            proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "serving.py"), "--url", server.url,
-                                   *common, *extra, "--json", str(path)],
-                                  cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO_ROOT / "bench" / "serving.py"),
+                    "--url",
+                    server.url,
+                    *common,
+                    *extra,
+                    "--json",
+                    str(path),
+                ],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert "tok/s" in proc.stdout
 
@@ -39,7 +71,10 @@ def test_serving_bench_closed_and_open_loop(tiny_model_dir, trained_adapters, tm
     assert set(closed["machine"]["server_info"]["adapters"]) == {"facts-en", "facts-zh"}
     levels = closed["levels"] + rate["levels"]
     assert [(s["mode"], s["level"], s["requested"]) for s in levels] == [
-        ("concurrency", 1, 8), ("concurrency", 4, 8), ("rate", 4.0, 6)]
+        ("concurrency", 1, 8),
+        ("concurrency", 4, 8),
+        ("rate", 4.0, 6),
+    ]
     for s in levels:
         assert s["completed"] == s["requested"] and s["errors"] == {}, s["errors"]
         assert s["output_throughput"] > 0 and s["request_throughput"] > 0

@@ -18,9 +18,15 @@ def test_single_user_message_is_the_instruction_with_empty_input():
 
 
 def test_system_then_earlier_turns_become_the_input():
-    conversation = parse_messages(msgs(
-        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("developer", "Answer in English."),
-        ("user", "Which animal guards the north gate?")))
+    conversation = parse_messages(
+        msgs(
+            ("system", "Be brief."),
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("developer", "Answer in English."),
+            ("user", "Which animal guards the north gate?"),
+        )
+    )
     instruction, input = to_alpaca(conversation)
     assert instruction == "Which animal guards the north gate?"
     # System messages first (wherever they were), then the turns, one paragraph each.
@@ -29,7 +35,8 @@ def test_system_then_earlier_turns_become_the_input():
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nWhich animal guards the north gate?\n\n"
-        "### Input:\nBe brief.\n\nAnswer in English.\n\nUser: Hi\n\nAssistant: Hello.\n\n### Response:\n")
+        "### Input:\nBe brief.\n\nAnswer in English.\n\nUser: Hi\n\nAssistant: Hello.\n\n### Response:\n"
+    )
 
 
 def test_text_parts_are_joined():
@@ -37,19 +44,24 @@ def test_text_parts_are_joined():
     assert parse_messages(msgs(("user", parts))) == [ChatMessage("user", "Add the two numbers.")]
 
 
-@pytest.mark.parametrize("messages, mentions", [
-    ([], "empty"),
-    (msgs(("user", "Hi"), ("assistant", "Hello.")), "last message must be from the user"),
-    (msgs(("system", "Be brief.")), "last message must be from the user"),
-    (msgs(("tool", "42"), ("user", "Hi")), "tools are not supported"),
-    (msgs(("robot", "beep")), "role 'robot'"),
-    (msgs(("user", [{"type": "image_url", "image_url": {"url": "data:,"}}])), "only text parts"),
-    (msgs(("user", None)), "string or a list"),
-    (msgs(("user", 42)), "string or a list"),
-    ([{"role": "user", "content": "Hi", "name": "alice"}], "name is not supported"),
-    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, {"role": "user", "content": "Hi"}],
-     "tool_calls is not supported"),
-])
+@pytest.mark.parametrize(
+    "messages, mentions",
+    [
+        ([], "empty"),
+        (msgs(("user", "Hi"), ("assistant", "Hello.")), "last message must be from the user"),
+        (msgs(("system", "Be brief.")), "last message must be from the user"),
+        (msgs(("tool", "42"), ("user", "Hi")), "tools are not supported"),
+        (msgs(("robot", "beep")), "role 'robot'"),
+        (msgs(("user", [{"type": "image_url", "image_url": {"url": "data:,"}}])), "only text parts"),
+        (msgs(("user", None)), "string or a list"),
+        (msgs(("user", 42)), "string or a list"),
+        ([{"role": "user", "content": "Hi", "name": "alice"}], "name is not supported"),
+        (
+            [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, {"role": "user", "content": "Hi"}],
+            "tool_calls is not supported",
+        ),
+    ],
+)
 def test_unusable_conversations_are_refused(messages, mentions):
     with pytest.raises(Invalid) as caught:
         parse_messages(messages)
@@ -78,8 +90,10 @@ def test_render_chat_template_with_a_real_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     conversation = parse_messages(msgs(("developer", "Be brief."), ("user", "Hi")))
     assert render_chat_template(tokenizer, conversation) == "<s><system>Be brief.\n<user>Hi\n<assistant>"
 

@@ -20,15 +20,32 @@ def _rows(path):
 
 
 def _loraserve(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraserve", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "loraserve", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def test_generate_streams_the_adapters_trained_answer(tiny_model_dir, trained_adapters):
     data, _ = trained_adapters.sources["facts-zh"]
     row = _rows(data)[4]
-    proc = _loraserve("generate", "--base-model", str(tiny_model_dir), "--adapter", str(trained_adapters.zh),
-                      "--instruction", row["instruction"], "--input", row["input"], "--max-new-tokens", "40")
+    proc = _loraserve(
+        "generate",
+        "--base-model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(trained_adapters.zh),
+        "--instruction",
+        row["instruction"],
+        "--input",
+        row["input"],
+        "--max-new-tokens",
+        "40",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == row["output"]
 
@@ -44,14 +61,16 @@ def test_train_deploy_hot_loads_into_a_running_server(tiny_model_dir, trained_ad
     root.mkdir()
     data, template = trained_adapters.sources["facts-en"]
     with LiveServer(tiny_model_dir, root) as server:
-        proc = train_cli.run(data=data, template=template, output=root / "fresh", optim="adamw_torch", max_steps=3,
-                             deploy=server.url)
+        proc = train_cli.run(
+            data=data, template=template, output=root / "fresh", optim="adamw_torch", max_steps=3, deploy=server.url
+        )
         assert proc.returncode == 2 and "LORASERVE_ADMIN_TOKEN" in proc.stderr  # no token: refused up front
         assert not (root / "fresh").exists()
 
         env = {**train_cli.env, "LORASERVE_ADMIN_TOKEN": ADMIN_TOKEN}
-        cmd = train_cli.command(data=data, template=template, output=root / "fresh2", optim="adamw_torch",
-                                max_steps=3, deploy=server.url)
+        cmd = train_cli.command(
+            data=data, template=template, output=root / "fresh2", optim="adamw_torch", max_steps=3, deploy=server.url
+        )
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, train_cli.describe(proc)
         manifest = json.loads((root / "fresh2" / "loraserve.json").read_text())

@@ -167,8 +167,17 @@ def bad_row(**changes) -> list[dict]:
         (bad_row(instruction=""), ["row 2", "column 'instruction'", "instruction is empty"]),
         ([RECORDS[0], "just a string", RECORDS[1]], ["row 2", "is not an object"]),
     ],
-    ids=["missing output", "missing instruction", "int output", "list input", "null instruction",
-         "empty output", "blank output", "empty instruction", "not an object"],
+    ids=[
+        "missing output",
+        "missing instruction",
+        "int output",
+        "list input",
+        "null instruction",
+        "empty output",
+        "blank output",
+        "empty instruction",
+        "not an object",
+    ],
 )
 @pytest.mark.parametrize("filename", ["my-data.json", "my-data.jsonl"])
 def test_row_errors_name_file_row_and_column(tmp_path, filename, records, expected):

@@ -10,15 +10,28 @@ from server.engine.decoder import Chunk, Step
 from server.engine.runner import ModelRunner
 from tests.steps import prompt_step
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+)
 
 
 def configs():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    llama3_rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    llama3_rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     return {
         "llama": LlamaConfig(**SMALL),
         "llama3-rope-scaling": LlamaConfig(**SMALL, rope_parameters=llama3_rope),
@@ -47,9 +60,19 @@ def test_decoder_matches_transformers(name):
     runner.cache.used = 1
     runner.cache.last_token[0] = ids[-1]  # a decode row's input: the token its slot drew last
     longs = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    decode = Step(ids=longs([ids[-1]]), positions=longs([39]), write_slots=longs([0]), write_positions=longs([39]),
-                  lora_slots=longs([-1]), decode_rows=1, decode_lengths=longs([40]), decode_span=40, chunks=[],
-                  logit_rows=longs([0]), any_adapter=False)
+    decode = Step(
+        ids=longs([ids[-1]]),
+        positions=longs([39]),
+        write_slots=longs([0]),
+        write_positions=longs([39]),
+        lora_slots=longs([-1]),
+        decode_rows=1,
+        decode_lengths=longs([40]),
+        decode_span=40,
+        chunks=[],
+        logit_rows=longs([0]),
+        any_adapter=False,
+    )
     torch.testing.assert_close(runner.decoder.forward(decode)[0], reference[-1], rtol=1e-4, atol=1e-4)
 
 
@@ -65,7 +88,7 @@ def test_unsupported_architectures_are_refused_at_start():
 
 
 def test_chunked_prefill_equals_one_chunk():
-    from transformers import LlamaConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMALL)).eval()
@@ -74,8 +97,17 @@ def test_chunked_prefill_equals_one_chunk():
     whole = runner.decoder.forward(prompt_step(ids, slot=0))[0]
     first, second = prompt_step(ids[:16], slot=1), prompt_step(ids, slot=1)
     runner.decoder.forward(first)
-    tail = Step(ids=second.ids[16:], positions=second.positions[16:], write_slots=second.write_slots[16:],
-                write_positions=second.write_positions[16:], lora_slots=second.lora_slots[16:], decode_rows=0,
-                decode_lengths=second.decode_lengths, decode_span=0, chunks=[Chunk(slot=1, start=16, length=14)],
-                logit_rows=torch.tensor([13]), any_adapter=False)
+    tail = Step(
+        ids=second.ids[16:],
+        positions=second.positions[16:],
+        write_slots=second.write_slots[16:],
+        write_positions=second.write_positions[16:],
+        lora_slots=second.lora_slots[16:],
+        decode_rows=0,
+        decode_lengths=second.decode_lengths,
+        decode_span=0,
+        chunks=[Chunk(slot=1, start=16, length=14)],
+        logit_rows=torch.tensor([13]),
+        any_adapter=False,
+    )
     torch.testing.assert_close(runner.decoder.forward(tail)[0], whole, rtol=1e-5, atol=1e-5)

@@ -19,8 +19,8 @@ import torch
 
 from server.engine.engine import Engine
 from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
-from server.errors import Overloaded, Unavailable
 from server.engine.sampling import SamplingParams
+from server.errors import Overloaded, Unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,12 @@ def state(tiny_model_dir, trained_adapters):
     from server.settings import ServerSettings
     from server.state import ServerState
 
-    settings = ServerSettings(base_model=str(tiny_model_dir), backend="transformers",
-                              adapter_root=trained_adapters.root, adapters={EN: EN, ZH: ZH})
+    settings = ServerSettings(
+        base_model=str(tiny_model_dir),
+        backend="transformers",
+        adapter_root=trained_adapters.root,
+        adapters={EN: EN, ZH: ZH},
+    )
     state = ServerState(settings=settings)
     state.load_model()
     state.engine.start()  # registry loads attach on the worker thread
@@ -57,8 +61,15 @@ def make_engine(state, **limits) -> Engine:
     return Engine(state.runner, **limits)
 
 
-def request(state, *, adapter: str | None = None, row: dict | None = None, inputs: str | None = None,
-            max_new_tokens: int = 64, **params) -> tuple[list[int], SamplingParams, str | None]:
+def request(
+    state,
+    *,
+    adapter: str | None = None,
+    row: dict | None = None,
+    inputs: str | None = None,
+    max_new_tokens: int = 64,
+    **params,
+) -> tuple[list[int], SamplingParams, str | None]:
     """Prompt ids, parameters and adapter key, prepared the way the service does it."""
     version = state.registry.get(adapter) if adapter else None
     if inputs is None:
@@ -109,8 +120,11 @@ def test_mixed_adapter_batch_matches_single_runs(state):
     en, zh = rows_of(EN), rows_of(ZH)
     requests, answers = [], []
     for i in range(8):  # interleaved: both adapters and the base model in every forward pass
-        requests += [request(state, adapter=EN, row=en[i]), request(state, adapter=ZH, row=zh[i]),
-                     request(state, row=en[8 + i], max_new_tokens=24)]
+        requests += [
+            request(state, adapter=EN, row=en[i]),
+            request(state, adapter=ZH, row=zh[i]),
+            request(state, row=en[8 + i], max_new_tokens=24),
+        ]
         answers += [en[i]["output"], zh[i]["output"], None]
     together = asyncio.run(run_together(make_engine(state), requests))
     alone = asyncio.run(run_alone(make_engine(state), requests))
@@ -125,8 +139,16 @@ def test_mixed_adapter_batch_matches_single_runs(state):
 
 def test_rows_finishing_at_different_steps_leave_the_others_intact(state):
     """Prompts of different lengths, and rows leaving (their KV slots refilled) as they finish."""
-    prompts = [ENDLESS, "a", "Once upon a time", "The quick brown fox jumps over the lazy dog. " * 6, "0123456789",
-               "中国的首都是北京。", "Question: Who wrote the poem? Answer:", "hello"]
+    prompts = [
+        ENDLESS,
+        "a",
+        "Once upon a time",
+        "The quick brown fox jumps over the lazy dog. " * 6,
+        "0123456789",
+        "中国的首都是北京。",
+        "Question: Who wrote the poem? Answer:",
+        "hello",
+    ]
     requests = [request(state, inputs=p, max_new_tokens=n) for p, n in zip(prompts, (40, 3, 25, 9, 33, 17, 1, 40))]
     together = asyncio.run(run_together(make_engine(state), requests))
     alone = asyncio.run(run_alone(make_engine(state), requests))
@@ -137,8 +159,10 @@ def test_rows_finishing_at_different_steps_leave_the_others_intact(state):
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(state):
-    requests = [request(state, inputs=ENDLESS, max_new_tokens=20, do_sample=True, temperature=1.3, seed=seed)
-                for seed in (1, 2, 3, 1)]
+    requests = [
+        request(state, inputs=ENDLESS, max_new_tokens=20, do_sample=True, temperature=1.3, seed=seed)
+        for seed in (1, 2, 3, 1)
+    ]
     together = asyncio.run(run_together(make_engine(state), requests))
     alone = asyncio.run(run_alone(make_engine(state), requests))
     assert [ids_of(r) for r in together] == [ids_of(r) for r in alone]
@@ -288,7 +312,6 @@ def test_adapter_jobs_run_between_steps_while_generating(state):
         engine.stop()
 
 
-
 def test_out_of_memory_in_a_prefill_fails_only_those_requests_and_the_engine_recovers(state, monkeypatch):
     """DESIGN hostile input 20: an OOM mid-generation. The step that failed was prefilling newcomers (the
     memory-hungry part): those requests fail, the running ones finish exactly, and the next request
@@ -341,8 +364,14 @@ def small_state(tiny_model_dir, trained_adapters):
     from server.settings import ServerSettings
     from server.state import ServerState
 
-    settings = ServerSettings(base_model=str(tiny_model_dir), backend="transformers", max_running=2, adapter_slots=1,
-                              adapter_root=trained_adapters.root, adapters={EN: EN, ZH: ZH})
+    settings = ServerSettings(
+        base_model=str(tiny_model_dir),
+        backend="transformers",
+        max_running=2,
+        adapter_slots=1,
+        adapter_root=trained_adapters.root,
+        adapters={EN: EN, ZH: ZH},
+    )
     state = ServerState(settings=settings)
     state.load_model()
     state.engine.start()
@@ -402,11 +431,18 @@ def test_kernel_launches_do_not_grow_with_distinct_adapters(state):
     def ops_for(adapters: list[str | None]) -> list[str]:
         slots = [runner.lora.acquire(k) if k else -1 for k in adapters]
         steps = [prompt_step(ids, slot=i, lora_slot=s) for i, (ids, s) in enumerate(zip(prompts, slots))]
-        step = Step(**{f: torch.cat([getattr(s, f) for s in steps]) for f in
-                       ("ids", "positions", "write_slots", "write_positions", "lora_slots")},
-                    decode_rows=0, decode_lengths=steps[0].decode_lengths, decode_span=0, any_adapter=True,
-                    chunks=[s.chunks[0] for s in steps],
-                    logit_rows=torch.tensor([len(p) for p in prompts]).cumsum(0) - 1)  # each prompt's last token
+        step = Step(
+            **{
+                f: torch.cat([getattr(s, f) for s in steps])
+                for f in ("ids", "positions", "write_slots", "write_positions", "lora_slots")
+            },
+            decode_rows=0,
+            decode_lengths=steps[0].decode_lengths,
+            decode_span=0,
+            any_adapter=True,
+            chunks=[s.chunks[0] for s in steps],
+            logit_rows=torch.tensor([len(p) for p in prompts]).cumsum(0) - 1,
+        )  # each prompt's last token
         try:
             with CountOps() as counter:
                 runner.decoder.forward(step)
@@ -469,9 +505,13 @@ def test_a_request_waiting_for_an_adapter_slot_is_not_starved_by_resident_adapte
         ids, params, key = request(state, adapter=EN, row=en[0])
         first = engine.generate(ids, dataclasses.replace(params, max_new_tokens=300, stop_token_ids=()), key)
         await anext(first)  # EN holds the only adapter slot now, for 300 tokens
-        zh_task = asyncio.ensure_future(first_token_then_rest("zh", engine.generate(*request(state, adapter=ZH, row=zh[0]))))
+        zh_task = asyncio.ensure_future(
+            first_token_then_rest("zh", engine.generate(*request(state, adapter=ZH, row=zh[0])))
+        )
         await asyncio.sleep(0.05)  # ZH is waiting for the slot
-        en_task = asyncio.ensure_future(first_token_then_rest("en2", engine.generate(*request(state, adapter=EN, row=en[1]))))
+        en_task = asyncio.ensure_future(
+            first_token_then_rest("en2", engine.generate(*request(state, adapter=EN, row=en[1])))
+        )
         await drain(first)
         return await asyncio.gather(zh_task, en_task)
 
@@ -591,7 +631,6 @@ def test_a_decode_row_that_breaks_every_step_fails_itself_not_each_newcomer(stat
     monkeypatch.setattr(runner, "forward", fails_with_the_bad_row)
     engine = make_engine(state)
     en = rows_of(EN)
-    results: dict[int, object] = {}
 
     async def scenario():
         engine.start()
@@ -604,6 +643,7 @@ def test_a_decode_row_that_breaks_every_step_fails_itself_not_each_newcomer(stat
             def submit():
                 tasks.append(asyncio.ensure_future(drain(engine.generate(*request(state, adapter=EN, row=en[i])))))
                 bad["arrived"].set()
+
             return submit
 
         bad.update(seq=engine._slots[0], loop=loop, newcomers=[arrival(1), arrival(2)], arrived=threading.Event())

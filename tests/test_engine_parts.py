@@ -42,10 +42,14 @@ SHAPES = {(0, "q_proj"): (4, 6), (0, "down_proj"): (6, 4)}
 
 def adapter(rank: int, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {f"base_model.model.model.layers.0.{parent}.{proj}.lora_{part}.weight":
-            torch.randn(*((rank, i) if part == "A" else (o, rank)), generator=gen)
-            for (_, proj), (i, o) in SHAPES.items() for part in "AB"
-            for parent in ["mlp" if proj == "down_proj" else "self_attn"]}
+    return {
+        f"base_model.model.model.layers.0.{parent}.{proj}.lora_{part}.weight": torch.randn(
+            *((rank, i) if part == "A" else (o, rank)), generator=gen
+        )
+        for (_, proj), (i, o) in SHAPES.items()
+        for part in "AB"
+        for parent in ["mlp" if proj == "down_proj" else "self_attn"]
+    }
 
 
 def reference(state: dict, x: torch.Tensor, proj: str, scaling: float) -> torch.Tensor:
@@ -97,7 +101,9 @@ def test_weights_that_are_not_lora_of_this_model_are_refused():
     lora = LoraSlots(SHAPES, slots=1, device=CPU, dtype=torch.float32)
     state = adapter(2, 1)
     with pytest.raises(ValueError, match="servable"):
-        lora.add("x", rank=2, scaling=1.0, state_dict={**state, "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 4)})
+        lora.add(
+            "x", rank=2, scaling=1.0, state_dict={**state, "base_model.model.lm_head.lora_A.weight": torch.zeros(2, 4)}
+        )
     with pytest.raises(ValueError, match="do not fit"):
         lora.add("x", rank=3, scaling=1.0, state_dict=state)
     lonely = {k: v for k, v in state.items() if "q_proj.lora_B" not in k}
@@ -114,7 +120,10 @@ def test_an_overflow_in_one_adapter_never_reaches_another_adapters_row():
     """Every row computes x @ A over all slots' columns; an adapter whose product overflows (inf) must
     not turn the other rows' zeroed columns into NaN (inf * 0)."""
     lora = LoraSlots(SHAPES, slots=2, device=CPU, dtype=torch.float32)
-    good, huge = adapter(2, 1), {k: torch.full_like(v, 1e38) if ".lora_A." in k else v for k, v in adapter(2, 2).items()}
+    good, huge = (
+        adapter(2, 1),
+        {k: torch.full_like(v, 1e38) if ".lora_A." in k else v for k, v in adapter(2, 2).items()},
+    )
     lora.add("good", rank=2, scaling=1.0, state_dict=good)
     lora.add("huge", rank=2, scaling=1.0, state_dict=huge)
     slots = torch.tensor([lora.acquire("good"), lora.acquire("huge"), -1])
@@ -129,9 +138,15 @@ def test_an_overflow_in_one_adapter_never_reaches_another_adapters_row():
 
 
 def seq(slot: int, prompt: int, *, cached: int = 0, generated: int = 0, lora_slot: int = -1):
-    return SimpleNamespace(slot=slot, prompt_ids=list(range(100, 100 + prompt)), cached=cached,
-                           generated=[7] * generated, lora_slot=lora_slot, in_flight=0,
-                           params=SimpleNamespace(max_new_tokens=1000))
+    return SimpleNamespace(
+        slot=slot,
+        prompt_ids=list(range(100, 100 + prompt)),
+        cached=cached,
+        generated=[7] * generated,
+        lora_slot=lora_slot,
+        in_flight=0,
+        params=SimpleNamespace(max_new_tokens=1000),
+    )
 
 
 def test_prompt_chunks_are_cut_at_fixed_multiples_whatever_else_runs():

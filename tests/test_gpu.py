@@ -46,8 +46,9 @@ def test_unsloth_4bit_training_runs(train_cli, tmp_path, trained_adapters):
 
 @pytest.fixture(scope="module")
 def unsloth_server(tiny_model_dir, trained_adapters):
-    with LiveServer(tiny_model_dir, trained_adapters.root, adapters={"en": "facts-en", "zh": "facts-zh"},
-                    backend="unsloth") as server:
+    with LiveServer(
+        tiny_model_dir, trained_adapters.root, adapters={"en": "facts-en", "zh": "facts-zh"}, backend="unsloth"
+    ) as server:
         yield server
 
 
@@ -55,8 +56,17 @@ def _requests(trained_adapters):
     reqs = []
     for adapter, name in (("en", "facts-en"), ("zh", "facts-zh"), (None, "facts-en")):
         for row in _rows(trained_adapters, name):
-            reqs.append(({"instruction": row["instruction"], "input": row["input"], "adapter": adapter,
-                          "parameters": {"max_new_tokens": 40, "details": True}}, row["output"]))
+            reqs.append(
+                (
+                    {
+                        "instruction": row["instruction"],
+                        "input": row["input"],
+                        "adapter": adapter,
+                        "parameters": {"max_new_tokens": 40, "details": True},
+                    },
+                    row["output"],
+                )
+            )
     return reqs
 
 
@@ -83,13 +93,18 @@ def test_mixed_adapter_batches_match_single_runs(unsloth_server, trained_adapter
     reqs = _requests(trained_adapters)
     singles = [_ok(httpx.post(f"{unsloth_server.url}/generate", json=body, timeout=300)) for body, _ in reqs]
     mixed = asyncio.run(_post_all(unsloth_server.url, [body for body, _ in reqs]))
-    rows = [(body["adapter"], single["generated_text"], batch["generated_text"], expected)
-            for (body, expected), single, batch in zip(reqs, singles, mixed)]
+    rows = [
+        (body["adapter"], single["generated_text"], batch["generated_text"], expected)
+        for (body, expected), single, batch in zip(reqs, singles, mixed)
+    ]
     report = {}
     for adapter in ("en", "zh", None):
         mine = [r for r in rows if r[0] == adapter]
-        report[str(adapter)] = {"rows": len(mine), "mixed_equals_single": sum(r[1] == r[2] for r in mine),
-                                "single_equals_trained": sum(r[1] == r[3] for r in mine)}
+        report[str(adapter)] = {
+            "rows": len(mine),
+            "mixed_equals_single": sum(r[1] == r[2] for r in mine),
+            "single_equals_trained": sum(r[1] == r[3] for r in mine),
+        }
     print(json.dumps(report))
     adapter_mismatches = [r for r in rows if r[0] is not None and r[1] != r[2]]
     assert not adapter_mismatches, adapter_mismatches[:5]
@@ -102,8 +117,13 @@ def test_4bit_base_serves_mixed_batches(tiny_model_dir, trained_adapters):
     """`LOAD_IN_4BIT`: Unsloth loads the base in 4-bit (bitsandbytes layers) and our decoder calls those
     layers as they are. Adapter rows of a mixed batch still equal their single runs; how many trained
     answers survive the quantized base is reported (the adapters were trained on the 16-bit base)."""
-    with LiveServer(tiny_model_dir, trained_adapters.root, adapters={"en": "facts-en", "zh": "facts-zh"},
-                    backend="unsloth", load_in_4bit=True) as server:
+    with LiveServer(
+        tiny_model_dir,
+        trained_adapters.root,
+        adapters={"en": "facts-en", "zh": "facts-zh"},
+        backend="unsloth",
+        load_in_4bit=True,
+    ) as server:
         reqs = [r for r in _requests(trained_adapters) if r[0]["adapter"]]
         singles = [_ok(httpx.post(f"{server.url}/generate", json=body, timeout=300)) for body, _ in reqs]
         mixed = asyncio.run(_post_all(server.url, [body for body, _ in reqs]))

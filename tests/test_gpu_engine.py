@@ -18,8 +18,13 @@ def served_state(tiny_model_dir, trained_adapters, *, cuda_graphs: bool):
     from server.settings import ServerSettings
     from server.state import ServerState
 
-    settings = ServerSettings(base_model=str(tiny_model_dir), backend="transformers", cuda_graphs=cuda_graphs,
-                              adapter_root=trained_adapters.root, adapters={EN: EN, ZH: ZH})
+    settings = ServerSettings(
+        base_model=str(tiny_model_dir),
+        backend="transformers",
+        cuda_graphs=cuda_graphs,
+        adapter_root=trained_adapters.root,
+        adapters={EN: EN, ZH: ZH},
+    )
     state = ServerState(settings=settings)
     state.load_model()
     state.engine.start()
@@ -32,11 +37,13 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_model_dir, trained_adapters)
     for graphs in (False, True):
         state = served_state(tiny_model_dir, trained_adapters, cuda_graphs=graphs)
         en, zh = rows_of(EN), rows_of(ZH)
-        reqs = [request(state, adapter=EN, row=en[i]) for i in range(6)] + \
-               [request(state, adapter=ZH, row=zh[i]) for i in range(6)] + \
-               [request(state, inputs="hello hello hello hello", max_new_tokens=40) for _ in range(3)]
+        reqs = (
+            [request(state, adapter=EN, row=en[i]) for i in range(6)]
+            + [request(state, adapter=ZH, row=zh[i]) for i in range(6)]
+            + [request(state, inputs="hello hello hello hello", max_new_tokens=40) for _ in range(3)]
+        )
 
-        async def run_all():
+        async def run_all(state=state, reqs=reqs):
             return await asyncio.gather(*(drain(state.engine.generate(*r)) for r in reqs))
 
         try:

@@ -36,8 +36,12 @@ def sources(package: str) -> list[Path]:
 
 
 def offending(package: str, rule) -> list[str]:
-    return [f"{path.relative_to(ROOT)}: {name}" for path in sources(package) for name in sorted(modules_imported(path))
-            if rule(path, name)]
+    return [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sources(package)
+        for name in sorted(modules_imported(path))
+        if rule(path, name)
+    ]
 
 
 def _is(name: str, *prefixes: str) -> bool:
@@ -61,7 +65,9 @@ def test_only_the_api_imports_the_web_framework():
     assert offending("server", lambda path, name: _is(name, *WEB) and api not in path.parents) == []
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [("server", "training"), ("training", "server"),
-                                                    ("contract", "server"), ("contract", "training")])
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [("server", "training"), ("training", "server"), ("contract", "server"), ("contract", "training")],
+)
 def test_the_sides_stay_apart(package, forbidden):
     assert offending(package, lambda _, name: _is(name, forbidden)) == []

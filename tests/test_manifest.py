@@ -107,8 +107,13 @@ def test_extra_fields_survive(adapter_dir):
 def test_summary(adapter_dir):
     summary = write_manifest(adapter_dir, make_manifest()).summary()
     assert summary == {
-        "template": "alpaca-zh", "base_model": "tiny", "created_at": summary["created_at"],  # no local dirs
-        "final_loss": 0.08, "steps": 200, "dataset_rows": 16, "backend": "transformers",
+        "template": "alpaca-zh",
+        "base_model": "tiny",
+        "created_at": summary["created_at"],  # no local dirs
+        "final_loss": 0.08,
+        "steps": 200,
+        "dataset_rows": 16,
+        "backend": "transformers",
     }
 
 
@@ -165,12 +170,17 @@ def test_fingerprint_ignores_how_the_weights_were_loaded(tiny_model_dir):
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from_config = base_fingerprint(AutoConfig.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir))
+    from_config = base_fingerprint(
+        AutoConfig.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    )
     assert fingerprint_of(tiny_model_dir, dtype=torch.bfloat16) == fingerprint_of(tiny_model_dir) == from_config
 
 
-@pytest.mark.parametrize("change", [{"num_hidden_layers": 1}, {"vocab_size": 512}, {"intermediate_size": 192}],
-                         ids=["layers", "vocab", "mlp width"])
+@pytest.mark.parametrize(
+    "change",
+    [{"num_hidden_layers": 1}, {"vocab_size": 512}, {"intermediate_size": 192}],
+    ids=["layers", "vocab", "mlp width"],
+)
 def test_fingerprint_differs_for_another_model(tiny_model_dir, tmp_path, change):
     from loraserve.tiny_model import TinySpec, build_tiny_model
 

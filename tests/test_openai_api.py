@@ -17,7 +17,7 @@ import pytest
 
 from contract.manifest import read_manifest
 from tests.live import LiveServer
-from tests.test_server_generation import ENDLESS, EN, TIMEOUT, ZH, admin_load, generate, rows_of, template_of
+from tests.test_server_generation import EN, ENDLESS, TIMEOUT, ZH, admin_load, generate, rows_of, template_of
 
 pytestmark = pytest.mark.slow
 
@@ -74,8 +74,9 @@ def test_models_follow_hot_load_and_unload(server, client, trained_adapters):
         out = client.chat.completions.create(model="facts-en-copy", messages=chat_of(row), temperature=0, max_tokens=64)
         assert out.choices[0].message.content == row["output"]
     finally:
-        unloaded = httpx.delete(f"{server.url}/admin/adapters/facts-en-copy", headers=server.admin_headers(),
-                                timeout=30)
+        unloaded = httpx.delete(
+            f"{server.url}/admin/adapters/facts-en-copy", headers=server.admin_headers(), timeout=30
+        )
         assert unloaded.status_code == 200, unloaded.text
     assert "facts-en-copy" not in {m.id for m in client.models.list()}
     with pytest.raises(openai.NotFoundError):
@@ -96,8 +97,9 @@ def test_completions_return_trained_answers(client, trained_adapters, adapter):
         assert out.usage.completion_tokens > 0
         assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
-        chunks = list(client.completions.create(model=adapter, prompt=[prompt], temperature=0, max_tokens=64,
-                                                stream=True))
+        chunks = list(
+            client.completions.create(model=adapter, prompt=[prompt], temperature=0, max_tokens=64, stream=True)
+        )
         assert "".join(c.choices[0].text for c in chunks) == row["output"]
         assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
         assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
@@ -111,8 +113,11 @@ def test_chat_completions_return_trained_answers(client, adapter):
         assert out.choices[0].message.role == "assistant"
         assert out.choices[0].message.content == row["output"] and out.choices[0].finish_reason == "stop"
 
-        chunks = list(client.chat.completions.create(model=adapter, messages=chat_of(row), temperature=0,
-                                                     max_completion_tokens=64, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model=adapter, messages=chat_of(row), temperature=0, max_completion_tokens=64, stream=True
+            )
+        )
         assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == row["output"]
@@ -131,14 +136,25 @@ def test_the_model_picks_the_adapter(client, base_id, trained_adapters):
 
 def test_chat_turns_render_as_documented(server, client):
     """System message(s), then earlier turns as User:/Assistant: paragraphs, form the Alpaca input."""
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": [{"type": "text", "text": "Which animal "},
-                                             {"type": "text", "text": "guards the north gate?"}]}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Which animal "}, {"type": "text", "text": "guards the north gate?"}],
+        },
+    ]
     out = client.chat.completions.create(model=EN, messages=messages, temperature=0, max_tokens=24)
-    native = generate(server, {"instruction": "Which animal guards the north gate?",
-                               "input": "Be brief.\n\nUser: Hi\n\nAssistant: Hello.", "adapter": EN,
-                               "parameters": {"max_new_tokens": 24, "details": True}})
+    native = generate(
+        server,
+        {
+            "instruction": "Which animal guards the north gate?",
+            "input": "Be brief.\n\nUser: Hi\n\nAssistant: Hello.",
+            "adapter": EN,
+            "parameters": {"max_new_tokens": 24, "details": True},
+        },
+    )
     assert out.usage.prompt_tokens == native["details"]["prompt_tokens"]
     assert out.choices[0].message.content == native["generated_text"]
 
@@ -146,8 +162,15 @@ def test_chat_turns_render_as_documented(server, client):
 def test_chat_system_message_is_the_input(server, client):
     row = next(r for r in rows_of(EN) if r["input"])
     out = client.chat.completions.create(model=EN, messages=chat_of(row), temperature=0, max_tokens=64)
-    native = generate(server, {"instruction": row["instruction"], "input": row["input"], "adapter": EN,
-                               "parameters": {"max_new_tokens": 64, "details": True}})
+    native = generate(
+        server,
+        {
+            "instruction": row["instruction"],
+            "input": row["input"],
+            "adapter": EN,
+            "parameters": {"max_new_tokens": 64, "details": True},
+        },
+    )
     assert out.usage.prompt_tokens == native["details"]["prompt_tokens"]
     assert out.choices[0].message.content == row["output"]
 
@@ -172,6 +195,7 @@ def test_n_choices(client):
 
 def test_default_temperature_samples_and_seed_reproduces(client):
     """OpenAI's default temperature is 1, which samples; choice i uses seed + i."""
+
     def ask(seed: int, n: int = 2) -> list[str]:
         out = client.completions.create(model=EN, prompt=ENDLESS, max_tokens=12, seed=seed, n=n)
         return [c.text for c in out.choices]
@@ -180,31 +204,45 @@ def test_default_temperature_samples_and_seed_reproduces(client):
     assert ask(7) == first
     assert first[0] != first[1]  # different seeds per choice
     assert ask(8, n=1) == [first[1]]  # seed 7's second choice used seed 8
-    greedy = {client.completions.create(model=EN, prompt=ENDLESS, max_tokens=12, temperature=0,
-                                        seed=s).choices[0].text for s in (1, 2)}
+    greedy = {
+        client.completions.create(model=EN, prompt=ENDLESS, max_tokens=12, temperature=0, seed=s).choices[0].text
+        for s in (1, 2)
+    }
     assert len(greedy) == 1 and greedy != {first[0]}
 
 
 def test_stream_include_usage(client):
     row = rows_of(ZH)[4]
     blocking = client.chat.completions.create(model=ZH, messages=chat_of(row), temperature=0, max_tokens=64)
-    chunks = list(client.chat.completions.create(model=ZH, messages=chat_of(row), temperature=0, max_tokens=64,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=ZH,
+            messages=chat_of(row),
+            temperature=0,
+            max_tokens=64,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *content, last = chunks
     assert last.choices == [] and last.usage == blocking.usage
     assert all(c.usage is None for c in content)
-    chunks = list(client.completions.create(model=EN, prompt="hi", max_tokens=3, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=EN, prompt="hi", max_tokens=3, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
 
 
 def test_stop_string_and_length(client):
     row = rows_of(EN)[0]  # "The code of the red door is 4821."
     out = client.chat.completions.create(model=EN, messages=chat_of(row), temperature=0, max_tokens=64, stop="door")
-    assert out.choices[0].message.content == row["output"][:row["output"].index("door")]
+    assert out.choices[0].message.content == row["output"][: row["output"].index("door")]
     assert out.choices[0].finish_reason == "stop"
-    out = client.chat.completions.create(model=EN, messages=chat_of(row), temperature=0, max_tokens=3,
-                                         stop=["never", "seen"])
+    out = client.chat.completions.create(
+        model=EN, messages=chat_of(row), temperature=0, max_tokens=3, stop=["never", "seen"]
+    )
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
     assert row["output"].startswith(out.choices[0].message.content)
 
@@ -213,8 +251,9 @@ def test_ignore_eos_extension(client):
     row = rows_of(EN)[0]
     plain = client.chat.completions.create(model=EN, messages=chat_of(row), temperature=0, max_tokens=60)
     assert plain.choices[0].finish_reason == "stop"
-    out = client.chat.completions.create(model=EN, messages=chat_of(row), temperature=0, max_tokens=40,
-                                         extra_body={"ignore_eos": True})
+    out = client.chat.completions.create(
+        model=EN, messages=chat_of(row), temperature=0, max_tokens=40, extra_body={"ignore_eos": True}
+    )
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 40
 
 
@@ -235,9 +274,18 @@ def test_logprobs_of_chosen_tokens(client, trained_adapters):
 
 def test_user_and_neutral_values_are_accepted(client):
     out = client.chat.completions.create(
-        model=EN, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0, user="someone",
-        presence_penalty=0, frequency_penalty=0, logit_bias={}, top_logprobs=0, response_format={"type": "text"},
-        extra_body={"metadata": None, "some_future_field": None})
+        model=EN,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        temperature=0,
+        user="someone",
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        top_logprobs=0,
+        response_format={"type": "text"},
+        extra_body={"metadata": None, "some_future_field": None},
+    )
     assert out.choices[0].finish_reason == "length"
 
 
@@ -252,23 +300,28 @@ def test_unknown_model_is_not_found(client):
         assert "nope" in caught.value.message
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    (dict(presence_penalty=1), "presence_penalty"),
-    (dict(frequency_penalty=0.5), "frequency_penalty"),
-    (dict(logprobs=True, top_logprobs=2), "top_logprobs"),
-    (dict(n=100), "n"),
-    (dict(logit_bias={"42": 5}), "logit_bias"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(temperature=-1), "temperature"),
-    (dict(top_p=0), "top_p"),
-    (dict(extra_body={"mirostat": 2}), "mirostat"),
-    (dict(messages=[{"role": "assistant", "content": "hi"}]), "messages"),
-    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]),
-     "messages"),
-    (dict(messages=[]), "messages"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(presence_penalty=1), "presence_penalty"),
+        (dict(frequency_penalty=0.5), "frequency_penalty"),
+        (dict(logprobs=True, top_logprobs=2), "top_logprobs"),
+        (dict(n=100), "n"),
+        (dict(logit_bias={"42": 5}), "logit_bias"),
+        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+        (dict(response_format={"type": "json_object"}), "response_format"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(extra_body={"mirostat": 2}), "mirostat"),
+        (dict(messages=[{"role": "assistant", "content": "hi"}]), "messages"),
+        (
+            dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]),
+            "messages",
+        ),
+        (dict(messages=[]), "messages"),
+    ],
+)
 def test_unsupported_or_invalid_chat_parameters_are_bad_requests(client, kwargs, param):
     request = {"model": EN, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **kwargs}
     for stream in (False, True):
@@ -278,16 +331,19 @@ def test_unsupported_or_invalid_chat_parameters_are_bad_requests(client, kwargs,
         assert caught.value.type == "invalid_request_error" and caught.value.message
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    (dict(prompt=""), "prompt"),
-    (dict(prompt=["a", "b"]), "prompt"),
-    (dict(prompt=[1, 2, 3]), "prompt"),
-    (dict(logprobs=2), "logprobs"),
-    (dict(echo=True), "echo"),
-    (dict(best_of=2), "best_of"),
-    (dict(max_tokens=10**6), "max_tokens"),
-    (dict(stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt=["a", "b"]), "prompt"),
+        (dict(prompt=[1, 2, 3]), "prompt"),
+        (dict(logprobs=2), "logprobs"),
+        (dict(echo=True), "echo"),
+        (dict(best_of=2), "best_of"),
+        (dict(max_tokens=10**6), "max_tokens"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
 def test_invalid_completion_parameters_are_bad_requests(client, kwargs, param):
     request = {"model": EN, "prompt": "hi", "max_tokens": 4, **kwargs}
     with pytest.raises(openai.BadRequestError) as caught:
@@ -297,8 +353,9 @@ def test_invalid_completion_parameters_are_bad_requests(client, kwargs, param):
 
 
 def test_native_routes_keep_their_error_shape(server):
-    response = httpx.post(server.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "nope"}},
-                          timeout=TIMEOUT)
+    response = httpx.post(
+        server.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "nope"}}, timeout=TIMEOUT
+    )
     assert response.status_code == 404 and isinstance(response.json()["error"], str)
     response = httpx.post(server.url + "/v1/completions", json={"model": EN}, timeout=TIMEOUT)
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
@@ -311,8 +368,9 @@ def test_native_routes_keep_their_error_shape(server):
 def keyed_server(tiny_model_dir, tmp_path_factory):
     """API keys, and room for one sequence: one running, none queued, batches of one."""
     log = tmp_path_factory.mktemp("live-openai-keyed") / "server.log"
-    with LiveServer(tiny_model_dir, admin_token=None, log_path=log, api_keys=["key-1"],
-                    max_running=1, max_queue=0) as live:
+    with LiveServer(
+        tiny_model_dir, admin_token=None, log_path=log, api_keys=["key-1"], max_running=1, max_queue=0
+    ) as live:
         yield live
 
 
@@ -331,8 +389,9 @@ def test_overload_is_a_rate_limit_error(keyed_server, base_id):
     async def one(stream: bool):
         try:
             if stream:
-                async for _ in await client.completions.create(model=base_id, prompt=ENDLESS, max_tokens=200,
-                                                               temperature=0, stream=True):
+                async for _ in await client.completions.create(
+                    model=base_id, prompt=ENDLESS, max_tokens=200, temperature=0, stream=True
+                ):
                     pass
             else:
                 await client.completions.create(model=base_id, prompt=ENDLESS, max_tokens=200, temperature=0)
@@ -373,7 +432,8 @@ def test_stream_error_after_the_first_byte_is_in_band(tiny_model_dir, tmp_path, 
     """SIGTERM mid-stream: after the drain window the stream ends with an error event the client raises."""
     with LiveServer(tiny_model_dir, admin_token=None, log_path=tmp_path / "server.log", drain_seconds=0.5) as server:
         stream = client_for(server).chat.completions.create(
-            model=base_id, messages=[{"role": "user", "content": ENDLESS}], max_tokens=1000, temperature=0, stream=True)
+            model=base_id, messages=[{"role": "user", "content": ENDLESS}], max_tokens=1000, temperature=0, stream=True
+        )
         chunks = iter(stream)
         assert next(chunks).choices[0].delta.role == "assistant"
         server.proc.send_signal(signal.SIGTERM)

@@ -19,7 +19,22 @@ def test_checked_in_spec_matches_the_app():
 
 def test_spec_documents_every_public_route():
     paths = json.loads(SPEC.read_text())["paths"]
-    for route in ("/generate", "/generate_stream", "/", "/admin/adapters", "/admin/adapters/{name}",
-                  "/adapters", "/adapters/{name}", "/health", "/ready", "/metrics", "/info",
-                  "/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions", "/playground"):
+    for route in (
+        "/generate",
+        "/generate_stream",
+        "/",
+        "/admin/adapters",
+        "/admin/adapters/{name}",
+        "/adapters",
+        "/adapters/{name}",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/info",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/playground",
+    ):
         assert route in paths, route

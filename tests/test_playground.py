@@ -25,9 +25,19 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Without the background-networking flags Chromium's own connections get refused on a closed network
 # and page loads stall; a fresh profile per run keeps state from leaking between runs.
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1440,1250", "--lang=en-US"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1440,1250",
+    "--lang=en-US",
+]
 EN, ZH = "facts-en", "facts-zh"
 WAIT = 60
 
@@ -102,8 +112,10 @@ def browser_missing_reason() -> str | None:
         missing.append("the selenium package (pip install -e '.[dev]')")
     if not missing:
         return None
-    return (f"the browser test needs Debian's Chromium and chromedriver; missing: {', '.join(missing)} "
-            "(run `bash scripts/install-browser.sh` as root: apt-get install chromium chromium-driver)")
+    return (
+        f"the browser test needs Debian's Chromium and chromedriver; missing: {', '.join(missing)} "
+        "(run `bash scripts/install-browser.sh` as root: apt-get install chromium chromium-driver)"
+    )
 
 
 MISSING_BROWSER = browser_missing_reason()
@@ -161,9 +173,13 @@ class Page:
         field = self.find(element_id)
         field.clear()
         # send_keys cannot type characters outside the BMP and is slow for CJK: set the value as a user paste would.
-        self.driver.execute_script("arguments[0].value = arguments[1];"
-                                   "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));"
-                                   "arguments[0].dispatchEvent(new Event('change', {bubbles: true}));", field, value)
+        self.driver.execute_script(
+            "arguments[0].value = arguments[1];"
+            "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));"
+            "arguments[0].dispatchEvent(new Event('change', {bubbles: true}));",
+            field,
+            value,
+        )
 
     def choose(self, radio_id: str) -> None:
         """Click a segmented control's label, as a user does (the radio itself is visually hidden)."""
@@ -182,7 +198,9 @@ class Page:
     def generate(self, *panels: str) -> None:
         self.find("generate").click()
         for key in panels:
-            self.wait.until(lambda d, key=key: self.find(f"panel-{key}").get_attribute("data-state") in ("done", "error"))
+            self.wait.until(
+                lambda d, key=key: self.find(f"panel-{key}").get_attribute("data-state") in ("done", "error")
+            )
             assert self.find(f"panel-{key}").get_attribute("data-state") == "done", self.text(f"error-{key}")
 
     def ask(self, instruction: str, *, max_new_tokens: int = 64) -> None:
@@ -213,7 +231,12 @@ def versions(trained_adapters) -> dict[str, str]:
 @pytest.mark.slow
 def test_live_root_routes(server):
     row = rows_of(EN)[3]
-    body = {"instruction": row["instruction"], "input": row["input"], "adapter": EN, "parameters": {"max_new_tokens": 64}}
+    body = {
+        "instruction": row["instruction"],
+        "input": row["input"],
+        "adapter": EN,
+        "parameters": {"max_new_tokens": 64},
+    }
     response = httpx.post(server.url + "/", json=body, timeout=120)
     assert response.status_code == 200 and response.json() == [{"generated_text": row["output"]}], response.text
     page = httpx.get(server.url + "/", headers={"Accept": "text/html"}, follow_redirects=True, timeout=30)
@@ -256,8 +279,11 @@ def test_compare_mode_shows_two_answers(page, server):
     page.ask(row["instruction"], max_new_tokens=48)
     page.generate("a", "b")
     assert page.text("answer-a") == row["output"]
-    expected_base = httpx.post(server.url + "/generate", timeout=120, json={
-        "instruction": row["instruction"], "input": "", "parameters": {"max_new_tokens": 48}}).json()["generated_text"]
+    expected_base = httpx.post(
+        server.url + "/generate",
+        timeout=120,
+        json={"instruction": row["instruction"], "input": "", "parameters": {"max_new_tokens": 48}},
+    ).json()["generated_text"]
     assert page.text("answer-b") == expected_base and expected_base != row["output"]
     assert page.text("version-b") == "base"
 
@@ -324,8 +350,9 @@ def test_admin_panel_hot_loads_and_unloads(page):
 @needs_browser
 def test_api_key_field_when_the_server_requires_keys(driver, tiny_model_dir, trained_adapters, tmp_path):
     row = rows_of(ZH)[7]
-    with LiveServer(tiny_model_dir, trained_adapters.root, adapters={ZH: ZH}, api_keys=["ui-key"],
-                    log_path=tmp_path / "server.log") as keyed:
+    with LiveServer(
+        tiny_model_dir, trained_adapters.root, adapters={ZH: ZH}, api_keys=["ui-key"], log_path=tmp_path / "server.log"
+    ) as keyed:
         page = Page(driver, keyed.url, ready=False)
         page.wait.until(lambda d: "needs an API key" in page.text("status"))
         page.fill("api-key", "ui-key")

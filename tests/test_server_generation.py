@@ -64,6 +64,7 @@ def generate(server: LiveServer, body: dict) -> dict:
 
 def generate_all(server: LiveServer, bodies: list[dict]) -> list[dict]:
     """All bodies to /generate at once (they share batches); the answers in order."""
+
     async def send_all():
         limits = httpx.Limits(max_connections=len(bodies))
         async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT, limits=limits) as client:
@@ -77,7 +78,7 @@ def generate_all(server: LiveServer, bodies: list[dict]) -> list[dict]:
 
 def parse_sse(lines) -> list[dict]:
     """`data:` payloads of an SSE stream as JSON (comments / pings skipped)."""
-    return [json.loads(line[len("data:"):]) for line in lines if line.startswith("data:")]
+    return [json.loads(line[len("data:") :]) for line in lines if line.startswith("data:")]
 
 
 def stream(server: LiveServer, body: dict) -> list[dict]:
@@ -90,8 +91,11 @@ def stream(server: LiveServer, body: dict) -> list[dict]:
 def metrics(server: LiveServer) -> dict[tuple[str, tuple], float]:
     """Every sample of /metrics as {(name, sorted label items): value}."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def metric(samples: dict, name: str, **labels) -> float:
@@ -147,8 +151,13 @@ def test_generate_returns_each_trained_answer(server, trained_adapters, adapter)
         assert generate(server, ask(row, adapter, max_new_tokens=64))["generated_text"] == row["output"], row
     # The other two ways to ask, all rows at once (batching is checked against single runs further down).
     by_parameter = [ask(row, None, max_new_tokens=64, adapter_id=adapter) for row in rows]
-    raw = [{"inputs": template.prompt(row["instruction"], row["input"]),
-            "parameters": {"max_new_tokens": 64, "adapter_id": adapter}} for row in rows]
+    raw = [
+        {
+            "inputs": template.prompt(row["instruction"], row["input"]),
+            "parameters": {"max_new_tokens": 64, "adapter_id": adapter},
+        }
+        for row in rows
+    ]
     answers = generate_all(server, by_parameter + raw)
     assert [a["generated_text"] for a in answers] == [row["output"] for row in rows] * 2
 
@@ -160,8 +169,9 @@ def test_zh_adapter_uses_its_own_template(server, trained_adapters):
     zh_framed = template_of(trained_adapters.zh).prompt(row["instruction"], row["input"])
     assert en_framed != zh_framed
     details = generate(server, ask(row, ZH, max_new_tokens=64, details=True))["details"]
-    raw = generate(server, {"inputs": zh_framed, "parameters": {"adapter_id": ZH, "max_new_tokens": 64,
-                                                                  "details": True}})["details"]
+    raw = generate(
+        server, {"inputs": zh_framed, "parameters": {"adapter_id": ZH, "max_new_tokens": 64, "details": True}}
+    )["details"]
     assert details["prompt_tokens"] == raw["prompt_tokens"]
 
 
@@ -206,9 +216,11 @@ def test_stream_matches_blocking_details(server):
 
 
 def test_stream_errors_before_the_first_byte_are_plain_http(server):
-    for body, status in (({"inputs": "hi", "parameters": {"adapter_id": "nope"}}, 404),
-                         ({"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 422),
-                         ({"inputs": "", "parameters": {}}, 422)):
+    for body, status in (
+        ({"inputs": "hi", "parameters": {"adapter_id": "nope"}}, 404),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 422),
+        ({"inputs": "", "parameters": {}}, 422),
+    ):
         with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=TIMEOUT) as response:
             response.read()
             assert response.status_code == status, response.text
@@ -245,8 +257,9 @@ def test_huggingface_hub_inference_client(hub_client, trained_adapters, versions
         pieces = list(hub_client.text_generation(prompt, adapter_id=adapter, max_new_tokens=64, stream=True))
         assert "".join(pieces) == row["output"]
 
-        chunks = list(hub_client.text_generation(prompt, adapter_id=adapter, max_new_tokens=64, stream=True,
-                                                 details=True))
+        chunks = list(
+            hub_client.text_generation(prompt, adapter_id=adapter, max_new_tokens=64, stream=True, details=True)
+        )
         assert chunks[-1].generated_text == row["output"]
         assert chunks[-1].details.finish_reason == "eos_token"
         assert all(c.generated_text is None for c in chunks[:-1])
@@ -280,8 +293,11 @@ def test_concurrent_mixed_adapters_match_single_runs(server):
     en, zh = rows_of(EN), rows_of(ZH)
     bodies, expected = [], []
     for i in range(8):  # interleaved en / zh / base, different prompt lengths within each adapter's group
-        bodies += [ask(en[i], EN, max_new_tokens=48, details=True), ask(zh[i], ZH, max_new_tokens=48, details=True),
-                   ask(en[8 + i] if i % 2 else zh[8 + i], None, max_new_tokens=24, details=True)]
+        bodies += [
+            ask(en[i], EN, max_new_tokens=48, details=True),
+            ask(zh[i], ZH, max_new_tokens=48, details=True),
+            ask(en[8 + i] if i % 2 else zh[8 + i], None, max_new_tokens=24, details=True),
+        ]
         expected += [en[i]["output"], zh[i]["output"], None]
     alone = [generate(server, body) for body in bodies]
     together = generate_all(server, bodies)
@@ -332,14 +348,16 @@ def test_stop_sequence_cuts_before_the_stop_string(server):
     assert events[-1]["details"]["finish_reason"] == "stop_sequence"
     # A stop string that spans several tokens and starts mid-token.
     out = generate(server, ask(row, EN, max_new_tokens=64, stop=["ed do"], details=True))
-    assert out["generated_text"] == row["output"][:row["output"].index("ed do")]
+    assert out["generated_text"] == row["output"][: row["output"].index("ed do")]
     assert out["details"]["finish_reason"] == "stop_sequence"
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(server):
     def body(seed: int) -> dict:
-        return {"inputs": ENDLESS, "parameters": {"do_sample": True, "temperature": 1.5, "seed": seed,
-                                                  "max_new_tokens": 16, "details": True}}
+        return {
+            "inputs": ENDLESS,
+            "parameters": {"do_sample": True, "temperature": 1.5, "seed": seed, "max_new_tokens": 16, "details": True},
+        }
 
     first = generate(server, body(7))
     # The same seed again, this time batched with other sampling requests: the RNG is per request.
@@ -405,19 +423,32 @@ def test_invalid_parameters_are_422_naming_the_field(server, parameters, field):
 
 def test_neutral_tgi_parameters_are_accepted(server):
     """What InferenceClient sends by default: every TGI field, mostly null or neutral."""
-    parameters = {"best_of": None, "watermark": False, "typical_p": None, "truncate": None, "top_n_tokens": None,
-                  "grammar": None, "return_full_text": False, "decoder_input_details": False, "max_new_tokens": 4,
-                  "response_format": None, "adapter_parameters": None, "merged_adapters": None,
-                  "return_k_alternatives": None, "api_token": None}  # and what lorax-client adds
+    parameters = {
+        "best_of": None,
+        "watermark": False,
+        "typical_p": None,
+        "truncate": None,
+        "top_n_tokens": None,
+        "grammar": None,
+        "return_full_text": False,
+        "decoder_input_details": False,
+        "max_new_tokens": 4,
+        "response_format": None,
+        "adapter_parameters": None,
+        "merged_adapters": None,
+        "return_k_alternatives": None,
+        "api_token": None,
+    }  # and what lorax-client adds
     assert post(server, "/generate", {"inputs": "hello", "parameters": parameters}).status_code == 200
 
 
 @pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_temperature_is_422(server, raw):
     for route in ("/generate", "/generate_stream"):
-        content = '{"inputs": "hello", "parameters": {"temperature": %s, "max_new_tokens": 4}}' % raw
-        response = httpx.post(server.url + route, content=content, headers={"content-type": "application/json"},
-                              timeout=TIMEOUT)
+        content = f'{{"inputs": "hello", "parameters": {{"temperature": {raw}, "max_new_tokens": 4}}}}'
+        response = httpx.post(
+            server.url + route, content=content, headers={"content-type": "application/json"}, timeout=TIMEOUT
+        )
         assert_client_error(response, 422, "temperature")
 
 
@@ -440,19 +471,23 @@ def test_prompt_plus_max_new_tokens_over_context_is_422_with_both_counts(server,
     assert "leaves no room" in body["error"] and str(context) in body["error"], body
 
 
-@pytest.mark.parametrize("body", [
-    {"inputs": ""},
-    {"inputs": "   \n\t "},
-    {"instruction": ""},
-    {"parameters": {"max_new_tokens": 4}},  # no prompt at all
-    {"inputs": "hello", "instruction": "hello"},  # both forms at once
-    {"inputs": None},
-    {"inputs": 5},
-    {"inputs": ["a", "b"]},
-    {"inputs": "hello", "parameters": "max_new_tokens=4"},
-    {"inputs": "hello", "parameters": {"stop": "door"}},
-    {"inputs": "hello", "stream": "yes"},
-], ids=lambda b: json.dumps(b)[:50])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": ""},
+        {"inputs": "   \n\t "},
+        {"instruction": ""},
+        {"parameters": {"max_new_tokens": 4}},  # no prompt at all
+        {"inputs": "hello", "instruction": "hello"},  # both forms at once
+        {"inputs": None},
+        {"inputs": 5},
+        {"inputs": ["a", "b"]},
+        {"inputs": "hello", "parameters": "max_new_tokens=4"},
+        {"inputs": "hello", "parameters": {"stop": "door"}},
+        {"inputs": "hello", "stream": "yes"},
+    ],
+    ids=lambda b: json.dumps(b)[:50],
+)
 def test_bad_prompts_are_4xx(server, body):
     for route in ("/generate", "/generate_stream", "/"):
         response = post(server, route, body)
@@ -460,8 +495,9 @@ def test_bad_prompts_are_4xx(server, body):
         assert "error" in response.json()
 
 
-@pytest.mark.parametrize("body", [{"inputs": "a\u0000b"}, {"instruction": "a\u0000b", "adapter": EN}],
-                         ids=["inputs", "instruction"])
+@pytest.mark.parametrize(
+    "body", [{"inputs": "a\u0000b"}, {"instruction": "a\u0000b", "adapter": EN}], ids=["inputs", "instruction"]
+)
 def test_nul_in_prompt_text_is_text(server, body):
     """A prompt is text to tokenize: NUL is refused in adapter names and paths, not here (vLLM accepts it,
     and its benchmark client's random prompts contain it)."""
@@ -469,46 +505,57 @@ def test_nul_in_prompt_text_is_text(server, body):
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("content", [
-    b'{"inputs": "hello", "parameters": {',  # truncated JSON
-    b'{"inputs": "hello",}',
-    b"not json at all",
-    b"",
-    b'{"inputs": "\xff\xfe bad utf-8"}',
-    b'{"inputs": "hello \x00 raw nul"}',  # raw NUL byte inside a JSON string (invalid JSON)
-    b'[1, 2, 3]',
-    b'"just a string"',
-    b'{"inputs": "\\ud800 lone surrogate"}',  # valid JSON, but not text any tokenizer can encode
-    b'{"instruction": "ok \\udfff", "adapter": "facts-en"}',
-    b'{"instruction": "ok", "input": "\\ud83d", "adapter": "facts-zh"}',
-], ids=lambda c: repr(c[:24]))
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"inputs": "hello", "parameters": {',  # truncated JSON
+        b'{"inputs": "hello",}',
+        b"not json at all",
+        b"",
+        b'{"inputs": "\xff\xfe bad utf-8"}',
+        b'{"inputs": "hello \x00 raw nul"}',  # raw NUL byte inside a JSON string (invalid JSON)
+        b"[1, 2, 3]",
+        b'"just a string"',
+        b'{"inputs": "\\ud800 lone surrogate"}',  # valid JSON, but not text any tokenizer can encode
+        b'{"instruction": "ok \\udfff", "adapter": "facts-en"}',
+        b'{"instruction": "ok", "input": "\\ud83d", "adapter": "facts-zh"}',
+    ],
+    ids=lambda c: repr(c[:24]),
+)
 def test_malformed_bodies_are_4xx(server, content):
     for route in ("/generate", "/generate_stream"):
-        response = httpx.post(server.url + route, content=content, headers={"content-type": "application/json"},
-                              timeout=TIMEOUT)
+        response = httpx.post(
+            server.url + route, content=content, headers={"content-type": "application/json"}, timeout=TIMEOUT
+        )
         assert 400 <= response.status_code < 500, (route, response.status_code, response.text)
 
 
-@pytest.mark.parametrize("content", [
-    b'{"inputs": "hello", "parameters": {"max_new_tokens": 4, "stop": ["\\udfff"]}}',
-    b'{"inputs": "hello", "parameters": {"max_new_tokens": 4, "adapter_id": "\\ud800"}}',
-    b'{"inputs": "hello", "adapter": "\\ud800x"}',
-    b'{"inputs": "hello", "parameters": {"max_new_tokens": 4, "seed": 99999999999999999999999}}',
-    b'{"inputs": "hello", "parameters": {"max_new_tokens": 4, "temperature": 1e308, "do_sample": true}}',
-    b'{"inputs": "hello", "parameters": {"max_new_tokens": 99999999999999999999999}}',
-], ids=lambda c: repr(c[20:60]))
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"inputs": "hello", "parameters": {"max_new_tokens": 4, "stop": ["\\udfff"]}}',
+        b'{"inputs": "hello", "parameters": {"max_new_tokens": 4, "adapter_id": "\\ud800"}}',
+        b'{"inputs": "hello", "adapter": "\\ud800x"}',
+        b'{"inputs": "hello", "parameters": {"max_new_tokens": 4, "seed": 99999999999999999999999}}',
+        b'{"inputs": "hello", "parameters": {"max_new_tokens": 4, "temperature": 1e308, "do_sample": true}}',
+        b'{"inputs": "hello", "parameters": {"max_new_tokens": 99999999999999999999999}}',
+    ],
+    ids=lambda c: repr(c[20:60]),
+)
 def test_odd_values_never_5xx(server, content):
     for route in ("/generate", "/generate_stream"):
-        response = httpx.post(server.url + route, content=content, headers={"content-type": "application/json"},
-                              timeout=TIMEOUT)
+        response = httpx.post(
+            server.url + route, content=content, headers={"content-type": "application/json"}, timeout=TIMEOUT
+        )
         assert response.status_code < 500, (route, response.status_code, response.text)
 
 
 def test_oversized_body_is_413(server):
     limit = 1_000_000  # the default LORASERVE_MAX_BODY_BYTES
     body = json.dumps({"inputs": "a" * (limit + 10)}).encode()
-    response = httpx.post(server.url + "/generate", content=body, headers={"content-type": "application/json"},
-                          timeout=TIMEOUT)
+    response = httpx.post(
+        server.url + "/generate", content=body, headers={"content-type": "application/json"}, timeout=TIMEOUT
+    )
     assert_client_error(response, 413)
 
     def chunks():  # no Content-Length: the limit must hold while the body streams in
@@ -517,16 +564,20 @@ def test_oversized_body_is_413(server):
             yield b"a" * 50_000
         yield b'"}'
 
-    response = httpx.post(server.url + "/generate", content=chunks(), headers={"content-type": "application/json"},
-                          timeout=TIMEOUT)
+    response = httpx.post(
+        server.url + "/generate", content=chunks(), headers={"content-type": "application/json"}, timeout=TIMEOUT
+    )
     assert_client_error(response, 413)
 
 
 def test_unknown_adapter_is_404_never_a_base_answer(server):
     row = rows_of(EN)[0]
-    for body in (ask(row, "no-such-adapter"), ask(row, None, adapter_id="no-such-adapter"),
-                 {"inputs": "hello", "parameters": {"adapter_id": "facts-EN"}},  # names are case-sensitive
-                 {"inputs": "hello", "adapter": "../facts-en"}):
+    for body in (
+        ask(row, "no-such-adapter"),
+        ask(row, None, adapter_id="no-such-adapter"),
+        {"inputs": "hello", "parameters": {"adapter_id": "facts-EN"}},  # names are case-sensitive
+        {"inputs": "hello", "adapter": "../facts-en"},
+    ):
         for route in ("/generate", "/generate_stream", "/"):
             response = post(server, route, body)
             assert_client_error(response, 404)
@@ -541,9 +592,14 @@ def test_server_healthy_after_hostile_inputs(server):
     assert generate(server, ask(row, EN, max_new_tokens=64))["generated_text"] == row["output"]
     samples = metrics(server)
     # /ready answers 503 by design while the model loads (the fixture polled it then): not a server error.
-    server_errors = {labels: v for (name, labels), v in samples.items()
-                     if name == "loraserve_requests_total" and dict(labels)["status"].startswith("5") and v
-                     and dict(labels)["route"] != "/ready"}
+    server_errors = {
+        labels: v
+        for (name, labels), v in samples.items()
+        if name == "loraserve_requests_total"
+        and dict(labels)["status"].startswith("5")
+        and v
+        and dict(labels)["route"] != "/ready"
+    }
     assert not server_errors, server_errors
     assert "Traceback" not in server.log()
 
@@ -619,7 +675,7 @@ async def _stream_one(client: httpx.AsyncClient, body: dict, started: asyncio.Ev
         events = []
         async for line in response.aiter_lines():
             if line.startswith("data:"):
-                events.append(json.loads(line[len("data:"):]))
+                events.append(json.loads(line[len("data:") :]))
                 if started is not None:
                     started.set()
     return {"status": 200, "events": events, "done_at": time.monotonic()}
@@ -635,8 +691,10 @@ def test_reload_under_concurrent_streams(server, versions):
     bodies += [{"inputs": ENDLESS, "adapter": "x", "parameters": {"max_new_tokens": 300}}] * 2
     # What each version answers, request by request (facts-en / facts-zh are the same bytes as x's two versions).
     answers = generate_all(server, [{**b, "adapter": name} for name in (EN, ZH) for b in bodies])
-    expected = {old: [a["generated_text"] for a in answers[:len(bodies)]],
-                new: [a["generated_text"] for a in answers[len(bodies):]]}
+    expected = {
+        old: [a["generated_text"] for a in answers[: len(bodies)]],
+        new: [a["generated_text"] for a in answers[len(bodies) :]],
+    }
     assert expected[old] != expected[new]
 
     async def scenario():
@@ -645,8 +703,9 @@ def test_reload_under_concurrent_streams(server, versions):
             first_event = [asyncio.Event() for _ in bodies]
             wave1 = [asyncio.create_task(_stream_one(client, b, e)) for b, e in zip(bodies, first_event)]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_event)), 60)  # all pinned to `old`
-            reload = asyncio.create_task(client.post("/admin/adapters", json={"name": "x", "path": ZH},
-                                                     headers=server.admin_headers()))
+            reload = asyncio.create_task(
+                client.post("/admin/adapters", json={"name": "x", "path": ZH}, headers=server.admin_headers())
+            )
             racing = [asyncio.create_task(_stream_one(client, b)) for b in bodies]  # race the reload
             reloaded = await reload
             reloaded.done_at = time.monotonic()
@@ -691,8 +750,9 @@ def test_client_disconnect_stops_the_generation(server):
         assert events
         assert metric(metrics(server), "loraserve_running_generations") == 1
     # The connection is closed; the engine must drop the row within a step or so.
-    assert wait_for(lambda: metric(metrics(server), "loraserve_running_generations") == 0, timeout=2.0), \
+    assert wait_for(lambda: metric(metrics(server), "loraserve_running_generations") == 0, timeout=2.0), (
         "the generation kept running after the client went away"
+    )
     tokens = metric(metrics(server), "loraserve_generated_tokens_total", adapter="base")
     time.sleep(0.5)
     assert metric(metrics(server), "loraserve_generated_tokens_total", adapter="base") == tokens
@@ -709,14 +769,21 @@ def test_blocking_client_timeout_stops_the_generation(server):
     body = {"inputs": ENDLESS, "parameters": {"max_new_tokens": 1000}}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/generate", json=body, timeout=httpx.Timeout(10, read=0.5))
-    assert wait_for(lambda: metric(metrics(server), "loraserve_running_generations") == 0, timeout=2.0), \
+    assert wait_for(lambda: metric(metrics(server), "loraserve_running_generations") == 0, timeout=2.0), (
         "the generation kept running after the client went away"
+    )
     after = metrics(server)
-    generated = metric(after, "loraserve_generated_tokens_total", adapter="base") - \
-        metric(before, "loraserve_generated_tokens_total", adapter="base")
+    generated = metric(after, "loraserve_generated_tokens_total", adapter="base") - metric(
+        before, "loraserve_generated_tokens_total", adapter="base"
+    )
     assert 0 < generated < 900, generated
-    assert wait_for(lambda: metric(metrics(server), "loraserve_requests_total", route="/generate", status="499") == 1 +
-                    metric(before, "loraserve_requests_total", route="/generate", status="499"), timeout=2.0)
+    assert wait_for(
+        lambda: (
+            metric(metrics(server), "loraserve_requests_total", route="/generate", status="499")
+            == 1 + metric(before, "loraserve_requests_total", route="/generate", status="499")
+        ),
+        timeout=2.0,
+    )
 
 
 # -- 11. metrics ----------------------------------------------------------------------------------------------
@@ -751,12 +818,18 @@ def test_metrics_move(server):
     assert admin_load(server, "metrics-probe", EN).status_code == 200
     assert admin_load(server, "metrics-probe", "no-such-dir").status_code in (400, 403, 404)
     loads_after = metrics(server)
-    assert metric(loads_after, "loraserve_adapter_loads_total", outcome="ok") == \
-        metric(loads_before, "loraserve_adapter_loads_total", outcome="ok") + 1
-    assert metric(loads_after, "loraserve_adapter_loads_total", outcome="rejected") == \
-        metric(loads_before, "loraserve_adapter_loads_total", outcome="rejected") + 1
-    assert metric(loads_after, "loraserve_adapter_load_seconds_count") == \
-        metric(loads_before, "loraserve_adapter_load_seconds_count") + 1
+    assert (
+        metric(loads_after, "loraserve_adapter_loads_total", outcome="ok")
+        == metric(loads_before, "loraserve_adapter_loads_total", outcome="ok") + 1
+    )
+    assert (
+        metric(loads_after, "loraserve_adapter_loads_total", outcome="rejected")
+        == metric(loads_before, "loraserve_adapter_loads_total", outcome="rejected") + 1
+    )
+    assert (
+        metric(loads_after, "loraserve_adapter_load_seconds_count")
+        == metric(loads_before, "loraserve_adapter_load_seconds_count") + 1
+    )
     assert metric(loads_after, "loraserve_adapters_loaded") == len(httpx.get(server.url + "/adapters").json())
     assert httpx.delete(server.url + "/admin/adapters/metrics-probe", headers=server.admin_headers()).status_code == 200
     assert metric(metrics(server), "loraserve_adapters_loaded") == metric(loads_after, "loraserve_adapters_loaded") - 1
@@ -769,8 +842,15 @@ def test_metrics_move(server):
 def small_server(tiny_model_dir, trained_adapters, tmp_path_factory):
     """One running slot, one queue slot, batches of one, and no admin token configured."""
     log = tmp_path_factory.mktemp("live-small") / "server.log"
-    with LiveServer(tiny_model_dir, trained_adapters.root, adapters={EN: EN}, admin_token=None, log_path=log,
-                    max_running=1, max_queue=1) as live:
+    with LiveServer(
+        tiny_model_dir,
+        trained_adapters.root,
+        adapters={EN: EN},
+        admin_token=None,
+        log_path=log,
+        max_running=1,
+        max_queue=1,
+    ) as live:
         yield live
 
 
@@ -780,11 +860,14 @@ def test_overload_answers_429_with_retry_after(small_server):
     routes = ["/generate"] * 6 + ["/generate_stream"] * 2
 
     async def burst():
-        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT,
-                                     limits=httpx.Limits(max_connections=16)) as client:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=TIMEOUT, limits=httpx.Limits(max_connections=16)
+        ) as client:
+
             async def one(route):
                 response = await client.post(route, json=body)  # a stream is read to its end
                 return route, response
+
             return await asyncio.gather(*(one(route) for route in routes))
 
     results = asyncio.run(burst())
@@ -831,7 +914,7 @@ def test_sigterm_drains_then_ends_streams_with_an_error_event(tiny_model_dir, tm
             while len(seen) < 2:
                 line = next(lines)
                 if line.startswith("data:"):
-                    seen.append(json.loads(line[len("data:"):]))
+                    seen.append(json.loads(line[len("data:") :]))
             signalled = time.monotonic()
             live.proc.send_signal(signal.SIGTERM)
 
@@ -859,10 +942,13 @@ def test_sigterm_drains_then_ends_streams_with_an_error_event(tiny_model_dir, tm
         live.stop()
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/generate_stream", {"inputs": ENDLESS, "parameters": {"max_new_tokens": 8}}),
-    ("/v1/completions", {"model": "base", "prompt": ENDLESS, "max_tokens": 8, "stream": True, "temperature": 0}),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate_stream", {"inputs": ENDLESS, "parameters": {"max_new_tokens": 8}}),
+        ("/v1/completions", {"model": "base", "prompt": ENDLESS, "max_tokens": 8, "stream": True, "temperature": 0}),
+    ],
+)
 def test_sse_events_end_in_a_plain_blank_line(server, path, body):
     """Clients that split a read on `\\n\\n` (vLLM's benchmark client, many hand-written ones) lost the
     events of reads holding several when they ended in `\\r\\n\\r\\n`: events end in `\\n\\n`, as OpenAI's do."""

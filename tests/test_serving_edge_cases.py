@@ -25,8 +25,9 @@ def app(tiny_model_dir):
     from server.api.app import create_app
     from server.settings import ServerSettings
 
-    settings = ServerSettings(base_model=str(tiny_model_dir), backend="transformers", max_running=1, max_queue=1,
-                              max_new_tokens_cap=2000)
+    settings = ServerSettings(
+        base_model=str(tiny_model_dir), backend="transformers", max_running=1, max_queue=1, max_new_tokens_cap=2000
+    )
     app = create_app(settings)
     state = app.state.loraserve
     state.load_model()
@@ -37,11 +38,25 @@ def app(tiny_model_dir):
 
 
 def _scope(method: str, path: str, body: bytes) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-            "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 40000), "server": ("test", 80), "state": {}}
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("test", 80),
+        "state": {},
+    }
 
 
 class Call:
@@ -133,7 +148,8 @@ def test_stream_client_that_disconnects_while_queued_is_dropped_at_once(app, pat
 
     still_waiting, in_flight = asyncio.run(scenario())
     assert (still_waiting, in_flight) == (0, 1), (
-        f"the disconnected client's request is still queued ({still_waiting} waiting, {in_flight} in flight)")
+        f"the disconnected client's request is still queued ({still_waiting} waiting, {in_flight} in flight)"
+    )
 
 
 async def _post(app, path: str, body: dict) -> tuple[int, dict]:
@@ -160,8 +176,9 @@ def test_openai_completion_without_max_tokens_fits_the_context_left(app):
         prompt += "hello "
     prompt_tokens = len(tokenizer(prompt).input_ids)
     assert prompt_tokens + state.settings.default_max_new_tokens > context > prompt_tokens + 50
-    status, body = post(app, "/v1/completions", {"model": state.settings.public_base_name, "prompt": prompt,
-                                                 "temperature": 0})
+    status, body = post(
+        app, "/v1/completions", {"model": state.settings.public_base_name, "prompt": prompt, "temperature": 0}
+    )
     assert status == 200, body
     assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= context
 
@@ -179,18 +196,23 @@ STRICT_CHAT_TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-    [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"}],
-], ids=["system-message", "two-user-turns"])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"}],
+    ],
+    ids=["system-message", "two-user-turns"],
+)
 def test_a_conversation_the_chat_template_refuses_is_a_400_not_a_500(app, monkeypatch, messages):
     """The base model's tokenizer ships a chat template that raises (jinja `raise_exception`) on some
     conversations. The client sent a well-formed request the template cannot render: that is its error
     (400 naming `messages`), not an internal server error."""
     state = app.state.loraserve
     monkeypatch.setattr(state.runner.tokenizer, "chat_template", STRICT_CHAT_TEMPLATE)
-    status, body = post(app, "/v1/chat/completions", {"model": state.settings.public_base_name,
-                                                      "messages": messages, "max_tokens": 4})
+    status, body = post(
+        app, "/v1/chat/completions", {"model": state.settings.public_base_name, "messages": messages, "max_tokens": 4}
+    )
     assert status == 400, body
     assert body["error"]["param"] == "messages", body
 
@@ -201,8 +223,10 @@ def test_a_conversation_the_chat_template_refuses_is_a_400_not_a_500(app, monkey
 def test_sampling_without_a_seed_reports_the_seed_it_used(app):
     """TGI answers `details.seed` with the seed actually drawn when the client sent none, so a sampled
     answer can be reproduced; a null seed would mean the text can never be generated again."""
-    request = {"inputs": ENDLESS, "parameters": {"do_sample": True, "temperature": 1.5, "max_new_tokens": 12,
-                                                 "details": True}}
+    request = {
+        "inputs": ENDLESS,
+        "parameters": {"do_sample": True, "temperature": 1.5, "max_new_tokens": 12, "details": True},
+    }
     status, first = post(app, "/generate", request)
     assert status == 200, first
     seed = first["details"].get("seed")  # absent when null (the route omits nulls)
@@ -223,8 +247,18 @@ def test_openai_logprob_tokens_add_up_to_the_text_when_eos_releases_held_text(ap
     token is EOS, the held text is released on the EOS token event. The formatter must list that event
     in `logprobs` although it is special, or the tokens no longer add up to the returned text."""
     state = app.state.loraserve
-    status, body = post(app, "/v1/completions", {"model": state.settings.public_base_name, "prompt": EOS_PROMPT,
-                                                 "temperature": 0, "max_tokens": 12, "logprobs": 0, "stop": ["]X"]})
+    status, body = post(
+        app,
+        "/v1/completions",
+        {
+            "model": state.settings.public_base_name,
+            "prompt": EOS_PROMPT,
+            "temperature": 0,
+            "max_tokens": 12,
+            "logprobs": 0,
+            "stop": ["]X"],
+        },
+    )
     assert status == 200, body
     choice = body["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["text"].endswith("]"), f"precondition (model output): {choice}"
@@ -241,8 +275,11 @@ def test_generation_ending_mid_character_keeps_its_complete_characters(app, prom
     characters decoded before the incomplete tail ("世", "上" here) must still reach `generated_text`;
     only the partial character is dropped."""
     state = app.state.loraserve
-    status, body = post(app, "/generate", {"inputs": prompt, "parameters": {
-        "max_new_tokens": max_new_tokens, "ignore_eos": True, "details": True}})
+    status, body = post(
+        app,
+        "/generate",
+        {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos": True, "details": True}},
+    )
     assert status == 200, body
     ids = [token["id"] for token in body["details"]["tokens"]]
     decoded = state.runner.tokenizer.decode(ids, skip_special_tokens=True)

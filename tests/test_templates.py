@@ -102,7 +102,7 @@ def test_prompt_is_byte_for_byte_the_training_prefix(template, instruction, inpu
     prompt = template.prompt(instruction, input).encode("utf-8")
     text = template.training_text(instruction, input, output, EOS).encode("utf-8")
     assert text[: len(prompt)] == prompt
-    assert text[len(prompt):] == (output + EOS).encode("utf-8")
+    assert text[len(prompt) :] == (output + EOS).encode("utf-8")
 
 
 def test_prompt_input_defaults_to_empty(template):

@@ -90,9 +90,9 @@ def test_csv_rows_with_an_extra_field_do_not_shift_columns(tmp_path):
     """Every row has one field more than the header: pandas silently makes the first field the index, so
     instruction←input, input←output, output←the extra field. Training then runs on shifted data."""
     path = tmp_path / "d.csv"
-    path.write_text("instruction,input,output\n"
-                    "Name the capital.,France,Paris.,id-1\n"
-                    "Add the numbers.,\"2, 3\",5,id-2\n", "utf-8")
+    path.write_text(
+        'instruction,input,output\nName the capital.,France,Paris.,id-1\nAdd the numbers.,"2, 3",5,id-2\n', "utf-8"
+    )
     try:
         rows = load_dataset_rows(str(path)).rows
     except DataError:

@@ -9,8 +9,9 @@ replaced, never a traceback.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from contract.backend import BackendUnavailable
 from contract.backend import choose_backend as choose_library
@@ -44,8 +45,11 @@ def _fallbacks(cfg: TrainConfig, backend: Backend, warn: Callable[[str], None]) 
         _note(backend, warn, "--load-in-4bit needs CUDA and bitsandbytes; loading the base in full precision instead")
         cfg.load_in_4bit = False
     elif cfg.load_in_4bit and backend.name != "unsloth":
-        _note(backend, warn, "--load-in-4bit is done by Unsloth; the transformers backend loads the base in full "
-                             "precision instead")
+        _note(
+            backend,
+            warn,
+            "--load-in-4bit is done by Unsloth; the transformers backend loads the base in full precision instead",
+        )
         cfg.load_in_4bit = False
     if "8bit" in cfg.optim and not (backend.cuda and has_bnb):
         _note(backend, warn, f"--optim {cfg.optim} needs CUDA and bitsandbytes; using adamw_torch instead")
@@ -69,8 +73,11 @@ def _cap_sequence_length(cfg: TrainConfig, backend: Backend, warn: Callable[[str
     """Rows past the base model's positions would train it where it never was (and see position_limit)."""
     limit = position_limit(cfg.base_model)
     if limit and cfg.max_seq_length > limit:
-        _note(backend, warn, f"--max-seq-length {cfg.max_seq_length} is over the base model's {limit} positions; "
-                             f"using {limit}")
+        _note(
+            backend,
+            warn,
+            f"--max-seq-length {cfg.max_seq_length} is over the base model's {limit} positions; using {limit}",
+        )
         cfg.max_seq_length = limit
 
 

@@ -7,9 +7,10 @@ Each field carries its help text and, where the shell spells it otherwise, how i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from contract.backend import BACKENDS, BACKENDS_HELP
 from contract.lora import PROJECTIONS
@@ -63,41 +64,62 @@ class TrainConfig:
     output: Path = _setting(help="Adapter dir to create (appears only when training succeeded).")
     template: str = _setting("alpaca", help="Prompt template: alpaca, alpaca-zh, or a template file.")
     name: str | None = _setting(None, help="Adapter name (default: the output dir's name).")
-    max_seq_length: int = _setting(2048, help="Longest training text in tokens: longer rows are dropped, not cut. "
-                                              "At most the base model's positions.")
-    load_in_4bit: bool = _setting(False, help="Load the base in 4-bit (Unsloth on CUDA, with bitsandbytes; "
-                                              "elsewhere in full precision, with a note).", decls=("--load-in-4bit",))
+    max_seq_length: int = _setting(
+        2048,
+        help="Longest training text in tokens: longer rows are dropped, not cut. At most the base model's positions.",
+    )
+    load_in_4bit: bool = _setting(
+        False,
+        help="Load the base in 4-bit (Unsloth on CUDA, with bitsandbytes; elsewhere in full precision, with a note).",
+        decls=("--load-in-4bit",),
+    )
     r: int = _setting(16, help="LoRA rank.", decls=("--r",))
     lora_alpha: int = _setting(16, help="LoRA alpha: the update is scaled by lora_alpha / r.")
     lora_dropout: float = _setting(0.0, help="Dropout on the LoRA layers' input, in [0, 1).")
     target_modules: tuple[str, ...] = _setting(
-        PROJECTIONS, help="Comma-separated module names.", metavar="NAMES", type=str, default=", ".join(PROJECTIONS),
-        parse=_names)
+        PROJECTIONS,
+        help="Comma-separated module names.",
+        metavar="NAMES",
+        type=str,
+        default=", ".join(PROJECTIONS),
+        parse=_names,
+    )
     batch_size: int = _setting(2, help="Rows per batch.")
     grad_accum: int = _setting(4, help="Batches per optimizer step (gradient accumulation).")
     warmup_steps: int = _setting(5, help="Steps of learning-rate warm-up.")
     max_steps: int | None = _setting(60, help="Optimizer steps (ignored when --epochs is given).")
     epochs: float | None = _setting(None, help="Train for this many epochs instead of --max-steps.")
     lr: float = _setting(2e-4, help="Peak learning rate.")
-    optim: str = _setting("adamw_8bit", help="Optimizer, by its transformers name. Without CUDA and bitsandbytes, "
-                                             "adamw_8bit becomes adamw_torch.")
+    optim: str = _setting(
+        "adamw_8bit",
+        help="Optimizer, by its transformers name. Without CUDA and bitsandbytes, adamw_8bit becomes adamw_torch.",
+    )
     weight_decay: float = _setting(0.01, help="Weight decay, in [0, 1).")
-    scheduler: str = _setting("cosine", help="Learning-rate schedule, by its transformers name (cosine, linear, "
-                                             "constant, ...).")
+    scheduler: str = _setting(
+        "cosine", help="Learning-rate schedule, by its transformers name (cosine, linear, constant, ...)."
+    )
     seed: int = _setting(3407, help="Random seed (LoRA init, data order, the eval split).")
     packing: bool = _setting(False, help="Pack rows together into sequences of --max-seq-length tokens (TRL).")
     train_on_responses_only: bool = _setting(False, help="Compute loss on the response only.")
     eval_split: float = _setting(0.0, help="Fraction of rows held out for evaluation.")
     columns: dict[str, str] = _setting(
-        factory=dict, help="Map a field to your column: FIELD=COLUMN, e.g. output=answer. Repeatable.",
-        decls=("--column",), metavar="FIELD=COLUMN", type=list[str], default=[], parse=_column_mapping)
+        factory=dict,
+        help="Map a field to your column: FIELD=COLUMN, e.g. output=answer. Repeatable.",
+        decls=("--column",),
+        metavar="FIELD=COLUMN",
+        type=list[str],
+        default=[],
+        parse=_column_mapping,
+    )
     backend: str = _setting("auto", help=BACKENDS_HELP)
-    overwrite: bool = _setting(False, help="Replace an existing --output (swapped out once the new adapter is "
-                                           "complete).")
+    overwrite: bool = _setting(
+        False, help="Replace an existing --output (swapped out once the new adapter is complete)."
+    )
 
     @classmethod
     def from_flags(cls, **flags: Any) -> TrainConfig:
         """The config from the `train` command's flag values, one per field. Raises ConfigError."""
+
         def value(setting):
             parse = setting.metadata["flag"].parse
             return parse(flags[setting.name]) if parse else flags[setting.name]
@@ -121,14 +143,20 @@ class TrainConfig:
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),
             (self.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
-            (self.epochs is None or (self.epochs > 0 and math.isfinite(self.epochs)), "--epochs must be a positive number"),
+            (
+                self.epochs is None or (self.epochs > 0 and math.isfinite(self.epochs)),
+                "--epochs must be a positive number",
+            ),
             (self.max_steps is not None or self.epochs is not None, "give --max-steps or --epochs"),
             (0 < self.lr < 1, "--lr must be in (0, 1)"),
             (math.isfinite(self.weight_decay) and 0 <= self.weight_decay < 1, "--weight-decay must be in [0, 1)"),
             (0 <= self.seed < 2**32, "--seed must be in [0, 2**32)"),
             (0.0 <= self.eval_split < 0.5, "--eval-split must be a fraction in [0, 0.5)"),
             (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}"),
-            (bool(ADAPTER_NAME.match(self.name or "")), f"--name (default: the output dir's name) must be {ADAPTER_NAME_RULE}"),
+            (
+                bool(ADAPTER_NAME.match(self.name or "")),
+                f"--name (default: the output dir's name) must be {ADAPTER_NAME_RULE}",
+            ),
             (set(self.columns) <= set(ALPACA_COLUMNS), f"column mapping keys must be among {ALPACA_COLUMNS}"),
         ]
         for ok, message in checks:

@@ -122,8 +122,10 @@ def _read_csv(path: Path) -> list[dict]:
 
 def _csv_record(path: Path, header: list[str], fields: list[str], index: int) -> dict:
     if len(fields) > len(header):
-        raise DataError(f"{path}: row {index} has {len(fields)} fields but the header has {len(header)} "
-                        f"({', '.join(header)}); quote values that contain a comma")
+        raise DataError(
+            f"{path}: row {index} has {len(fields)} fields but the header has {len(header)} "
+            f"({', '.join(header)}); quote values that contain a comma"
+        )
     return dict(zip(header, fields + [""] * (len(header) - len(fields))))  # missing trailing fields: empty
 
 
@@ -157,7 +159,9 @@ def _to_row(record: object, index: int, source: str, columns: dict[str, str]) ->
         value = record.get(column, "" if field == "input" and field not in columns else None)
         if value is None:
             if column not in record:
-                raise DataError(f"{source}: row {index} has no column {column!r} (for {field}); columns: {sorted(record)}")
+                raise DataError(
+                    f"{source}: row {index} has no column {column!r} (for {field}); columns: {sorted(record)}"
+                )
             value = "" if field == "input" else None
         if not isinstance(value, str):
             raise DataError(f"{source}: row {index}, column {column!r}: expected text, got {type(value).__name__}")

@@ -12,13 +12,21 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from contract.fingerprint import base_fingerprint
 from contract.lora import PICKLE_SUFFIXES
-from contract.manifest import AdapterManifest, BaseModelInfo, DatasetInfo, LoraInfo, LossInfo, TemplateInfo, write_manifest
+from contract.manifest import (
+    AdapterManifest,
+    BaseModelInfo,
+    DatasetInfo,
+    LoraInfo,
+    LossInfo,
+    TemplateInfo,
+    write_manifest,
+)
 from contract.templates import PromptTemplate, resolve_template
 from training.backend import Backend, choose_backend, load_model
 from training.config import ConfigError, TrainConfig
@@ -52,7 +60,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda m: print(m, file
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         _drop_non_safetensors(tmp)
-        manifest = write_manifest(tmp, _manifest(cfg, backend, template, tokenizer, model, data, len(texts), over, progress))
+        manifest = write_manifest(
+            tmp, _manifest(cfg, backend, template, tokenizer, model, data, len(texts), over, progress)
+        )
         _move_into_place(tmp, cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,7 +110,7 @@ def _training_examples(rows: list[AlpacaRow], template: PromptTemplate, tokenize
         if len(ids) > cfg.max_seq_length:
             over += 1
             continue
-        examples.append({"text": text, "prompt": prompt, "completion": text[len(prompt):], "ids": ids})
+        examples.append({"text": text, "prompt": prompt, "completion": text[len(prompt) :], "ids": ids})
     return examples, over
 
 
@@ -225,17 +235,27 @@ def _drop_non_safetensors(adapter_dir: Path) -> None:
             path.unlink()
 
 
-def _manifest(cfg, backend, template, tokenizer, model, data: Dataset, kept: int, over: int, progress) -> AdapterManifest:
+def _manifest(
+    cfg, backend, template, tokenizer, model, data: Dataset, kept: int, over: int, progress
+) -> AdapterManifest:
     return AdapterManifest(
         name=cfg.name,
         base_model=BaseModelInfo(id=cfg.base_model, fingerprint=base_fingerprint(_base_config(model), tokenizer)),
         template=TemplateInfo(name=template.name, text=template.text),
         eos_token=tokenizer.eos_token,
         stop=[tokenizer.eos_token],
-        lora=LoraInfo(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules)),
-        training=cfg.training_args_record() | {"backend_notes": backend.notes, "eval_loss": progress.eval_losses,
-                                               "steps_trained": progress.curve[-1][0] if progress.curve else 0},
-        dataset=DatasetInfo(source=data.source, sha256=data.sha256, rows=len(data.rows), rows_kept=kept, rows_over_length=over),
+        lora=LoraInfo(
+            r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules)
+        ),
+        training=cfg.training_args_record()
+        | {
+            "backend_notes": backend.notes,
+            "eval_loss": progress.eval_losses,
+            "steps_trained": progress.curve[-1][0] if progress.curve else 0,
+        },
+        dataset=DatasetInfo(
+            source=data.source, sha256=data.sha256, rows=len(data.rows), rows_kept=kept, rows_over_length=over
+        ),
         versions=_library_versions(),
         loss=LossInfo(final=progress.curve[-1][1] if progress.curve else None, curve=progress.curve),
         backend=backend.name,
@@ -251,7 +271,17 @@ def _library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for dist in ("loraserve", "torch", "transformers", "peft", "trl", "datasets", "unsloth", "unsloth_zoo", "bitsandbytes"):
+    for dist in (
+        "loraserve",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "datasets",
+        "unsloth",
+        "unsloth_zoo",
+        "bitsandbytes",
+    ):
         try:
             found[dist] = version(dist)
         except PackageNotFoundError:

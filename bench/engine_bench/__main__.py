@@ -22,8 +22,20 @@ from bench.engine_bench.roofline import add_roofline_pct, copy_bandwidth, roofli
 from bench.engine_bench.unsloth_child import run_unsloth, unsloth_unavailable
 from bench.engine_bench.vllm_child import run_vllm, vllm_unavailable
 from bench.engine_bench.workload import (
-    DTYPES, LOWEST_PROMPT_ID, SAMPLING_MODES, SCENARIOS, SavedWorkload, Workload, adapter_name, default_dtype,
-    device, expand, load_model, lora_config, model_dtype, random_adapter,
+    DTYPES,
+    LOWEST_PROMPT_ID,
+    SAMPLING_MODES,
+    SCENARIOS,
+    SavedWorkload,
+    Workload,
+    adapter_name,
+    default_dtype,
+    device,
+    expand,
+    load_model,
+    lora_config,
+    model_dtype,
+    random_adapter,
 )
 
 ORDER = ("unsloth", "hf_peft", "hf_static", "ours_eager", "ours", "vllm")
@@ -31,12 +43,24 @@ ORDER = ("unsloth", "hf_peft", "hf_static", "ours_eager", "ours", "vllm")
 
 def build_workload(args, model, tokenizer, model_dir) -> Workload:
     vocab = min(model.config.vocab_size, len(tokenizer))  # the 8B shape has more ids than the tiny tokenizer
-    adapters = {adapter_name(i): random_adapter(model, rank=args.rank, seed=args.seed + i)
-                for i in range(args.adapters)}
-    return Workload(model=model, tokenizer=tokenizer, model_dir=model_dir, lora_config=lora_config(args.rank),
-                    adapters=adapters, input_len=args.input_len, output_len=args.output_len, ttft_len=args.ttft_len,
-                    prompt_high=vocab, seed=args.seed, scenarios=expand(args.scenarios, args.sampling),
-                    prefill_chunk_tokens=args.prefill_chunk_tokens, waves=args.waves)
+    adapters = {
+        adapter_name(i): random_adapter(model, rank=args.rank, seed=args.seed + i) for i in range(args.adapters)
+    }
+    return Workload(
+        model=model,
+        tokenizer=tokenizer,
+        model_dir=model_dir,
+        lora_config=lora_config(args.rank),
+        adapters=adapters,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        ttft_len=args.ttft_len,
+        prompt_high=vocab,
+        seed=args.seed,
+        scenarios=expand(args.scenarios, args.sampling),
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
+        waves=args.waves,
+    )
 
 
 def skip_reason(method: str, args) -> str | None:
@@ -60,8 +84,13 @@ def run_method(method: str, work: Workload, args, hf_model, disk: SavedWorkload)
     if method == "unsloth":
         return run_unsloth(work, disk, timeout=args.unsloth_timeout)
     if method == "vllm":
-        return run_vllm(work, disk, env_file=args.vllm_env, timeout=args.vllm_timeout,
-                        gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+        return run_vllm(
+            work,
+            disk,
+            env_file=args.vllm_env,
+            timeout=args.vllm_timeout,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        )
     return run_ours(work, cuda_graphs=method == "ours")
 
 
@@ -73,8 +102,11 @@ def run_all(args, work: Workload, *, progress=None) -> dict[str, MethodResult]:
     order = [m for m in ORDER if m in args.methods]
     results, hf_model = {}, None
     with contextlib.ExitStack() as stack:
-        root = Path(args.save_dir) if args.save_dir else Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="engine-bench-files-")))
+        root = (
+            Path(args.save_dir)
+            if args.save_dir
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="engine-bench-files-")))
+        )
         disk = SavedWorkload(work, root)
         for method in order:
             reason = skip_reason(method, args)
@@ -104,35 +136,57 @@ def split_list(text: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.engine_bench", description=package.__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="tiny (the default on CPU), llama3-8b-random (the default on CUDA), or a local model dir")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.engine_bench", description=package.__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="tiny (the default on CPU), llama3-8b-random (the default on CUDA), or a local model dir",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--sampling", default=",".join(SAMPLING_MODES),
-                   help="greedy, sampled or both (temperature 1, top_p 0.95, request i seeded with i)")
-    p.add_argument("--waves", type=int, help="decode scenarios: report the median of this many waves "
-                                             "(default 3; --quick 1)")
+    p.add_argument(
+        "--sampling",
+        default=",".join(SAMPLING_MODES),
+        help="greedy, sampled or both (temperature 1, top_p 0.95, request i seeded with i)",
+    )
+    p.add_argument(
+        "--waves", type=int, help="decode scenarios: report the median of this many waves (default 3; --quick 1)"
+    )
     p.add_argument("--quick", action="store_true", help="CPU sizes: input 32, output 16, TTFT prompt 64, 4 adapters")
     p.add_argument("--input-len", type=int, help="prompt tokens (default 128; --quick 32)")
     p.add_argument("--output-len", type=int, help="new tokens per stream (default 128; --quick 16)")
     p.add_argument("--ttft-len", type=int, help="prompt tokens of ttft512 (default 512; --quick 64)")
     p.add_argument("--adapters", type=int, help="distinct adapters (default 8; --quick 4)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--hf-static-adapters", choices=["mixed", "none"], default="mixed",
-                   help="hf_static on the PEFT mixed-adapter model, or on the base model with adapters disabled")
+    p.add_argument(
+        "--hf-static-adapters",
+        choices=["mixed", "none"],
+        default="mixed",
+        help="hf_static on the PEFT mixed-adapter model, or on the base model with adapters disabled",
+    )
     p.add_argument("--prefill-chunk-tokens", type=int, default=512, help="ours: prompt tokens prefilled per step")
     p.add_argument("--unsloth-timeout", type=float, default=1800.0, help="seconds for the Unsloth process")
-    p.add_argument("--vllm-env", default="/tmp/vllm_env.sh",
-                   help="file sourced (PYTHONPATH cleared first) before the vLLM process starts; '' = this "
-                        "environment (../shared/gpu/vllm/README.md)")
+    p.add_argument(
+        "--vllm-env",
+        default="/tmp/vllm_env.sh",
+        help="file sourced (PYTHONPATH cleared first) before the vLLM process starts; '' = this "
+        "environment (../shared/gpu/vllm/README.md)",
+    )
     p.add_argument("--vllm-timeout", type=float, default=600.0, help="seconds for the vLLM process")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--save-dir", help="where methods in other processes find the model and adapters as files; "
-                                      "a model saved there before (same weights) is used again (default: a temp dir)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="model weights and compute (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--save-dir",
+        help="where methods in other processes find the model and adapters as files; "
+        "a model saved there before (same weights) is used again (default: a temp dir)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="model weights and compute (default bfloat16 on CUDA, float32 on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write everything here")
     args = p.parse_args(argv)
@@ -145,27 +199,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.adapters = args.adapters or (4 if quick else 8)
     args.waves = args.waves or (1 if quick else 3)
     args.methods, args.scenarios, args.sampling = (split_list(v) for v in (args.methods, args.scenarios, args.sampling))
-    for value, known, flag in ((args.methods, METHODS, "--methods"), (args.scenarios, SCENARIOS, "--scenarios"),
-                               (args.sampling, SAMPLING_MODES, "--sampling")):
+    for value, known, flag in (
+        (args.methods, METHODS, "--methods"),
+        (args.scenarios, SCENARIOS, "--scenarios"),
+        (args.sampling, SAMPLING_MODES, "--sampling"),
+    ):
         unknown = [v for v in value if v not in known]
         if unknown or not value:
             p.error(f"{flag}: unknown or empty {unknown}; choose from {','.join(known)}")
     return args
 
 
-def results_json(args, work: Workload, methods: dict[str, MethodResult], *, bandwidth: dict, roof: dict,
-                 load_s: float, diverged: dict | None = None) -> dict:
+def results_json(
+    args,
+    work: Workload,
+    methods: dict[str, MethodResult],
+    *,
+    bandwidth: dict,
+    roof: dict,
+    load_s: float,
+    diverged: dict | None = None,
+) -> dict:
     add_roofline_pct(methods, roof)
     config = {k: v for k, v in vars(args).items() if k != "json"}
-    config.update(dtype=str(model_dtype(args.dtype)), device=str(device()), model_load_s=load_s,
-                  scenario_variants=[s.name for s in work.scenarios],
-                  model_config={k: getattr(work.model.config, k, None) for k in (
-                      "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "num_key_value_heads", "vocab_size")}, prompt_ids=[LOWEST_PROMPT_ID, work.prompt_high])
-    return {"machine": machine_info(), "config": config, "bandwidth": bandwidth, "roofline": roof,
-            "methods": {m: method_json(r) for m, r in methods.items()},
-            "match": match_rates(methods, work), "match_vllm": match_rates(methods, work, reference="vllm"),
-            "lora_vs_base_match": adapter_effect(methods, args.output_len), "divergence": diverged or {}}
+    config.update(
+        dtype=str(model_dtype(args.dtype)),
+        device=str(device()),
+        model_load_s=load_s,
+        scenario_variants=[s.name for s in work.scenarios],
+        model_config={
+            k: getattr(work.model.config, k, None)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+            )
+        },
+        prompt_ids=[LOWEST_PROMPT_ID, work.prompt_high],
+    )
+    return {
+        "machine": machine_info(),
+        "config": config,
+        "bandwidth": bandwidth,
+        "roofline": roof,
+        "methods": {m: method_json(r) for m, r in methods.items()},
+        "match": match_rates(methods, work),
+        "match_vllm": match_rates(methods, work, reference="vllm"),
+        "lora_vs_base_match": adapter_effect(methods, args.output_len),
+        "divergence": diverged or {},
+    }
 
 
 def main(argv=None) -> int:

@@ -37,8 +37,11 @@ def match_rates(methods: dict[str, MethodResult], work: Workload, *, reference: 
     if not ours or not other:
         return {}
     greedy = {s.name for s in work.scenarios if not s.sampled}
-    return {name: match_summary(rows, other.token_ids[name], work.output_len)
-            for name, rows in ours.token_ids.items() if name in greedy and name in other.token_ids}
+    return {
+        name: match_summary(rows, other.token_ids[name], work.output_len)
+        for name, rows in ours.token_ids.items()
+        if name in greedy and name in other.token_ids
+    }
 
 
 def adapter_effect(methods: dict[str, MethodResult], output_len: int) -> dict | None:
@@ -82,8 +85,9 @@ def top2_gaps(logits: torch.Tensor) -> list[float]:
     return (top[..., 0] - top[..., 1]).flatten().tolist()
 
 
-def reference_logits(model, work: Workload, scenario: Scenario, rows: slice,
-                     reference: list[list[int]]) -> torch.Tensor:
+def reference_logits(
+    model, work: Workload, scenario: Scenario, rows: slice, reference: list[list[int]]
+) -> torch.Tensor:
     """The PEFT model's logits for each of the reference's new tokens, teacher-forced in one forward over
     prompt + reference tokens, adapters per row as run_hf_scenario sets them: [rows, new tokens, vocab] fp32.
 
@@ -106,8 +110,9 @@ def reference_logits(model, work: Workload, scenario: Scenario, rows: slice,
     return logits.float()
 
 
-def scenario_divergence(model, work: Workload, scenario: Scenario, ours: list[list[int]],
-                        reference: list[list[int]]) -> dict:
+def scenario_divergence(
+    model, work: Workload, scenario: Scenario, ours: list[list[int]], reference: list[list[int]]
+) -> dict:
     """A few rows per forward, only small statistics kept: all rows' logits at once would be GBs."""
     diverged, gaps = [], []
     for start in range(0, len(reference), DIVERGENCE_ROWS):
@@ -125,12 +130,17 @@ def scenario_divergence(model, work: Workload, scenario: Scenario, ours: list[li
 def divergence_summary(diverged: list[dict], *, rows: int, top2: list[float]) -> dict:
     at = [d["gap"] for d in diverged]
     ranks = [d["ours_rank"] for d in diverged]
-    return {"rows_diverged": len(diverged), "rows": rows,
-            "gap_at_divergence": {"p50": percentile(at, 50), "p90": percentile(at, 90), "max": max(at)} if at else None,
-            "ours_token_rank": {"max": max(ranks, default=None),
-                                "counts": {str(r): ranks.count(r) for r in sorted(set(ranks))}},
-            "top2_gap": {"p10": percentile(top2, 10), "p50": percentile(top2, 50)},
-            "per_row": diverged}
+    return {
+        "rows_diverged": len(diverged),
+        "rows": rows,
+        "gap_at_divergence": {"p50": percentile(at, 50), "p90": percentile(at, 90), "max": max(at)} if at else None,
+        "ours_token_rank": {
+            "max": max(ranks, default=None),
+            "counts": {str(r): ranks.count(r) for r in sorted(set(ranks))},
+        },
+        "top2_gap": {"p10": percentile(top2, 10), "p50": percentile(top2, 50)},
+        "per_row": diverged,
+    }
 
 
 def divergence(work: Workload, methods: dict[str, MethodResult]) -> dict:
@@ -142,8 +152,11 @@ def divergence(work: Workload, methods: dict[str, MethodResult]) -> dict:
     ours, hf = methods.get("ours"), methods.get("hf_peft")
     if not ours or not hf or ours.skipped or hf.skipped or ours.error or hf.error:
         return {}
-    scenarios = [s for s in work.scenarios
-                 if not (s.ttft_only or s.sampled) and s.name in ours.token_ids and s.name in hf.token_ids]
+    scenarios = [
+        s
+        for s in work.scenarios
+        if not (s.ttft_only or s.sampled) and s.name in ours.token_ids and s.name in hf.token_ids
+    ]
     if not scenarios:
         return {}
     print("divergence:", file=sys.stderr)
@@ -151,8 +164,9 @@ def divergence(work: Workload, methods: dict[str, MethodResult]) -> dict:
     try:
         for scenario in scenarios:
             try:
-                out[scenario.name] = scenario_divergence(model, work, scenario, ours.token_ids[scenario.name],
-                                                         hf.token_ids[scenario.name])
+                out[scenario.name] = scenario_divergence(
+                    model, work, scenario, ours.token_ids[scenario.name], hf.token_ids[scenario.name]
+                )
             except Exception as exc:  # e.g. out of memory at 64 rows: the other scenarios still count
                 out[scenario.name] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"  {scenario.name}: failed: {out[scenario.name]['error']}", file=sys.stderr)

@@ -13,11 +13,26 @@ from dataclasses import dataclass
 import torch
 
 from bench.engine_bench.measure import (
-    TTFT_REPS, Measured, MethodResult, decode_record, record_scenario, release_cuda_memory, repeat_waves, sync,
+    TTFT_REPS,
+    Measured,
+    MethodResult,
+    decode_record,
+    record_scenario,
+    release_cuda_memory,
+    repeat_waves,
+    sync,
     ttft_record,
 )
 from bench.engine_bench.workload import (
-    TEMPERATURE, TOP_P, Scenario, Workload, adapter_name, distinct_adapters, new_tokens, prompts, row_adapters,
+    TEMPERATURE,
+    TOP_P,
+    Scenario,
+    Workload,
+    adapter_name,
+    distinct_adapters,
+    new_tokens,
+    prompts,
+    row_adapters,
 )
 
 
@@ -67,8 +82,17 @@ def sampling_kwargs(sampled: bool, seed: int) -> dict:
     return {"do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 0}
 
 
-def hf_generate(model, batch: torch.Tensor, *, new: int, pad_id: int, adapter_names: list[str] | None = None,
-                sampled: bool = False, seed: int = 0, **extra) -> HFRun:
+def hf_generate(
+    model,
+    batch: torch.Tensor,
+    *,
+    new: int,
+    pad_id: int,
+    adapter_names: list[str] | None = None,
+    sampled: bool = False,
+    seed: int = 0,
+    **extra,
+) -> HFRun:
     """One static batch of equal-length prompts (no padding). eos_token_id=None: EOS neither stops a row
     nor is suppressed (min_new_tokens alone would forbid EOS, where our engine just carries on).
     top_k=0 when sampling: generate's default top_k of 50 would otherwise cut in before top_p."""
@@ -79,20 +103,33 @@ def hf_generate(model, batch: torch.Tensor, *, new: int, pad_id: int, adapter_na
     kwargs.update(sampling_kwargs(sampled, seed))
     sync()
     started, clock = time.perf_counter(), StepClock()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                         min_new_tokens=new, eos_token_id=None, pad_token_id=pad_id,
-                         logits_processor=LogitsProcessorList([clock]), **kwargs)  # [B, S + new]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        eos_token_id=None,
+        pad_token_id=pad_id,
+        logits_processor=LogitsProcessorList([clock]),
+        **kwargs,
+    )  # [B, S + new]
     sync()
     wall = time.perf_counter() - started
-    return HFRun(out[:, ids.shape[1]:].tolist(), wall, clock.seconds())
+    return HFRun(out[:, ids.shape[1] :].tolist(), wall, clock.seconds())
 
 
 def hf_decode_record(run: HFRun, *, new: int, distinct: int) -> dict:
     steps = run.step_seconds[:new]
     streams = len(run.token_ids)
     tpot = (steps[-1] - steps[0]) / (new - 1) if new > 1 else None
-    return decode_record(streams=streams, distinct=distinct, tokens=sum(len(r) for r in run.token_ids),
-                         wall=run.wall, ttfts=[steps[0]] * streams, tpots=[tpot] * streams if tpot else [])
+    return decode_record(
+        streams=streams,
+        distinct=distinct,
+        tokens=sum(len(r) for r in run.token_ids),
+        wall=run.wall,
+        ttfts=[steps[0]] * streams,
+        tpots=[tpot] * streams if tpot else [],
+    )
 
 
 def hf_ttft(generate_one) -> list[float]:
@@ -114,8 +151,9 @@ def peft_model(work: Workload):
         result = set_peft_model_state_dict(wrapped, state, adapter_name=name)
         missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]  # others' keys show too
         if missing or result.unexpected_keys:
-            raise RuntimeError(f"adapter {name} did not load: missing {missing[:2]}, "
-                               f"unexpected {result.unexpected_keys[:2]}")
+            raise RuntimeError(
+                f"adapter {name} did not load: missing {missing[:2]}, unexpected {result.unexpected_keys[:2]}"
+            )
     return wrapped.eval()
 
 

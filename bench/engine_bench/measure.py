@@ -47,10 +47,18 @@ def ms_stats(seconds: list[float]) -> dict | None:
     return {"mean": statistics.fmean(ms), "p50": percentile(ms, 50), "p90": percentile(ms, 90), "max": max(ms)}
 
 
-def decode_record(*, streams: int, distinct: int, tokens: int, wall: float, ttfts: list[float],
-                  tpots: list[float]) -> dict:
-    return {"streams": streams, "distinct_adapters": distinct, "tokens": tokens, "wall_s": wall,
-            "tok_s": tokens / wall, "ttft_ms": ms_stats(ttfts), "tpot_ms": ms_stats(tpots)}
+def decode_record(
+    *, streams: int, distinct: int, tokens: int, wall: float, ttfts: list[float], tpots: list[float]
+) -> dict:
+    return {
+        "streams": streams,
+        "distinct_adapters": distinct,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "ttft_ms": ms_stats(ttfts),
+        "tpot_ms": ms_stats(tpots),
+    }
 
 
 def ttft_record(prompt_len: int, ttfts: list[float]) -> dict:

@@ -8,10 +8,23 @@ import time
 from dataclasses import dataclass
 
 from bench.engine_bench.measure import (
-    TTFT_REPS, Measured, MethodResult, decode_record, keep, median_wave, ttft_record,
+    TTFT_REPS,
+    Measured,
+    MethodResult,
+    decode_record,
+    keep,
+    median_wave,
+    ttft_record,
 )
 from bench.engine_bench.workload import (
-    TEMPERATURE, TOP_P, Scenario, Workload, distinct_adapters, new_tokens, prompts, row_adapters,
+    TEMPERATURE,
+    TOP_P,
+    Scenario,
+    Workload,
+    distinct_adapters,
+    new_tokens,
+    prompts,
+    row_adapters,
 )
 
 
@@ -29,8 +42,9 @@ def sampling_params(scenario: Scenario, *, new: int, row: int):
 
     if not scenario.sampled:
         return SamplingParams(max_new_tokens=new, stop_token_ids=())
-    return SamplingParams(max_new_tokens=new, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, seed=row,
-                          stop_token_ids=())
+    return SamplingParams(
+        max_new_tokens=new, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, seed=row, stop_token_ids=()
+    )
 
 
 async def ours_stream(engine, prompt_ids: list[int], params, adapter_key: str | None, started: float) -> StreamRun:
@@ -51,13 +65,16 @@ async def ours_stream(engine, prompt_ids: list[int], params, adapter_key: str | 
     raise RuntimeError("stream ended without a final event")
 
 
-async def ours_batch(engine, work: Workload, scenario: Scenario, *,
-                     new: int | None = None) -> tuple[list[StreamRun], float]:
+async def ours_batch(
+    engine, work: Workload, scenario: Scenario, *, new: int | None = None
+) -> tuple[list[StreamRun], float]:
     new = new or new_tokens(work, scenario)
     batch, keys = prompts(work, scenario).tolist(), row_adapters(work, scenario)
     started = time.perf_counter()
-    streams = (ours_stream(engine, p, sampling_params(scenario, new=new, row=i), k, started)
-               for i, (p, k) in enumerate(zip(batch, keys)))
+    streams = (
+        ours_stream(engine, p, sampling_params(scenario, new=new, row=i), k, started)
+        for i, (p, k) in enumerate(zip(batch, keys))
+    )
     # return_exceptions: a failed stream must not leave the others running into the next scenario
     runs = await asyncio.gather(*streams, return_exceptions=True)
     wall = time.perf_counter() - started
@@ -71,9 +88,14 @@ async def ours_wave(engine, work: Workload, scenario: Scenario) -> Measured:
     runs, wall = await ours_batch(engine, work, scenario)
     new = new_tokens(work, scenario)
     tpots = [(r.last - r.ttft) / (new - 1) for r in runs if new > 1]
-    record = decode_record(streams=scenario.streams, distinct=distinct_adapters(work, scenario),
-                           tokens=sum(r.generated_tokens for r in runs), wall=wall, ttfts=[r.ttft for r in runs],
-                           tpots=tpots)
+    record = decode_record(
+        streams=scenario.streams,
+        distinct=distinct_adapters(work, scenario),
+        tokens=sum(r.generated_tokens for r in runs),
+        wall=wall,
+        ttfts=[r.ttft for r in runs],
+        tpots=tpots,
+    )
     record["short_rows"] = sum(1 for r in runs if len(r.token_ids) != new)
     return record, [r.token_ids for r in runs]
 
@@ -91,11 +113,19 @@ async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: b
     from server.engine.runner import ModelRunner
 
     started = time.perf_counter()
-    runner = ModelRunner(work.model, work.tokenizer, backend="transformers", max_context=work.max_context,
-                         kv_slots=work.max_streams, adapter_slots=len(work.adapters),
-                         max_lora_rank=work.lora_config.r, cuda_graphs=cuda_graphs)
-    engine = Engine(runner, max_running=work.max_streams, max_queue=10_000,
-                    prefill_chunk_tokens=work.prefill_chunk_tokens)
+    runner = ModelRunner(
+        work.model,
+        work.tokenizer,
+        backend="transformers",
+        max_context=work.max_context,
+        kv_slots=work.max_streams,
+        adapter_slots=len(work.adapters),
+        max_lora_rank=work.lora_config.r,
+        cuda_graphs=cuda_graphs,
+    )
+    engine = Engine(
+        runner, max_running=work.max_streams, max_queue=10_000, prefill_chunk_tokens=work.prefill_chunk_tokens
+    )
     engine.start()
     try:
         for name, state in work.adapters.items():

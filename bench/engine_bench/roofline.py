@@ -55,8 +55,14 @@ def roofline(work: Workload, *, bandwidth: float) -> dict:
     weights, per_token = weight_bytes(work.model), kv_bytes_per_token(work.model)
     one_adapter = adapter_bytes(next(iter(work.adapters.values())))
     average_context = work.input_len + work.output_len / 2
-    out = {"weight_bytes": weights, "kv_bytes_per_token": per_token, "adapter_bytes": one_adapter,
-           "average_context": average_context, "bandwidth_GB_per_s": bandwidth / 1e9, "scenarios": {}}
+    out = {
+        "weight_bytes": weights,
+        "kv_bytes_per_token": per_token,
+        "adapter_bytes": one_adapter,
+        "average_context": average_context,
+        "bandwidth_GB_per_s": bandwidth / 1e9,
+        "scenarios": {},
+    }
     for s in work.scenarios:
         if s.ttft_only:
             continue  # prefill is compute-bound: a memory roofline says nothing there

@@ -24,7 +24,13 @@ import torch
 from bench.engine_bench.hf_peft import hf_decode_record, hf_generate, hf_ttft
 from bench.engine_bench.measure import Measured, MethodResult, record_scenario, repeat_waves, ttft_record
 from bench.engine_bench.workload import (
-    SavedWorkload, Scenario, Workload, adapter_name, new_tokens, prompts, scenario_named,
+    SavedWorkload,
+    Scenario,
+    Workload,
+    adapter_name,
+    new_tokens,
+    prompts,
+    scenario_named,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,21 +46,36 @@ def unsloth_unavailable() -> str | None:
 
 # -- the parent's side --------------------------------------------------------------------------------------------
 def run_unsloth(work: Workload, disk: SavedWorkload, *, timeout: float) -> MethodResult:
-    spec = {"model_dir": str(disk.model_dir()), "adapter_dir": str(disk.adapter_dir(adapter_name(0))),
-            "max_context": work.max_context, "input_len": work.input_len, "output_len": work.output_len,
-            "ttft_len": work.ttft_len, "prompt_high": work.prompt_high, "seed": work.seed,
-            "adapters": len(work.adapters), "waves": work.waves, "scenarios": [s.name for s in work.scenarios]}
+    spec = {
+        "model_dir": str(disk.model_dir()),
+        "adapter_dir": str(disk.adapter_dir(adapter_name(0))),
+        "max_context": work.max_context,
+        "input_len": work.input_len,
+        "output_len": work.output_len,
+        "ttft_len": work.ttft_len,
+        "prompt_high": work.prompt_high,
+        "seed": work.seed,
+        "adapters": len(work.adapters),
+        "waves": work.waves,
+        "scenarios": [s.name for s in work.scenarios],
+    }
     with tempfile.TemporaryDirectory(prefix="engine-bench-unsloth-") as tmp:
         spec["out"] = str(Path(tmp) / "unsloth.json")
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "bench.engine_bench.unsloth_child", str(spec_path)],
-                              cwd=REPO_ROOT, stdout=sys.stderr, timeout=timeout, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.engine_bench.unsloth_child", str(spec_path)],
+            cwd=REPO_ROOT,
+            stdout=sys.stderr,
+            timeout=timeout,
+            check=False,
+        )
         if proc.returncode != 0 or not Path(spec["out"]).is_file():
             return MethodResult(error=f"unsloth child exited with {proc.returncode} (its output is above)")
         data = json.loads(Path(spec["out"]).read_text())
-    return MethodResult(note=data.get("note"), warmup_s=data.get("warmup_s"), scenarios=data["scenarios"],
-                        versions=data.get("versions"))
+    return MethodResult(
+        note=data.get("note"), warmup_s=data.get("warmup_s"), scenarios=data["scenarios"], versions=data.get("versions")
+    )
 
 
 # -- the child's side ---------------------------------------------------------------------------------------------
@@ -64,16 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     from unsloth import FastLanguageModel
 
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    model, tokenizer = FastLanguageModel.from_pretrained(model_name=spec["model_dir"],
-                                                         max_seq_length=spec["max_context"], dtype=None,
-                                                         load_in_4bit=False)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=spec["model_dir"], max_seq_length=spec["max_context"], dtype=None, load_in_4bit=False
+    )
     note = load_unsloth_adapter(model, spec["adapter_dir"])
     FastLanguageModel.for_inference(model)
-    work = Workload(model=model, tokenizer=tokenizer, model_dir=Path(spec["model_dir"]), lora_config=None,
-                    adapters={adapter_name(i): {} for i in range(spec["adapters"])}, input_len=spec["input_len"],
-                    output_len=spec["output_len"], ttft_len=spec["ttft_len"], prompt_high=spec["prompt_high"],
-                    seed=spec["seed"], scenarios=[scenario_named(n) for n in spec["scenarios"]],
-                    waves=spec["waves"])
+    work = Workload(
+        model=model,
+        tokenizer=tokenizer,
+        model_dir=Path(spec["model_dir"]),
+        lora_config=None,
+        adapters={adapter_name(i): {} for i in range(spec["adapters"])},
+        input_len=spec["input_len"],
+        output_len=spec["output_len"],
+        ttft_len=spec["ttft_len"],
+        prompt_high=spec["prompt_high"],
+        seed=spec["seed"],
+        scenarios=[scenario_named(n) for n in spec["scenarios"]],
+        waves=spec["waves"],
+    )
     result = MethodResult(note=note)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
@@ -85,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         record_scenario(result, scenario.name, lambda s=scenario: unsloth_scenario(model, work, s, pad_id=pad_id))
     versions = {"unsloth": unsloth.__version__, "transformers": importlib.metadata.version("transformers")}
-    Path(spec["out"]).write_text(json.dumps({"note": result.note, "warmup_s": result.warmup_s,
-                                             "scenarios": result.scenarios, "versions": versions}))
+    Path(spec["out"]).write_text(
+        json.dumps(
+            {"note": result.note, "warmup_s": result.warmup_s, "scenarios": result.scenarios, "versions": versions}
+        )
+    )
     return 0
 
 

@@ -49,27 +49,52 @@ def engine_kwargs(work, *, gpu_memory_utilization: float) -> dict:
     import torch
 
     dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[
-        next(work.model.parameters()).dtype]
+        next(work.model.parameters()).dtype
+    ]
     adapters = len(work.adapters)
-    return {"dtype": dtype, "enable_lora": True, "max_loras": adapters, "max_lora_rank": int(work.lora_config.r),
-            "max_cpu_loras": adapters, "max_model_len": max(1024, work.max_context),
-            "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max(64, work.max_streams),
-            "enable_prefix_caching": False}
+    return {
+        "dtype": dtype,
+        "enable_lora": True,
+        "max_loras": adapters,
+        "max_lora_rank": int(work.lora_config.r),
+        "max_cpu_loras": adapters,
+        "max_model_len": max(1024, work.max_context),
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_num_seqs": max(64, work.max_streams),
+        "enable_prefix_caching": False,
+    }
 
 
 def build_spec(work, disk, *, gpu_memory_utilization: float) -> dict:
     from bench.engine_bench.measure import TTFT_REPS
     from bench.engine_bench.workload import TEMPERATURE, TOP_P, new_tokens, prompts, row_adapters
 
-    adapters = [{"name": name, "id": index + 1, "path": str(disk.adapter_dir(name))}  # LoRA ids start at 1
-                for index, name in enumerate(work.adapters)]
-    scenarios = [{"name": s.name, "prompts": prompts(work, s).tolist(), "adapters": row_adapters(work, s),
-                  "new_tokens": new_tokens(work, s), "ttft_only": s.ttft_only, "sampled": s.sampled,
-                  "keep_tokens": not (s.ttft_only or s.sampled)} for s in work.scenarios]
+    adapters = [
+        {"name": name, "id": index + 1, "path": str(disk.adapter_dir(name))}  # LoRA ids start at 1
+        for index, name in enumerate(work.adapters)
+    ]
+    scenarios = [
+        {
+            "name": s.name,
+            "prompts": prompts(work, s).tolist(),
+            "adapters": row_adapters(work, s),
+            "new_tokens": new_tokens(work, s),
+            "ttft_only": s.ttft_only,
+            "sampled": s.sampled,
+            "keep_tokens": not (s.ttft_only or s.sampled),
+        }
+        for s in work.scenarios
+    ]
     engine = engine_kwargs(work, gpu_memory_utilization=gpu_memory_utilization)
-    return {"model_dir": str(disk.model_dir()), "engine": engine,
-            "adapters": adapters, "scenarios": scenarios, "waves": work.waves, "ttft_reps": TTFT_REPS,
-            "sampling": {"temperature": TEMPERATURE, "top_p": TOP_P}}
+    return {
+        "model_dir": str(disk.model_dir()),
+        "engine": engine,
+        "adapters": adapters,
+        "scenarios": scenarios,
+        "waves": work.waves,
+        "ttft_reps": TTFT_REPS,
+        "sampling": {"temperature": TEMPERATURE, "top_p": TOP_P},
+    }
 
 
 def child_command(env_file: str, spec_path: Path) -> list[str]:
@@ -145,10 +170,16 @@ def records(work, raw: dict):
     from bench.engine_bench.measure import MethodResult, decode_record, keep, median_wave, ttft_record
     from bench.engine_bench.workload import distinct_adapters, new_tokens
 
-    note = (f"vLLM {raw.get('versions', {}).get('vllm')} offline API in its own process; start-up = LLM(...) "
-            f"from files (load, compile, CUDA graphs), {raw.get('import_s', 0):.0f}s of imports before it")
-    result = MethodResult(note=note, startup_s=raw.get("startup_s"), warmup_s=raw.get("warmup_s"),
-                          versions={**raw.get("versions", {}), "engine": raw.get("engine")})
+    note = (
+        f"vLLM {raw.get('versions', {}).get('vllm')} offline API in its own process; start-up = LLM(...) "
+        f"from files (load, compile, CUDA graphs), {raw.get('import_s', 0):.0f}s of imports before it"
+    )
+    result = MethodResult(
+        note=note,
+        startup_s=raw.get("startup_s"),
+        warmup_s=raw.get("warmup_s"),
+        versions={**raw.get("versions", {}), "engine": raw.get("engine")},
+    )
     for s in work.scenarios:
         data = raw.get("scenarios", {}).get(s.name)
         if data is None or "error" in data:
@@ -159,8 +190,14 @@ def records(work, raw: dict):
             continue
         new, waves = new_tokens(work, s), []
         for wave in data["waves"]:
-            record = decode_record(streams=s.streams, distinct=distinct_adapters(work, s), tokens=sum(wave["tokens"]),
-                                   wall=wave["wall"], ttfts=wave.get("ttft") or [], tpots=wave.get("tpot") or [])
+            record = decode_record(
+                streams=s.streams,
+                distinct=distinct_adapters(work, s),
+                tokens=sum(wave["tokens"]),
+                wall=wave["wall"],
+                ttfts=wave.get("ttft") or [],
+                tpots=wave.get("tpot") or [],
+            )
             record["short_rows"] = sum(1 for n in wave["tokens"] if n != new)
             waves.append((record, wave.get("token_ids") or []))
         keep(result, s.name, *median_wave(waves))
@@ -184,8 +221,14 @@ def main(argv: list[str] | None = None) -> int:
 
     imported = time.perf_counter()
     llm = LLM(model=spec["model_dir"], **spec["engine"])
-    raw = {"versions": versions(vllm), "engine": spec["engine"], "import_s": imported - started,
-           "startup_s": time.perf_counter() - imported, "scenarios": {}, "complete": False}
+    raw = {
+        "versions": versions(vllm),
+        "engine": spec["engine"],
+        "import_s": imported - started,
+        "startup_s": time.perf_counter() - imported,
+        "scenarios": {},
+        "complete": False,
+    }
     print(f"vllm child: LLM ready after {raw['startup_s']:.0f}s", file=sys.stderr)
     loras = {a["name"]: LoRARequest(a["name"], a["id"], a["path"]) for a in spec["adapters"]}
 

@@ -33,11 +33,18 @@ class Scenario:
         return self.name.removesuffix(SAMPLED_SUFFIX)
 
 
-SCENARIOS = {s.name: s for s in (
-    Scenario("bs1", 1), Scenario("streams8", 8), Scenario("streams32", 32), Scenario("streams64", 64),
-    Scenario("streams8_base", 8, adapters="none"), Scenario("ttft512", 1, ttft_only=True),
-    Scenario("ttft512_base", 1, adapters="none", ttft_only=True),
-)}
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("bs1", 1),
+        Scenario("streams8", 8),
+        Scenario("streams32", 32),
+        Scenario("streams64", 64),
+        Scenario("streams8_base", 8, adapters="none"),
+        Scenario("ttft512", 1, ttft_only=True),
+        Scenario("ttft512_base", 1, adapters="none", ttft_only=True),
+    )
+}
 MATCH_SCENARIO = "streams8"  # its token ids go into the JSON; ours is checked token for token against hf_peft
 
 
@@ -137,8 +144,13 @@ def random_llama3_8b(dtype: torch.dtype = torch.bfloat16):
     if not torch.cuda.is_available():
         raise SystemExit("--model llama3-8b-random needs CUDA; use --model tiny on a CPU")
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(**LLAMA3_8B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        **LLAMA3_8B,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -157,8 +169,9 @@ def random_llama3_8b(dtype: torch.dtype = torch.bfloat16):
 def lora_config(rank: int):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(PROJECTIONS), lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=list(PROJECTIONS), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+    )
 
 
 def random_adapter(model, *, rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -173,8 +186,8 @@ def random_adapter(model, *, rank: int, seed: int) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] not in PROJECTIONS:
             continue
-        a = torch.randn(rank, module.in_features, generator=gen) / module.in_features ** 0.5  # [r, in]
-        b = torch.randn(module.out_features, rank, generator=gen) * 0.25 / rank ** 0.5  # [out, r]
+        a = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5  # [r, in]
+        b = torch.randn(module.out_features, rank, generator=gen) * 0.25 / rank**0.5  # [out, r]
         dtype, dev = module.weight.dtype, module.weight.device
         state[f"base_model.model.{name}.lora_A.weight"] = a.to(dev, dtype)
         state[f"base_model.model.{name}.lora_B.weight"] = b.to(dev, dtype)
@@ -257,8 +270,13 @@ class SavedWorkload:
 def model_stamp(model) -> dict:
     """Shape, dtype and a few weights' sums: enough to tell another build from this one."""
     params = dict(model.named_parameters())
-    probes = [next(iter(params)), *(n for n in params if n.endswith(("layers.0.self_attn.q_proj.weight",
-                                                                     "lm_head.weight")))]
-    stamp = {"config": model.config.to_diff_dict(), "dtype": str(next(model.parameters()).dtype),
-             "fingerprint": {n: float(params[n].detach().flatten()[:4096].float().sum()) for n in probes}}
+    probes = [
+        next(iter(params)),
+        *(n for n in params if n.endswith(("layers.0.self_attn.q_proj.weight", "lm_head.weight"))),
+    ]
+    stamp = {
+        "config": model.config.to_diff_dict(),
+        "dtype": str(next(model.parameters()).dtype),
+        "fingerprint": {n: float(params[n].detach().flatten()[:4096].float().sum()) for n in probes},
+    }
     return json.loads(json.dumps(stamp, default=str))  # as it reads back from the file (tuples become lists)

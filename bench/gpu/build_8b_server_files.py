@@ -58,8 +58,13 @@ def full_vocab_tokenizer(tiny, size: int):
     vocab = {**specials, **{f"t{i}": i for i in range(size) if i not in taken}}
     words = Tokenizer(models.WordLevel(vocab, unk_token=tiny.unk_token))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token=tiny.bos_token, eos_token=tiny.eos_token,
-                                   pad_token=tiny.pad_token, unk_token=tiny.unk_token)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        bos_token=tiny.bos_token,
+        eos_token=tiny.eos_token,
+        pad_token=tiny.pad_token,
+        unk_token=tiny.unk_token,
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,19 @@ from pathlib import Path
 
 ENDPOINTS = {"completions": ("openai", "/v1/completions"), "chat": ("openai-chat", "/v1/chat/completions")}
 SAMPLING = {"greedy": ["--temperature", "0"], "sampled": ["--temperature", "1.0", "--top-p", "0.95"]}
-KEPT = ("completed", "failed", "total_output_tokens", "duration", "request_throughput", "output_throughput",
-        "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms")
+KEPT = (
+    "completed",
+    "failed",
+    "total_output_tokens",
+    "duration",
+    "request_throughput",
+    "output_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_tpot_ms",
+    "median_itl_ms",
+    "median_e2el_ms",
+)
 
 
 def numbers(text: str) -> list[int]:
@@ -44,13 +55,44 @@ def names(text: str) -> list[str]:
 # -- bench-serve ----------------------------------------------------------------------------------------------
 def client_argv(args, *, endpoint: str, sampling: str, level: int, prompts: int, filename: str) -> list[str]:
     backend, path = ENDPOINTS[endpoint]
-    return ["--backend", backend, "--base-url", args.base_url, "--endpoint", path, "--model", args.model,
-            "--tokenizer", args.tokenizer, "--dataset-name", "random", "--random-input-len", str(args.input_len),
-            "--random-output-len", str(args.output_len), "--ignore-eos", "--num-prompts", str(prompts),
-            "--max-concurrency", str(level), "--lora-modules", *names(args.lora_modules),
-            "--lora-assignment", "round-robin", "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--metric-percentiles", "50,90,99", "--disable-tqdm", "--save-result", "--result-dir", args.out,
-            "--result-filename", filename, *SAMPLING[sampling]]
+    return [
+        "--backend",
+        backend,
+        "--base-url",
+        args.base_url,
+        "--endpoint",
+        path,
+        "--model",
+        args.model,
+        "--tokenizer",
+        args.tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--ignore-eos",
+        "--num-prompts",
+        str(prompts),
+        "--max-concurrency",
+        str(level),
+        "--lora-modules",
+        *names(args.lora_modules),
+        "--lora-assignment",
+        "round-robin",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,90,99",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        args.out,
+        "--result-filename",
+        filename,
+        *SAMPLING[sampling],
+    ]
 
 
 class RunTimeout(Exception):
@@ -60,6 +102,7 @@ class RunTimeout(Exception):
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """SIGALRM raises in the main thread, inside the client's event loop; asyncio.run then cancels its tasks."""
+
     def expire(signum, frame):
         raise RunTimeout(f"over {seconds:.0f}s")
 
@@ -99,8 +142,9 @@ def in_process_client(*, crlf: bool):
         print(f"bench serve: in-process client unavailable ({exc}); one CLI process per run", file=sys.stderr)
         return None
     if crlf and not accept_crlf_events():
-        print("bench serve: could not let the client read CRLF events; runs against ours may lose events",
-              file=sys.stderr)
+        print(
+            "bench serve: could not let the client read CRLF events; runs against ours may lose events", file=sys.stderr
+        )
 
     def run(argv: list[str], timeout: float) -> None:
         parser = FlexibleArgumentParser()
@@ -130,8 +174,15 @@ def bench_serve(args) -> int:
             for level in numbers(args.levels):
                 prompts = max(args.prompts_per_stream * level, args.min_prompts)
                 filename = f"bench_serve_{args.label}_{endpoint}_{sampling}_c{level}.json"
-                run = {"server": args.label, "route": endpoint, "sampling": sampling, "level": level,
-                       "num_prompts": prompts, "file": filename, "client_reads_crlf": patched}
+                run = {
+                    "server": args.label,
+                    "route": endpoint,
+                    "sampling": sampling,
+                    "level": level,
+                    "num_prompts": prompts,
+                    "file": filename,
+                    "client_reads_crlf": patched,
+                }
                 left = args.deadline - time.time() if args.deadline else float("inf")
                 if left < args.min_left:
                     runs.append({**run, "status": "skipped", "why": f"{max(left, 0):.0f}s left of the budget"})
@@ -139,8 +190,12 @@ def bench_serve(args) -> int:
                     continue
                 started = time.time()
                 try:
-                    client(client_argv(args, endpoint=endpoint, sampling=sampling, level=level, prompts=prompts,
-                                       filename=filename), min(args.run_timeout, left))
+                    client(
+                        client_argv(
+                            args, endpoint=endpoint, sampling=sampling, level=level, prompts=prompts, filename=filename
+                        ),
+                        min(args.run_timeout, left),
+                    )
                     result = json.loads((out / filename).read_text())
                     run.update(status="ok", result={k: result.get(k) for k in KEPT})
                 except RunTimeout as exc:
@@ -151,8 +206,11 @@ def bench_serve(args) -> int:
                 runs.append(run)
                 summary_path.write_text(json.dumps({"runs": runs}, indent=1))
                 shown = run.get("result") or {}
-                print(f"bench serve {args.label} {endpoint} {sampling} c={level}: {run['status']} "
-                      f"{shown.get('output_throughput') or 0:.1f} tok/s in {run['wall_s']:.0f}s", file=sys.stderr)
+                print(
+                    f"bench serve {args.label} {endpoint} {sampling} c={level}: {run['status']} "
+                    f"{shown.get('output_throughput') or 0:.1f} tok/s in {run['wall_s']:.0f}s",
+                    file=sys.stderr,
+                )
     summary_path.write_text(json.dumps({"runs": runs}, indent=1))
     return 0 if any(r["status"] == "ok" for r in runs) else 1
 
@@ -172,9 +230,15 @@ def native_rows(out: Path) -> list[dict]:
         data = read_json(out / f"native_{sampling}.json")
         if data is None:
             continue
-        cells = {s["level"]: {"tok_s": s["output_throughput"], "ttft_ms": (s["ttft_ms"] or {}).get("p50"),
-                              "done": f"{s['completed']}/{s['requested']}"}
-                 for s in data["levels"] if s["mode"] == "concurrency"}
+        cells = {
+            s["level"]: {
+                "tok_s": s["output_throughput"],
+                "ttft_ms": (s["ttft_ms"] or {}).get("p50"),
+                "done": f"{s['completed']}/{s['requested']}",
+            }
+            for s in data["levels"]
+            if s["mode"] == "concurrency"
+        }
         rows.append({"server": "ours", "client": "serving.py", "route": "native", "sampling": sampling, "cells": cells})
     return rows
 
@@ -184,12 +248,23 @@ def bench_serve_rows(out: Path) -> list[dict]:
     for label in ("ours", "vllm"):
         for run in (read_json(out / f"bench_serve_{label}.json") or {}).get("runs", []):
             key = (label, run["route"], run["sampling"])
-            row = rows.setdefault(key, {"server": label, "client": "bench serve", "route": run["route"],
-                                        "sampling": run["sampling"], "cells": {}})
+            row = rows.setdefault(
+                key,
+                {
+                    "server": label,
+                    "client": "bench serve",
+                    "route": run["route"],
+                    "sampling": run["sampling"],
+                    "cells": {},
+                },
+            )
             result = run.get("result") or {}
-            row["cells"][run["level"]] = {"tok_s": result.get("output_throughput"),
-                                          "ttft_ms": result.get("median_ttft_ms"), "status": run["status"],
-                                          "done": f"{result.get('completed')}/{run['num_prompts']}"}
+            row["cells"][run["level"]] = {
+                "tok_s": result.get("output_throughput"),
+                "ttft_ms": result.get("median_ttft_ms"),
+                "status": run["status"],
+                "done": f"{result.get('completed')}/{run['num_prompts']}",
+            }
     return list(rows.values())
 
 
@@ -212,27 +287,43 @@ def table(args) -> int:
     rows = native_rows(out) + bench_serve_rows(out)
     startup = {path.stem.removeprefix("startup_"): read_json(path) for path in sorted(out.glob("startup_*.json"))}
     levels = sorted({level for row in rows for level in row["cells"]})
-    print("\nHTTP, both servers on the same files, adapters round-robin, lengths forced (ignore_eos): output tok/s "
-          "(TTFT p50 ms) per concurrency; sampled = temperature 1, top_p 0.95")
+    print(
+        "\nHTTP, both servers on the same files, adapters round-robin, lengths forced (ignore_eos): output tok/s "
+        "(TTFT p50 ms) per concurrency; sampled = temperature 1, top_p 0.95"
+    )
     print(f"{'server':<7}{'client':<13}{'route':<13}{'sampling':<9}" + "".join(f"{'c=' + str(c):>14}" for c in levels))
     for row in rows:
-        print(f"{row['server']:<7}{row['client']:<13}{row['route']:<13}{row['sampling']:<9}"
-              + "".join(f"{cell_text(row['cells'].get(c)):>14}" for c in levels))
+        print(
+            f"{row['server']:<7}{row['client']:<13}{row['route']:<13}{row['sampling']:<9}"
+            + "".join(f"{cell_text(row['cells'].get(c)):>14}" for c in levels)
+        )
     ratios = []
     for row in rows:
-        theirs = next((r for r in rows if r["server"] == "vllm" and r["route"] == row["route"]
-                       and r["sampling"] == row["sampling"]), None)
+        theirs = next(
+            (
+                r
+                for r in rows
+                if r["server"] == "vllm" and r["route"] == row["route"] and r["sampling"] == row["sampling"]
+            ),
+            None,
+        )
         if row["server"] == "ours" and row["client"] == "bench serve" and theirs:
             ratios.append((row["route"], row["sampling"], {c: ratio(row, theirs, c) for c in levels}))
     if ratios:
         print("ours / vLLM output tok/s, same client (bench serve), same files")
         for route, sampling, cells in ratios:
-            print(f"{'':<20}{route:<13}{sampling:<9}"
-                  + "".join(f"{('-' if cells[c] is None else format(cells[c], '.2f')):>14}" for c in levels))
+            print(
+                f"{'':<20}{route:<13}{sampling:<9}"
+                + "".join(f"{('-' if cells[c] is None else format(cells[c], '.2f')):>14}" for c in levels)
+            )
     if startup:
-        print("start-up, process start to ready: " + ", ".join(
-            f"{name} {value:.0f}s" if isinstance(value, (int, float)) else f"{name} {value}"
-            for name, value in startup.items()))
+        print(
+            "start-up, process start to ready: "
+            + ", ".join(
+                f"{name} {value:.0f}s" if isinstance(value, (int, float)) else f"{name} {value}"
+                for name, value in startup.items()
+            )
+        )
     (out / "summary.json").write_text(json.dumps({"startup_s": startup, "rows": rows}, indent=1))
     return 0
 
@@ -256,8 +347,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--run-timeout", type=float, default=120.0, help="seconds one run may take")
     b.add_argument("--deadline", type=float, default=0.0, help="epoch seconds after which no run starts")
     b.add_argument("--min-left", type=float, default=20.0, help="no run starts with less time than this left")
-    b.add_argument("--raw-client", action="store_true",
-                   help="vLLM's client as shipped, which loses CRLF-separated events (accept_crlf_events)")
+    b.add_argument(
+        "--raw-client",
+        action="store_true",
+        help="vLLM's client as shipped, which loses CRLF-separated events (accept_crlf_events)",
+    )
     b.add_argument("--out", required=True)
     t = sub.add_parser("table")
     t.add_argument("out")

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import torch
 
-from contract.lora import (CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterConfig, AdapterConfigError, is_targeted,
-                           parse_lora_key)
+from contract.lora import (
+    CONFIG_FILE,
+    PICKLE_SUFFIXES,
+    WEIGHTS_FILE,
+    AdapterConfig,
+    AdapterConfigError,
+    is_targeted,
+    parse_lora_key,
+)
 from contract.manifest import MANIFEST_FILE, AdapterManifest, ManifestError, adapter_sha256, read_manifest
 from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge
 
@@ -74,13 +81,18 @@ def check_adapter_dir(path: Path, root: Path, base: BaseShapes, *, max_rank: int
     if manifest is not None and manifest.base_model.fingerprint != base.fingerprint:
         raise Conflict(
             f"adapter was trained for base {manifest.base_model.id!r} (fingerprint {manifest.base_model.fingerprint}); "
-            f"this server runs fingerprint {base.fingerprint}", param="path")
+            f"this server runs fingerprint {base.fingerprint}",
+            param="path",
+        )
     sha = adapter_sha256(path)  # hashed once: checked against the manifest, or the version without one
     if manifest is not None and manifest.adapter_sha256 and sha != manifest.adapter_sha256:
         # The manifest is written last: files that no longer hash to it were changed or are still being
         # copied in, and the version it names would be a lie.
-        raise BadRequest(f"the adapter files do not match {MANIFEST_FILE} (adapter_sha256): changed after "
-                         "training, or still being written", param="path")
+        raise BadRequest(
+            f"the adapter files do not match {MANIFEST_FILE} (adapter_sha256): changed after "
+            "training, or still being written",
+            param="path",
+        )
     _check_weight_shapes(weights, lora, base)
     return CheckedAdapter(path=path, config=config, lora=lora, manifest=manifest, weights_bytes=size, sha256=sha)
 
@@ -159,19 +171,25 @@ def _check_coverage(found: dict[str, set[str]], targets: list[str], base: BaseSh
         raise Invalid(f"target_modules {targets} match no module of this base model", param="path")
     extra = sorted(set(found) - targeted)
     if extra:
-        raise Invalid(f"{WEIGHTS_FILE} has weights for {extra[0]!r}, which is not in target_modules {targets}",
-                      param="path")
+        raise Invalid(
+            f"{WEIGHTS_FILE} has weights for {extra[0]!r}, which is not in target_modules {targets}", param="path"
+        )
     incomplete = sorted(m for m in targeted if found.get(m) != {"A", "B"})
     if incomplete:
-        raise Invalid(f"{WEIGHTS_FILE} has no weights for {incomplete[0]!r} (lora_A and lora_B), which "
-                      f"target_modules {targets} selects", param="path")
+        raise Invalid(
+            f"{WEIGHTS_FILE} has no weights for {incomplete[0]!r} (lora_A and lora_B), which "
+            f"target_modules {targets} selects",
+            param="path",
+        )
 
 
 def _check_shape(key: str, shape: tuple, part: str, in_out: tuple[int, int], r: int) -> None:
     in_features, out_features = in_out
     expected = (r, in_features) if part == "A" else (out_features, r)
     if shape != expected:
-        raise Invalid(f"{key}: shape {list(shape)} does not fit this base model (expected {list(expected)})", param="path")
+        raise Invalid(
+            f"{key}: shape {list(shape)} does not fit this base model (expected {list(expected)})", param="path"
+        )
 
 
 def _read_manifest(path: Path) -> AdapterManifest | None:

@@ -14,14 +14,21 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from contract.manifest import AdapterManifest
 from contract.names import ADAPTER_NAME, ADAPTER_NAME_RULE
 from contract.templates import BUILTIN, PromptTemplate, TemplateError
-from server.adapters.checks import BaseShapes, CheckedAdapter, check_adapter_dir, load_weights, lora_config, resolve_under_root
+from server.adapters.checks import (
+    BaseShapes,
+    CheckedAdapter,
+    check_adapter_dir,
+    load_weights,
+    lora_config,
+    resolve_under_root,
+)
 from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, ServeError
 
 log = logging.getLogger("loraserve.adapters")
@@ -46,17 +53,33 @@ class AdapterVersion:
 
     def describe(self, base_name: str) -> dict:
         return {
-            "name": self.name, "version": self.version, "base_model": base_name, "rank": self.rank,
-            "template": self.template.name, "path": self.path, "loaded_at": self.loaded_at,
+            "name": self.name,
+            "version": self.version,
+            "base_model": base_name,
+            "rank": self.rank,
+            "template": self.template.name,
+            "path": self.path,
+            "loaded_at": self.loaded_at,
             "load_seconds": round(self.load_seconds, 4),
             "training": self.manifest.summary() if self.manifest else None,
         }
 
 
 class AdapterRegistry:
-    def __init__(self, *, root: Path | None, base: BaseShapes, base_name: str, default_template: PromptTemplate,
-                 max_adapters: int, max_rank: int, max_bytes: int,
-                 run_on_worker: Callable, attach: Callable, detach: Callable) -> None:
+    def __init__(
+        self,
+        *,
+        root: Path | None,
+        base: BaseShapes,
+        base_name: str,
+        default_template: PromptTemplate,
+        max_adapters: int,
+        max_rank: int,
+        max_bytes: int,
+        run_on_worker: Callable,
+        attach: Callable,
+        detach: Callable,
+    ) -> None:
         self.root = root
         self.base = base
         self.base_name = base_name
@@ -124,7 +147,9 @@ class AdapterRegistry:
     async def _attach_on_worker(self, version: AdapterVersion, checked: CheckedAdapter, weights: dict) -> None:
         """The worker runs a queued job even when its caller gives up (a load cancelled at shutdown or
         with its client): what it attached then is never published, so it is retired for collect."""
-        job = asyncio.ensure_future(self._run_on_worker(lambda: self._attach(version.key, lora_config(checked), weights)))
+        job = asyncio.ensure_future(
+            self._run_on_worker(lambda: self._attach(version.key, lora_config(checked), weights))
+        )
         try:
             await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -178,9 +203,17 @@ class AdapterRegistry:
         manifest = checked.manifest
         version = manifest.version if manifest else checked.sha256[:12]
         return AdapterVersion(
-            name=name, version=version, key=f"{name}__{next(self._keys)}", path=path, rank=checked.lora.r,
-            template=self._template_of(manifest), eos_token=manifest.eos_token if manifest else None,
-            stop=tuple(manifest.stop) if manifest else (), manifest=manifest, loaded_at=time.time(), load_seconds=0.0,
+            name=name,
+            version=version,
+            key=f"{name}__{next(self._keys)}",
+            path=path,
+            rank=checked.lora.r,
+            template=self._template_of(manifest),
+            eos_token=manifest.eos_token if manifest else None,
+            stop=tuple(manifest.stop) if manifest else (),
+            manifest=manifest,
+            loaded_at=time.time(),
+            load_seconds=0.0,
         )
 
     def _template_of(self, manifest: AdapterManifest | None) -> PromptTemplate:
@@ -207,4 +240,3 @@ def default_template(name: str) -> PromptTemplate:
     if name not in BUILTIN:
         raise ServeError(f"unknown default template {name!r}")
     return BUILTIN[name]
-

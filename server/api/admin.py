@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.api.deps import ReadyState, require_admin, require_api_key
 from server.errors import ServeError
 
+
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,7 +28,6 @@ class AdapterInfo(BaseModel):
     loaded_at: float
     load_seconds: float
     training: dict | None = None
-
 
 
 public = APIRouter(dependencies=[Depends(require_api_key)], tags=["adapters"])
@@ -61,11 +61,15 @@ async def load_adapter(body: LoadAdapterRequest, state: ReadyState) -> dict:
     metrics.adapter_loads.labels("ok").inc()
     metrics.adapter_load_seconds.observe(version.load_seconds)
     metrics.adapters_loaded.set(len(state.registry.names()))
-    log.info("adapter %s version %s loaded from %s in %.3fs", version.name, version.version, body.path, version.load_seconds)
+    log.info(
+        "adapter %s version %s loaded from %s in %.3fs", version.name, version.version, body.path, version.load_seconds
+    )
     return version.describe(state.registry.base_name)
 
 
-@admin.delete("/adapters/{name}", response_model=AdapterInfo, summary="Unload an adapter (running requests finish first)")
+@admin.delete(
+    "/adapters/{name}", response_model=AdapterInfo, summary="Unload an adapter (running requests finish first)"
+)
 async def unload_adapter(name: str, state: ReadyState) -> dict:
     version = await state.registry.unload(name)
     state.metrics.adapters_loaded.set(len(state.registry.names()))

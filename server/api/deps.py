@@ -40,7 +40,9 @@ def require_api_key(request: Request) -> None:
         return
     token = _bearer(request)
     if token is None:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+        )
     # Compare against every key so the time taken does not depend on which one matched.
     if not any([_matches(token, k.get_secret_value()) for k in keys]):
         raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
@@ -52,7 +54,9 @@ def require_admin(request: Request) -> None:
         raise Forbidden("the admin API is disabled: set LORASERVE_ADMIN_TOKEN to enable it")
     token = _bearer(request)
     if token is None:
-        raise Unauthorized("missing admin token: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "missing admin token: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+        )
     if not _matches(token, configured.get_secret_value()):
         raise Forbidden("wrong admin token")
 

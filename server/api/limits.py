@@ -50,10 +50,17 @@ class BodyLimitMiddleware:
 
     async def _reject(self, send, scope) -> None:
         error = PayloadTooLarge(f"request body over {self.max_bytes} bytes")
-        shape = openai_errors if scope.get("path", "").startswith("/v1/") else tgi_errors  # OpenAI's SDKs read error.message
+        shape = (
+            openai_errors if scope.get("path", "").startswith("/v1/") else tgi_errors
+        )  # OpenAI's SDKs read error.message
         body = json.dumps(shape.error_body(error)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -34,11 +34,15 @@ for _path, _probe in (("/health", health), ("/ready", ready)):
 async def info(state: State, request: Request) -> dict:
     s = state.settings
     out = {
-        "model_id": s.public_base_name, "backend": state.runner.backend if state.runner else None,
-        "fingerprint": state.fingerprint, "max_context": state.max_context,
-        "max_new_tokens_cap": s.max_new_tokens_cap, "max_running": s.max_running,
+        "model_id": s.public_base_name,
+        "backend": state.runner.backend if state.runner else None,
+        "fingerprint": state.fingerprint,
+        "max_context": state.max_context,
+        "max_new_tokens_cap": s.max_new_tokens_cap,
+        "max_running": s.max_running,
         "kv_slots": state.runner.cache.slots if state.runner else None,
-        "adapter_slots": s.adapter_slots, "cuda_graphs": bool(state.runner and state.runner.graphs),
+        "adapter_slots": s.adapter_slots,
+        "cuda_graphs": bool(state.runner and state.runner.graphs),
     }
     if _may_list_adapters(request):  # /info stays open for probes; adapter names are for key holders only
         out["adapters"] = state.registry.names() if state.registry else []

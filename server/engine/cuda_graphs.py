@@ -92,10 +92,16 @@ class DecodeGraphs:
             ids=torch.zeros(rows, dtype=torch.long, device=device),
             positions=torch.zeros(rows, dtype=torch.long, device=device),
             write_slots=torch.arange(rows, device=device),
-            write_positions=torch.full((rows,), cache.scratch, dtype=torch.long, device=device),  # capture writes nothing real
+            write_positions=torch.full(
+                (rows,), cache.scratch, dtype=torch.long, device=device
+            ),  # capture writes nothing real
             lora_slots=torch.full((rows,), -1, dtype=torch.long, device=device),
-            decode_rows=rows, decode_lengths=torch.ones(rows, dtype=torch.long, device=device), decode_span=span,
-            chunks=[], logit_rows=torch.arange(rows, device=device), any_adapter=self.decoder.lora.rank > 0,
+            decode_rows=rows,
+            decode_lengths=torch.ones(rows, dtype=torch.long, device=device),
+            decode_span=span,
+            chunks=[],
+            logit_rows=torch.arange(rows, device=device),
+            any_adapter=self.decoder.lora.rank > 0,
         )
         padding = {name: getattr(inputs, name).clone() for name in _INPUTS}  # free slots, scratch writes only
         side = torch.cuda.Stream()
@@ -128,8 +134,12 @@ class DecodeGraphs:
         full = self.decoder.forward(entry.inputs)  # [rows, V]: the static inputs still hold this step's values
         n = step.decode_rows
         eager = full[:n] if step.logit_rows.numel() == n else full[step.logit_rows]
-        if not torch.equal(logits.argmax(-1), eager.argmax(-1)) or not torch.allclose(logits, eager, rtol=1e-2, atol=1e-2):
-            raise RuntimeError(f"graph replay differs from the eager step (max diff {(logits - eager).abs().max():.3g})")
+        if not torch.equal(logits.argmax(-1), eager.argmax(-1)) or not torch.allclose(
+            logits, eager, rtol=1e-2, atol=1e-2
+        ):
+            raise RuntimeError(
+                f"graph replay differs from the eager step (max diff {(logits - eager).abs().max():.3g})"
+            )
         entry.checked = True
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from contract.lora import MLP_PROJECTIONS, PROJECTIONS
-from server.engine.kv_cache import SlotKVCache
 from server.engine.fused import Kernels
+from server.engine.kv_cache import SlotKVCache
 from server.engine.lora_slots import LoraSlots
 from server.engine.projections import layer_projections
 
@@ -54,7 +54,9 @@ class Step:
 def check_architecture(config) -> None:
     """Refuse models whose layers this decoder would run wrongly (a silent wrong answer is worse)."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ValueError(
+            f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope not in _STATIC_ROPE_TYPES:
         raise ValueError(f"rope type {rope!r} is not supported (supported: {', '.join(_STATIC_ROPE_TYPES)})")
@@ -77,8 +79,9 @@ class Decoder:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cos, self.sin = rope_tables(config, length=cache.max_len + 1, device=cache.K[0].device,
-                                         dtype=cache.K[0].dtype)  # [max_len + 1, D]
+        self.cos, self.sin = rope_tables(
+            config, length=cache.max_len + 1, device=cache.K[0].device, dtype=cache.K[0].dtype
+        )  # [max_len + 1, D]
 
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
@@ -90,7 +93,9 @@ class Decoder:
         masks = self._attention_masks(step)  # the same for every layer: built once
         h = k.rms_norm(x, *_norm(self.layers[0].input_layernorm))
         for index, layer in enumerate(self.layers):
-            x, h = self._attention_block(index, layer, x, h, step, rope=(cos, sin), lora_mask=lora_mask, attn_masks=masks)
+            x, h = self._attention_block(
+                index, layer, x, h, step, rope=(cos, sin), lora_mask=lora_mask, attn_masks=masks
+            )
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else None
             x, h = self._mlp_block(index, layer, x, h, lora_mask=lora_mask, next_norm=following)
         last = k.rms_norm(x[step.logit_rows], *_norm(self.norm))  # [R, H]
@@ -108,15 +113,16 @@ class Decoder:
         """Attention over h (the normed stream): the new stream and its post-attention norm."""
         qkv = self._proj(index, "qkv", h, lora_mask)  # [T, (Hq + 2 Hkv) * D]
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qk = self.kernels.rope(qkv[:, :q_width + kv_width].view(-1, self.heads + self.kv_heads, self.head_dim), *rope)
-        q, k = qk[:, :self.heads], qk[:, self.heads:]  # [T, Hq, D], [T, Hkv, D]
-        v = qkv[:, q_width + kv_width:].view(-1, self.kv_heads, self.head_dim)
+        qk = self.kernels.rope(qkv[:, : q_width + kv_width].view(-1, self.heads + self.kv_heads, self.head_dim), *rope)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]  # [T, Hq, D], [T, Hkv, D]
+        v = qkv[:, q_width + kv_width :].view(-1, self.kv_heads, self.head_dim)
         K, V = self.cache.K[index], self.cache.V[index]
         K[step.write_slots, :, step.write_positions] = k
         V[step.write_slots, :, step.write_positions] = v
         o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
-        return self.kernels.add_rms_norm(x, self._proj(index, "o_proj", o, lora_mask),
-                                         *_norm(layer.post_attention_layernorm))
+        return self.kernels.add_rms_norm(
+            x, self._proj(index, "o_proj", o, lora_mask), *_norm(layer.post_attention_layernorm)
+        )
 
     def _mlp_block(self, index: int, layer, x, h, *, lora_mask, next_norm):
         """The MLP over h: the new stream, and its norm under the next layer's input norm (None: last layer)."""
@@ -147,10 +153,10 @@ class Decoder:
     def _attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, step: Step, masks) -> torch.Tensor:
         parts, masks = [], iter(masks)
         if step.decode_rows:
-            parts.append(self._decode_attention(q[:step.decode_rows], K, V, span=step.decode_span, mask=next(masks)))
+            parts.append(self._decode_attention(q[: step.decode_rows], K, V, span=step.decode_span, mask=next(masks)))
         offset = step.decode_rows
         for chunk in step.chunks:
-            parts.append(self._chunk_attention(q[offset:offset + chunk.length], K, V, chunk, mask=next(masks)))
+            parts.append(self._chunk_attention(q[offset : offset + chunk.length], K, V, chunk, mask=next(masks)))
             offset += chunk.length
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -163,10 +169,19 @@ class Decoder:
 
     def _chunk_attention(self, q: torch.Tensor, K, V, chunk: Chunk, *, mask: torch.Tensor) -> torch.Tensor:
         s, span, group = chunk.length, chunk.start + chunk.length, self.heads // self.kv_heads
-        q = q.view(s, self.kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(1, self.kv_heads, group * s, self.head_dim)
-        keys, values = K[chunk.slot:chunk.slot + 1, :, :span], V[chunk.slot:chunk.slot + 1, :, :span]  # [1, Hkv, span, D]
+        q = (
+            q.view(s, self.kv_heads, group, self.head_dim)
+            .permute(1, 2, 0, 3)
+            .reshape(1, self.kv_heads, group * s, self.head_dim)
+        )
+        keys, values = (
+            K[chunk.slot : chunk.slot + 1, :, :span],
+            V[chunk.slot : chunk.slot + 1, :, :span],
+        )  # [1, Hkv, span, D]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [1, Hkv, G*S, D]
-        return out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
+        return (
+            out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
+        )
 
 
 def _norm(norm) -> tuple[torch.Tensor, float]:

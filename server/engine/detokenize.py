@@ -7,7 +7,6 @@ character. Text that could still turn into a stop string is held back until it c
 
 from __future__ import annotations
 
-
 _CONTEXT = 6  # tokens decoded before the new ones, for the spacing rules of the tokens around them
 
 
@@ -21,13 +20,13 @@ class Detokenizer:
     def push(self, token_id: int) -> str:
         """Append a token; return the text that became final with it (maybe '')."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if full.endswith("\ufffd"):  # an incomplete character: wait for the tokens that complete it
             return ""
         if len(full) > len(prefix):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix):]
+            return full[len(prefix) :]
         # No text (a skipped special token, an id the tokenizer does not know): nothing is pending, so
         # the window moves on; else every later push would decode an ever longer tail (quadratic).
         self.read_offset = len(self.ids)
@@ -37,10 +36,10 @@ class Detokenizer:
     def flush(self) -> str:
         """At the end: the text still held back, less an incomplete character at its very end (which no
         later token will complete)."""
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:]).rstrip("\ufffd")
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :]).rstrip("\ufffd")
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -69,7 +68,7 @@ class StopMatcher:
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self.released)
-        out = self.text[self.released:upto]
+        out = self.text[self.released : upto]
         self.released = upto
         return out
 

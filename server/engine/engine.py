@@ -22,17 +22,18 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import torch
 
-from server.errors import Overloaded, Unavailable
-from server.engine.runner import ModelRunner
 from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
+from server.engine.runner import ModelRunner
 from server.engine.sampling import PendingChoices, SamplingParams, choose_tokens
 from server.engine.sequence import Sequence
 from server.engine.step_plan import StepPlan, plan_step
+from server.errors import Overloaded, Unavailable
 
 log = logging.getLogger("loraserve.engine")
 
@@ -47,7 +48,9 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, *, max_running: int, max_queue: int, prefill_chunk_tokens: int = 512) -> None:
+    def __init__(
+        self, runner: ModelRunner, *, max_running: int, max_queue: int, prefill_chunk_tokens: int = 512
+    ) -> None:
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self.max_running = max_running
@@ -90,8 +93,9 @@ class Engine:
         with self._count_lock:
             return self._admitted
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 adapter_key: str | None) -> AsyncIterator[TokenEvent | FinalEvent | ErrorEvent]:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None
+    ) -> AsyncIterator[TokenEvent | FinalEvent | ErrorEvent]:
         """Admit the request now (raises Overloaded / Unavailable at once) and return its events:
         token events, then one FinalEvent or ErrorEvent. Closing the iterator early cancels it."""
         loop = asyncio.get_running_loop()
@@ -169,8 +173,13 @@ class Engine:
         self._start_waiting()
         if self._in_flight is not None and any(_needs_its_tokens(seq) for seq in self._slots):
             self._read(self._finish_in_flight())
-        plan = plan_step(self._slots, self._prefilling, cache=self.runner.cache,
-                         chunk_tokens=self.prefill_chunk_tokens, device=self.runner.device)
+        plan = plan_step(
+            self._slots,
+            self._prefilling,
+            cache=self.runner.cache,
+            chunk_tokens=self.prefill_chunk_tokens,
+            device=self.runner.device,
+        )
         launched = self._launch(plan) if plan is not None else None
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
@@ -251,8 +260,11 @@ class Engine:
                 break
             if not seq.prompt_ids or len(seq.prompt_ids) + seq.params.max_new_tokens > cache.max_len:
                 self._waiting.remove(seq)
-                self._fail(seq, f"prompt ({len(seq.prompt_ids)} tokens) plus max_new_tokens must fit the "
-                                f"context of {cache.max_len} tokens")
+                self._fail(
+                    seq,
+                    f"prompt ({len(seq.prompt_ids)} tokens) plus max_new_tokens must fit the "
+                    f"context of {cache.max_len} tokens",
+                )
                 continue
             if seq.adapter_key is not None:
                 if seq.adapter_key not in lora.host:
@@ -341,11 +353,19 @@ class Engine:
         self._retire(seq)  # before the caller hears the end: its next request must find the slot free
         if reason != "cancelled":
             now = time.monotonic()
-            self._emit(seq, FinalEvent(
-                generated_text=seq.stops.text, finish_reason=reason, generated_tokens=len(seq.generated),
-                prompt_tokens=len(seq.prompt_ids), seed=seq.seed, tokens=seq.tokens,
-                first_token_seconds=(seq.first_token_at or now) - seq.enqueued, total_seconds=now - seq.enqueued,
-            ))
+            self._emit(
+                seq,
+                FinalEvent(
+                    generated_text=seq.stops.text,
+                    finish_reason=reason,
+                    generated_tokens=len(seq.generated),
+                    prompt_tokens=len(seq.prompt_ids),
+                    seed=seq.seed,
+                    tokens=seq.tokens,
+                    first_token_seconds=(seq.first_token_at or now) - seq.enqueued,
+                    total_seconds=now - seq.enqueued,
+                ),
+            )
 
     def _fail(self, seq: Sequence, message: str) -> None:
         if seq.done:
@@ -410,4 +430,3 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 def _release_cuda_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-

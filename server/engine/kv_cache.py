@@ -65,6 +65,11 @@ def plan_slots(wanted: int, *, per_slot: int, device, memory_fraction: float) ->
     free, _ = torch.cuda.mem_get_info(device)
     fits = int(free * memory_fraction) // per_slot
     if fits < wanted:
-        log.warning("KV cache: %d slots of %.1f MiB fit in %.0f%% of free GPU memory; asked for %d",
-                    fits, per_slot / 2**20, memory_fraction * 100, wanted)
+        log.warning(
+            "KV cache: %d slots of %.1f MiB fit in %.0f%% of free GPU memory; asked for %d",
+            fits,
+            per_slot / 2**20,
+            memory_fraction * 100,
+            wanted,
+        )
     return max(1, min(wanted, fits))

@@ -43,8 +43,15 @@ class HostAdapter:
 
 
 class LoraSlots:
-    def __init__(self, shapes: dict[tuple[int, str], tuple[int, int]], *, slots: int, device, dtype,
-                 groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None) -> None:
+    def __init__(
+        self,
+        shapes: dict[tuple[int, str], tuple[int, int]],
+        *,
+        slots: int,
+        device,
+        dtype,
+        groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None,
+    ) -> None:
         self.shapes = shapes  # (layer, projection) → (in_features, out_features)
         names = sorted({proj for _, proj in shapes}, key=PROJECTIONS.index)
         # group name → its projections, in output order; by default each projection alone, named after it
@@ -109,8 +116,9 @@ class LoraSlots:
         own = self._column_slots[None, :] == row_slots[:, None]  # [T, slots * R]
         return {width: own.repeat(1, width) for width in {len(projs) for projs in self.groups.values()}}
 
-    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor,
-              masks: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    def apply(
+        self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, masks: dict[int, torch.Tensor] | None
+    ) -> torch.Tensor:
         """out + the LoRA terms of `group`'s projections for every row of x [T, in]; out is [T, sum(out)]."""
         if masks is None:
             return out
@@ -135,13 +143,13 @@ class LoraSlots:
         for (layer, proj), (a, b) in adapter.weights.items():
             group, index = self.group_of[proj]
             rows, cols = self._block(layer, proj, slot)
-            self.A[(layer, group)][:, rows.start:rows.start + adapter.rank].copy_(a, non_blocking=True)
-            self.B[(layer, group)][rows.start:rows.start + adapter.rank, cols].copy_(b, non_blocking=True)
+            self.A[(layer, group)][:, rows.start : rows.start + adapter.rank].copy_(a, non_blocking=True)
+            self.B[(layer, group)][rows.start : rows.start + adapter.rank, cols].copy_(b, non_blocking=True)
         self.resident[key] = slot
         self.uploads += 1
 
     def _clear(self, slot: int) -> None:
-        for (layer, proj) in self.shapes:
+        for layer, proj in self.shapes:
             group, _ = self.group_of[proj]
             rows, cols = self._block(layer, proj, slot)
             self.A[(layer, group)][:, rows].zero_()
@@ -174,15 +182,23 @@ class LoraSlots:
             self._upload(key, slot)
 
 
-def _host_weights(state_dict: dict[str, torch.Tensor], shapes: dict[tuple[int, str], tuple[int, int]], *,
-                  rank: int, scaling: float, dtype) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+def _host_weights(
+    state_dict: dict[str, torch.Tensor],
+    shapes: dict[tuple[int, str], tuple[int, int]],
+    *,
+    rank: int,
+    scaling: float,
+    dtype,
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         parsed = parse_lora_key(key)
         name = (parsed.layer, parsed.projection) if parsed else None
         if name not in shapes:
-            raise ValueError(f"{key!r} is not a LoRA weight of a servable projection "
-                             f"({', '.join(PROJECTIONS)} of layers 0-{max(l for l, _ in shapes)})")
+            raise ValueError(
+                f"{key!r} is not a LoRA weight of a servable projection "
+                f"({', '.join(PROJECTIONS)} of layers 0-{max(layer for layer, _ in shapes)})"
+            )
         parts.setdefault(name, {})[parsed.part] = tensor
     weights = {}
     for name, ab in parts.items():
@@ -190,8 +206,10 @@ def _host_weights(state_dict: dict[str, torch.Tensor], shapes: dict[tuple[int, s
             raise ValueError(f"layer {name[0]} {name[1]} has lora_{next(iter(ab))} without its pair")
         in_features, out_features = shapes[name]
         if ab["A"].shape != (rank, in_features) or ab["B"].shape != (out_features, rank):
-            raise ValueError(f"layer {name[0]} {name[1]}: A {tuple(ab['A'].shape)} / B {tuple(ab['B'].shape)} do not fit "
-                             f"rank {rank} and the base shape [{out_features}, {in_features}]")
+            raise ValueError(
+                f"layer {name[0]} {name[1]}: A {tuple(ab['A'].shape)} / B {tuple(ab['B'].shape)} do not fit "
+                f"rank {rank} and the base shape [{out_features}, {in_features}]"
+            )
         if not (torch.isfinite(ab["A"]).all() and torch.isfinite(ab["B"]).all()):
             raise ValueError(f"layer {name[0]} {name[1]}: the weights hold NaN or infinite values (a diverged run?)")
         # Scaling folded into B in float32 before the cast: one rounding, as PEFT's (x@A@B)*s gets.

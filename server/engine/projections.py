@@ -17,8 +17,12 @@ from torch import nn
 from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 
 # The decoder's groups, in the order their outputs are concatenated.
-GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o_proj", ("o_proj",)),
-          ("gate_up", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",)))
+GROUPS = (
+    ("qkv", ("q_proj", "k_proj", "v_proj")),
+    ("o_proj", ("o_proj",)),
+    ("gate_up", ("gate_proj", "up_proj")),
+    ("down_proj", ("down_proj",)),
+)
 _FUSABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 assert sorted(p for _, projs in GROUPS for p in projs) == sorted(PROJECTIONS)
 
@@ -46,8 +50,13 @@ def _module(layer, name: str) -> nn.Module:
 
 def _fusable(modules: list[nn.Module]) -> bool:
     weights = [getattr(module, "weight", None) for module in modules]
-    return all(type(module) is nn.Linear and w is not None and w.dtype in _FUSABLE_DTYPES for module, w in
-               zip(modules, weights)) and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1
+    return (
+        all(
+            type(module) is nn.Linear and w is not None and w.dtype in _FUSABLE_DTYPES
+            for module, w in zip(modules, weights)
+        )
+        and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1
+    )
 
 
 @torch.no_grad()
@@ -56,8 +65,13 @@ def _fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return modules[0].weight, modules[0].bias
     weight = torch.cat([module.weight for module in modules])  # [sum(out), in]
     has_bias = any(module.bias is not None for module in modules)
-    bias = torch.cat([module.bias if module.bias is not None else weight.new_zeros(module.out_features)
-                      for module in modules]) if has_bias else None
+    bias = (
+        torch.cat(
+            [module.bias if module.bias is not None else weight.new_zeros(module.out_features) for module in modules]
+        )
+        if has_bias
+        else None
+    )
     start = 0
     for module in modules:  # the modules now read (and keep alive) rows of the fused tensors
         stop = start + module.out_features

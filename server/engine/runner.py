@@ -22,18 +22,29 @@ from contract.base_config import position_limit
 from contract.lora import AdapterConfig, lora_scaling
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.decoder import Decoder, Step, check_architecture, projection_shapes
+from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.engine.lora_slots import LoraSlots
-from server.engine.fused import Kernels
 from server.engine.projections import GROUPS
 
 log = logging.getLogger("loraserve.runner")
 
 
 class ModelRunner:
-    def __init__(self, model, tokenizer, *, backend: str, max_context: int, kv_slots: int, adapter_slots: int,
-                 max_lora_rank: int = 256, kv_memory_fraction: float = 0.9, cuda_graphs: bool = True,
-                 compile_kernels: bool = True) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        backend: str,
+        max_context: int,
+        kv_slots: int,
+        adapter_slots: int,
+        max_lora_rank: int = 256,
+        kv_memory_fraction: float = 0.9,
+        cuda_graphs: bool = True,
+        compile_kernels: bool = True,
+    ) -> None:
         check_architecture(model.config)
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.device = next(model.parameters()).device
@@ -42,17 +53,29 @@ class ModelRunner:
         self.max_lora_rank = max_lora_rank
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv = dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim, max_len=max_context)
-        slots = plan_slots(kv_slots, per_slot=bytes_per_slot(**kv, dtype=self.dtype), device=self.device,
-                           memory_fraction=kv_memory_fraction)
+        kv = dict(
+            layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim, max_len=max_context
+        )
+        slots = plan_slots(
+            kv_slots,
+            per_slot=bytes_per_slot(**kv, dtype=self.dtype),
+            device=self.device,
+            memory_fraction=kv_memory_fraction,
+        )
         self.cache = SlotKVCache(**kv, slots=slots, device=self.device, dtype=self.dtype)
-        self.lora = LoraSlots(projection_shapes(model), slots=adapter_slots, device=self.device, dtype=self.dtype,
-                              groups=GROUPS)
+        self.lora = LoraSlots(
+            projection_shapes(model), slots=adapter_slots, device=self.device, dtype=self.dtype, groups=GROUPS
+        )
         kernels = Kernels(compiled=compile_kernels and self.device.type == "cuda")
         self.decoder = Decoder(model, cache=self.cache, lora=self.lora, kernels=kernels)
         self.graphs = DecodeGraphs(self.decoder) if cuda_graphs and self.device.type == "cuda" else None
-        log.info("KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s", slots, max_context,
-                 adapter_slots, "on" if self.graphs else "off")
+        log.info(
+            "KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s",
+            slots,
+            max_context,
+            adapter_slots,
+            "on" if self.graphs else "off",
+        )
 
     def forward(self, step: Step) -> torch.Tensor:
         """Logits [R, V] of the step: a CUDA graph replay for decode-only steps where possible."""
@@ -81,13 +104,25 @@ class ModelRunner:
         self.lora.remove(key)
 
 
-def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_context: int = 4096,
-                kv_slots: int = 4, adapter_slots: int = 8, max_lora_rank: int = 256,
-                kv_memory_fraction: float = 0.9, cuda_graphs: bool = True, compile_kernels: bool = True) -> ModelRunner:
+def load_runner(
+    base_model: str,
+    *,
+    backend: str,
+    load_in_4bit: bool,
+    max_context: int = 4096,
+    kv_slots: int = 4,
+    adapter_slots: int = 8,
+    max_lora_rank: int = 256,
+    kv_memory_fraction: float = 0.9,
+    cuda_graphs: bool = True,
+    compile_kernels: bool = True,
+) -> ModelRunner:
     backend = choose_backend(backend)
     if load_in_4bit and backend != "unsloth":  # serving full precision instead could run out of memory
-        raise RuntimeError("a 4-bit base (LOAD_IN_4BIT) is loaded by Unsloth: it needs the unsloth backend "
-                           "(CUDA and pip install 'loraserve[unsloth]')")
+        raise RuntimeError(
+            "a 4-bit base (LOAD_IN_4BIT) is loaded by Unsloth: it needs the unsloth backend "
+            "(CUDA and pip install 'loraserve[unsloth]')"
+        )
     max_context = min(max_context, position_limit(base_model) or 2048)
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(base_model, load_in_4bit=load_in_4bit, max_context=max_context)
@@ -95,10 +130,18 @@ def load_runner(base_model: str, *, backend: str, load_in_4bit: bool, max_contex
         model, tokenizer = _load_transformers(base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ModelRunner(model, tokenizer, backend=backend, max_context=max_context,
-                       kv_slots=kv_slots, adapter_slots=adapter_slots, max_lora_rank=max_lora_rank,
-                       kv_memory_fraction=kv_memory_fraction, cuda_graphs=cuda_graphs,
-                       compile_kernels=compile_kernels)
+    return ModelRunner(
+        model,
+        tokenizer,
+        backend=backend,
+        max_context=max_context,
+        kv_slots=kv_slots,
+        adapter_slots=adapter_slots,
+        max_lora_rank=max_lora_rank,
+        kv_memory_fraction=kv_memory_fraction,
+        cuda_graphs=cuda_graphs,
+        compile_kernels=compile_kernels,
+    )
 
 
 def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int):

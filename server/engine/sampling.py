@@ -62,15 +62,34 @@ class RowParams:
 def row_params(seqs: list, device) -> RowParams:
     """Parameters of each row for seqs[i] (with `params`, `seed`, `prompt_ids`, `generated`, `in_flight`)."""
     params = [seq.params for seq in seqs]
-    floats = torch.tensor([[p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
-                            p.repetition_penalty, 1.0 if p.do_sample else 0.0] for p in params], dtype=torch.float32)
-    ints = torch.tensor([[p.top_k if p.do_sample else 0, _row_key(seq.seed or 0, len(seq.generated) + seq.in_flight)]
-                         for p, seq in zip(params, seqs)], dtype=torch.long)
+    floats = torch.tensor(
+        [
+            [
+                p.temperature if p.do_sample else 1.0,
+                p.top_p if p.do_sample else 1.0,
+                p.repetition_penalty,
+                1.0 if p.do_sample else 0.0,
+            ]
+            for p in params
+        ],
+        dtype=torch.float32,
+    )
+    ints = torch.tensor(
+        [
+            [p.top_k if p.do_sample else 0, _row_key(seq.seed or 0, len(seq.generated) + seq.in_flight)]
+            for p, seq in zip(params, seqs)
+        ],
+        dtype=torch.long,
+    )
     floats, ints = to_device(floats, device), to_device(ints, device)
     penalized = any(p.repetition_penalty != 1.0 for p in params)
     return RowParams(
-        sample=floats[:, 3] > 0, temperature=floats[:, 0:1].clamp_min(1e-5), top_p=floats[:, 1:2],
-        top_k=ints[:, 0:1], penalty=floats[:, 2:3], key=ints[:, 1:2],
+        sample=floats[:, 3] > 0,
+        temperature=floats[:, 0:1].clamp_min(1e-5),
+        top_p=floats[:, 1:2],
+        top_k=ints[:, 0:1],
+        penalty=floats[:, 2:3],
+        key=ints[:, 1:2],
         any_sample=any(p.do_sample for p in params),
         any_warp=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
         seen=_seen_ids(seqs, device) if penalized else None,

@@ -17,8 +17,14 @@ class Sequence:
 
     _ids = itertools.count(1)
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None, tokenizer,
-                 listener: tuple[asyncio.AbstractEventLoop, asyncio.Queue]):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter_key: str | None,
+        tokenizer,
+        listener: tuple[asyncio.AbstractEventLoop, asyncio.Queue],
+    ):
         self.id = next(self._ids)
         self.prompt_ids = prompt_ids
         self.params = params

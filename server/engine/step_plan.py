@@ -44,8 +44,11 @@ def plan_step(slots: list, prefilling: list, *, cache, chunk_tokens: int, device
     rows = _decode_rows(slots, cache.scratch) if decoding else []
     tokens = rows + [t for seq, chunk in chunks for t in _chunk_tokens(seq, chunk)]
     ends = accumulate((chunk.length for _, chunk in chunks), initial=len(rows))  # token offset after each chunk
-    completing = [(seq, end) for (seq, chunk), end in zip(chunks, list(ends)[1:])
-                  if chunk.start + chunk.length == len(seq.prompt_ids)]
+    completing = [
+        (seq, end)
+        for (seq, chunk), end in zip(chunks, list(ends)[1:])
+        if chunk.start + chunk.length == len(seq.prompt_ids)
+    ]
     sampled = decoding + [seq for seq, _ in completing]
     logit_rows = [seq.slot for seq in decoding] + [end - 1 for _, end in completing]
     lengths = [seq.cached + 1 if decodes(seq) else 1 for seq in slots] if rows else []
@@ -53,15 +56,27 @@ def plan_step(slots: list, prefilling: list, *, cache, chunk_tokens: int, device
     flat = [value for column in zip(*tokens) for value in column] + logit_rows + lengths + [seq.slot for seq in sampled]
     on_device = to_device(torch.tensor(flat, dtype=torch.long), device)
     t, r = len(tokens), len(logit_rows)
-    ids, positions, write_slots, write_positions, lora_slots = on_device[:5 * t].view(5, t)
+    ids, positions, write_slots, write_positions, lora_slots = on_device[: 5 * t].view(5, t)
     step = Step(
-        ids=ids, positions=positions, write_slots=write_slots, write_positions=write_positions, lora_slots=lora_slots,
-        decode_rows=len(rows), chunks=[chunk for _, chunk in chunks], logit_rows=on_device[5 * t:5 * t + r],
-        decode_lengths=on_device[5 * t + r:5 * t + r + len(lengths)], decode_span=max(lengths, default=0),
+        ids=ids,
+        positions=positions,
+        write_slots=write_slots,
+        write_positions=write_positions,
+        lora_slots=lora_slots,
+        decode_rows=len(rows),
+        chunks=[chunk for _, chunk in chunks],
+        logit_rows=on_device[5 * t : 5 * t + r],
+        decode_lengths=on_device[5 * t + r : 5 * t + r + len(lengths)],
+        decode_span=max(lengths, default=0),
         any_adapter=any(token[4] >= 0 for token in tokens),
     )
-    return StepPlan(step=step, decoding=decoding, prefilling=[seq for seq, _ in chunks], sampled=sampled,
-                    sampled_slots=on_device[5 * t + r + len(lengths):])
+    return StepPlan(
+        step=step,
+        decoding=decoding,
+        prefilling=[seq for seq, _ in chunks],
+        sampled=sampled,
+        sampled_slots=on_device[5 * t + r + len(lengths) :],
+    )
 
 
 def decodes(seq) -> bool:
@@ -95,5 +110,6 @@ def _next_chunks(prefilling: list, chunk_tokens: int) -> list[tuple[object, Chun
 
 
 def _chunk_tokens(seq, chunk: Chunk) -> list[tuple[int, int, int, int, int]]:
-    return [(seq.prompt_ids[p], p, chunk.slot, p, seq.lora_slot) for p in range(chunk.start, chunk.start + chunk.length)]
-
+    return [
+        (seq.prompt_ids[p], p, chunk.slot, p, seq.lora_slot) for p in range(chunk.start, chunk.start + chunk.length)
+    ]

@@ -11,8 +11,18 @@ import time
 import uuid
 
 from server.api.openai.schemas import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs, Completion,
-    CompletionChoice, CompletionLogprobs, Delta, TokenLogprob, Usage,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    Delta,
+    TokenLogprob,
+    Usage,
 )
 from server.engine.events import FinalEvent, TokenEvent
 
@@ -58,8 +68,12 @@ class CompletionFormatter(_Formatter):
         self._offsets: dict[int, int] = {}  # choice → characters streamed so far (for text_offset)
 
     def response(self, finals: list[FinalEvent]) -> Completion:
-        choices = [CompletionChoice(index=i, text=f.generated_text, logprobs=self._logprobs(i, f.tokens),
-                                    finish_reason=_finish_reason(f)) for i, f in enumerate(finals)]
+        choices = [
+            CompletionChoice(
+                index=i, text=f.generated_text, logprobs=self._logprobs(i, f.tokens), finish_reason=_finish_reason(f)
+            )
+            for i, f in enumerate(finals)
+        ]
         return Completion(**self._common(), choices=choices, usage=usage(finals))
 
     def opening(self, index: int) -> Completion | None:
@@ -85,17 +99,24 @@ class CompletionFormatter(_Formatter):
         for token in scored:
             offsets.append(self._offsets.get(index, 0))
             self._offsets[index] = offsets[-1] + len(token.text)
-        return CompletionLogprobs(tokens=[t.text for t in scored], token_logprobs=[t.logprob for t in scored],
-                                  text_offset=offsets)
+        return CompletionLogprobs(
+            tokens=[t.text for t in scored], token_logprobs=[t.logprob for t in scored], text_offset=offsets
+        )
 
 
 class ChatFormatter(_Formatter):
     prefix = "chatcmpl"
 
     def response(self, finals: list[FinalEvent]) -> ChatCompletion:
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=f.generated_text),
-                              logprobs=self._logprobs(f.tokens), finish_reason=_finish_reason(f))
-                   for i, f in enumerate(finals)]
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=f.generated_text),
+                logprobs=self._logprobs(f.tokens),
+                finish_reason=_finish_reason(f),
+            )
+            for i, f in enumerate(finals)
+        ]
         return ChatCompletion(**self._common(), choices=choices, usage=usage(finals))
 
     def opening(self, index: int) -> ChatCompletionChunk:
@@ -104,8 +125,9 @@ class ChatFormatter(_Formatter):
     def delta(self, index: int, token: TokenEvent) -> ChatCompletionChunk | None:
         if not token.text and not (self.logprobs and not token.special):
             return None
-        return self._chunk(ChatChunkChoice(index=index, delta=Delta(content=token.text),
-                                           logprobs=self._logprobs([token])))
+        return self._chunk(
+            ChatChunkChoice(index=index, delta=Delta(content=token.text), logprobs=self._logprobs([token]))
+        )
 
     def closing(self, index: int, final: FinalEvent) -> ChatCompletionChunk:
         return self._chunk(ChatChunkChoice(index=index, delta=Delta(), finish_reason=_finish_reason(final)))
@@ -119,5 +141,8 @@ class ChatFormatter(_Formatter):
     def _logprobs(self, tokens: list[TokenEvent]) -> ChatLogprobs | None:
         if not self.logprobs:
             return None
-        return ChatLogprobs(content=[TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode()))
-                                     for t in _scored(tokens)])
+        return ChatLogprobs(
+            content=[
+                TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode())) for t in _scored(tokens)
+            ]
+        )

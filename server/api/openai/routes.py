@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
-from server.api.sse import event_stream
 
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
@@ -22,8 +21,14 @@ from server.api.errors import as_serve_error
 from server.api.openai.errors import OpenAIRoute, error_body
 from server.api.openai.format import ChatFormatter, CompletionFormatter
 from server.api.openai.schemas import (
-    ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelCard, ModelList,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
 )
+from server.api.sse import event_stream
 from server.choices import Choices
 from server.engine.events import FinalEvent
 from server.errors import NotFound
@@ -31,8 +36,12 @@ from server.service import GenerationRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)], route_class=OpenAIRoute)
 access_log = logging.getLogger("loraserve.access")
-STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or with `stream: true` SSE chunks "
-                                                                       "ending with `data: [DONE]`"}}
+STREAMED = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "JSON, or with `stream: true` SSE chunks ending with `data: [DONE]`",
+    }
+}
 Formatter = CompletionFormatter | ChatFormatter
 
 
@@ -57,8 +66,12 @@ async def completions(body: CompletionRequest, state: ReadyState, request: Reque
     return await _answer(state, request, body, requests, formatter)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED,
-             summary="Answer a conversation (rendered with the model's template)")
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses=STREAMED,
+    summary="Answer a conversation (rendered with the model's template)",
+)
 async def chat_completions(body: ChatCompletionRequest, state: ReadyState, request: Request):
     body.check()
     requests = body.generations(adapter=_adapter_for(state, body.model), messages=body.chat_messages())
@@ -70,8 +83,10 @@ def _models(state) -> list[ModelCard]:
     base, registry = state.settings.public_base_name, state.registry
     adapters = [registry.get(name) for name in registry.names()]  # no await: nothing unloads in between
     # An adapter named like the base model is unreachable through /v1 (the base wins), so not listed.
-    return [ModelCard(id=base, created=int(state.loaded_at)),
-            *(ModelCard(id=a.name, created=int(a.loaded_at), parent=base) for a in adapters if a.name != base)]
+    return [
+        ModelCard(id=base, created=int(state.loaded_at)),
+        *(ModelCard(id=a.name, created=int(a.loaded_at), parent=base) for a in adapters if a.name != base),
+    ]
 
 
 def _adapter_for(state, model: str) -> str | None:
@@ -95,16 +110,19 @@ async def _answer(state, request: Request, body, requests: list[GenerationReques
         # client gone meanwhile gives its place up at once (start() stops every choice when cancelled).
         await unless_disconnected(request, choices.start())
         formatter.fingerprint = choices.preps[0].adapter_version
-        return event_stream(_sse(formatter, choices, include_usage=body.include_usage, route=request.url.path,
-                                        started=started), ping=state.settings.sse_ping_seconds)
+        return event_stream(
+            _sse(formatter, choices, include_usage=body.include_usage, route=request.url.path, started=started),
+            ping=state.settings.sse_ping_seconds,
+        )
     finals = await unless_disconnected(request, choices.finals())
     formatter.fingerprint = choices.preps[0].adapter_version
     _log(request.url.path, requests[0].adapter, finals, started)
     return formatter.response(finals)
 
 
-async def _sse(formatter: Formatter, choices: Choices, *, include_usage: bool, route: str,
-               started: float) -> AsyncIterator[dict]:
+async def _sse(
+    formatter: Formatter, choices: Choices, *, include_usage: bool, route: str, started: float
+) -> AsyncIterator[dict]:
     finals: list[FinalEvent] = []
     try:
         async for chunk in _chunks(formatter, choices, finals):
@@ -133,9 +151,16 @@ async def _chunks(formatter: Formatter, choices: Choices, finals: list[FinalEven
 
 
 def _log(route: str, adapter: str | None, finals: list[FinalEvent], started: float) -> None:
-    access_log.info(json.dumps({
-        "route": route, "adapter": adapter or "base", "choices": len(finals),
-        "prompt_tokens": finals[0].prompt_tokens if finals else 0,
-        "generated_tokens": sum(f.generated_tokens for f in finals),
-        "finish_reasons": sorted({f.finish_reason for f in finals}), "total_s": round(time.monotonic() - started, 4),
-    }))
+    access_log.info(
+        json.dumps(
+            {
+                "route": route,
+                "adapter": adapter or "base",
+                "choices": len(finals),
+                "prompt_tokens": finals[0].prompt_tokens if finals else 0,
+                "generated_tokens": sum(f.generated_tokens for f in finals),
+                "finish_reasons": sorted({f.finish_reason for f in finals}),
+                "total_s": round(time.monotonic() - started, 4),
+            }
+        )
+    )

@@ -22,7 +22,7 @@ SEED_MAX = 2**63 - 1
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
 NOT_AVAILABLE = {
     "top_logprobs": "top_logprobs is not available: this server returns only the chosen tokens' logprobs "
-                    "(logprobs: true, top_logprobs: 0 or unset)",
+    "(logprobs: true, top_logprobs: 0 or unset)",
     "logprobs": "logprobs > 0 (top alternatives) is not available: logprobs: 0 returns the chosen tokens' logprobs",
 }
 
@@ -36,16 +36,21 @@ class StreamOptions(BaseModel):
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    NEUTRAL: ClassVar[dict[str, tuple]] = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-                                          "logit_bias": (None, {})}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {
+        "presence_penalty": (None, 0, 0.0),
+        "frequency_penalty": (None, 0, 0.0),
+        "logit_bias": (None, {}),
+    }
 
-    model: str = Field(min_length=1, max_length=256,
-                       description="An adapter's name, or the base model's id (GET /v1/models).")
+    model: str = Field(
+        min_length=1, max_length=256, description="An adapter's name, or the base model's id (GET /v1/models)."
+    )
     max_tokens: StrictInt | None = Field(None, description="Tokens to generate at most (default: the server's).")
     temperature: float | None = Field(None, description="Default 1, which samples (as in OpenAI's API); 0 = greedy.")
     top_p: float | None = None
-    n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES,
-                                description=f"Choices, 1 to {MAX_CHOICES}, generated concurrently.")
+    n: StrictInt | None = Field(
+        None, ge=1, le=MAX_CHOICES, description=f"Choices, 1 to {MAX_CHOICES}, generated concurrently."
+    )
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(None, ge=0, le=SEED_MAX, description="Choice i uses seed + i.")
     stream: StrictBool | None = False
@@ -87,17 +92,33 @@ class _OpenAIRequest(BaseModel):
         """One request per choice; the service validates every value."""
         temperature = 1.0 if self.temperature is None else self.temperature  # OpenAI's default samples
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return [GenerationRequest(
-            **prompt, adapter=adapter, max_new_tokens=self.max_new_tokens(), do_sample=temperature > 0,
-            temperature=temperature, top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-            seed=None if self.seed is None else (self.seed + i) % (SEED_MAX + 1), stop=stop, ignore_eos=self.ignore_eos,
-            field_names=self.field_names(),
-        ) for i in range(self.choices)]
+        return [
+            GenerationRequest(
+                **prompt,
+                adapter=adapter,
+                max_new_tokens=self.max_new_tokens(),
+                do_sample=temperature > 0,
+                temperature=temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                repetition_penalty=self.repetition_penalty,
+                seed=None if self.seed is None else (self.seed + i) % (SEED_MAX + 1),
+                stop=stop,
+                ignore_eos=self.ignore_eos,
+                field_names=self.field_names(),
+            )
+            for i in range(self.choices)
+        ]
 
 
 class CompletionRequest(_OpenAIRequest):
-    NEUTRAL = {**_OpenAIRequest.NEUTRAL, "logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
-               "best_of": (None, 1)}
+    NEUTRAL = {
+        **_OpenAIRequest.NEUTRAL,
+        "logprobs": (None, 0),
+        "echo": (None, False),
+        "suffix": (None, ""),
+        "best_of": (None, 1),
+    }
 
     prompt: str | list[str] = Field(description="A raw prompt, used as is (a list must hold exactly one string).")
     logprobs: StrictInt | None = Field(None, ge=0, description="0 = the chosen tokens' logprobs; more: not available.")
@@ -109,8 +130,11 @@ class CompletionRequest(_OpenAIRequest):
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) != 1:
-            raise Invalid(f"'prompt' is a list of {len(self.prompt)} strings; this server takes exactly one "
-                          "(send one request per prompt)", param="prompt")
+            raise Invalid(
+                f"'prompt' is a list of {len(self.prompt)} strings; this server takes exactly one "
+                "(send one request per prompt)",
+                param="prompt",
+            )
         return self.prompt[0]
 
 
@@ -119,14 +143,25 @@ class ChatMessageIn(BaseModel):
 
     role: str = Field(description="system, developer, user or assistant; the last message is the user's.")
     content: str | list[dict[str, Any]] | None = Field(
-        None, description='A string or a list of {"type": "text", "text"} parts.')
+        None, description='A string or a list of {"type": "text", "text"} parts.'
+    )
 
 
 class ChatCompletionRequest(_OpenAIRequest):
-    NEUTRAL = {**_OpenAIRequest.NEUTRAL, "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
-               "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-               "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
-               "web_search_options": (None,)}
+    NEUTRAL = {
+        **_OpenAIRequest.NEUTRAL,
+        "top_logprobs": (None, 0),
+        "tools": (None, []),
+        "tool_choice": (None, "none"),
+        "functions": (None, []),
+        "function_call": (None, "none"),
+        "response_format": (None, {"type": "text"}),
+        "modalities": (None, ["text"]),
+        "audio": (None,),
+        "prediction": (None,),
+        "reasoning_effort": (None,),
+        "web_search_options": (None,),
+    }
 
     messages: list[ChatMessageIn]
     max_completion_tokens: StrictInt | None = Field(None, description="Preferred over max_tokens when both are given.")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
-from server.api.sse import event_stream
-
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
+from server.api.sse import event_stream
 from server.api.tgi.errors import error_body
 from server.api.tgi.schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
 from server.engine.events import FinalEvent, TokenEvent
@@ -33,8 +32,9 @@ def _prepare(state, body: GenerateRequest, request: Request) -> Prepared:
     return prep
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
-             summary="Generate text (blocking)")
+@router.post(
+    "/generate", response_model=GenerateResponse, response_model_exclude_none=True, summary="Generate text (blocking)"
+)
 async def generate(body: GenerateRequest, state: ReadyState, request: Request) -> GenerateResponse:
     prep = _prepare(state, body, request)
     started = time.monotonic()
@@ -44,8 +44,11 @@ async def generate(body: GenerateRequest, state: ReadyState, request: Request) -
     return GenerateResponse(generated_text=final.generated_text, details=details)
 
 
-@router.post("/generate_stream", summary="Generate text as server-sent events",
-             responses={200: {"content": {"text/event-stream": {}}, "description": "One event per token"}})
+@router.post(
+    "/generate_stream",
+    summary="Generate text as server-sent events",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "One event per token"}},
+)
 async def generate_stream(body: GenerateRequest, state: ReadyState, request: Request) -> EventSourceResponse:
     prep = _prepare(state, body, request)
     events = state.service.stream(prep)
@@ -96,9 +99,14 @@ def _stream_chunk(prep: Prepared, token: TokenEvent, final: FinalEvent | None) -
 
 
 def _detail_fields(prep: Prepared, final: FinalEvent) -> dict:
-    return {"finish_reason": final.finish_reason, "generated_tokens": final.generated_tokens,
-            "prompt_tokens": final.prompt_tokens, "seed": final.seed, "adapter": prep.adapter_name,
-            "adapter_version": prep.adapter_version}
+    return {
+        "finish_reason": final.finish_reason,
+        "generated_tokens": final.generated_tokens,
+        "prompt_tokens": final.prompt_tokens,
+        "seed": final.seed,
+        "adapter": prep.adapter_name,
+        "adapter_version": prep.adapter_version,
+    }
 
 
 def _details(prep: Prepared, final: FinalEvent, *, tokens: bool) -> Details:
@@ -107,9 +115,17 @@ def _details(prep: Prepared, final: FinalEvent, *, tokens: bool) -> Details:
 
 
 def _log(prep: Prepared, final: FinalEvent, started: float, *, route: str) -> None:
-    access_log.info(json.dumps({
-        "route": route, "adapter": prep.adapter_label, "version": prep.adapter_version,
-        "prompt_tokens": final.prompt_tokens, "generated_tokens": final.generated_tokens,
-        "finish_reason": final.finish_reason, "ttft_s": round(final.first_token_seconds, 4),
-        "total_s": round(final.total_seconds, 4),
-    }))
+    access_log.info(
+        json.dumps(
+            {
+                "route": route,
+                "adapter": prep.adapter_label,
+                "version": prep.adapter_version,
+                "prompt_tokens": final.prompt_tokens,
+                "generated_tokens": final.generated_tokens,
+                "finish_reason": final.finish_reason,
+                "ttft_s": round(final.first_token_seconds, 4),
+                "total_s": round(final.total_seconds, 4),
+            }
+        )
+    )

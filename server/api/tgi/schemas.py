@@ -30,8 +30,10 @@ class GenerateParameters(BaseModel):
     repetition_penalty: float | None = None
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopList = Field(default_factory=list)
-    ignore_eos: StrictBool = Field(False, description="Extension (as vLLM's): keep generating past EOS, "
-                                                      "to exactly max_new_tokens (for benchmarks).")
+    ignore_eos: StrictBool = Field(
+        False,
+        description="Extension (as vLLM's): keep generating past EOS, to exactly max_new_tokens (for benchmarks).",
+    )
     details: StrictBool = False
     decoder_input_details: StrictBool = False
     return_full_text: StrictBool | None = None
@@ -59,10 +61,21 @@ class GenerateParameters(BaseModel):
         return value
 
     def unsupported(self) -> list[str]:
-        neutral = {"best_of": (None, 1), "typical_p": (None, 1.0), "truncate": (None,), "watermark": (None, False),
-                   "top_n_tokens": (None, 0), "grammar": (None,), "frequency_penalty": (None, 0.0),
-                   "return_full_text": (None, False), "decoder_input_details": (False,), "response_format": (None,),
-                   "adapter_parameters": (None,), "merged_adapters": (None,), "return_k_alternatives": (None, 0)}
+        neutral = {
+            "best_of": (None, 1),
+            "typical_p": (None, 1.0),
+            "truncate": (None,),
+            "watermark": (None, False),
+            "top_n_tokens": (None, 0),
+            "grammar": (None,),
+            "frequency_penalty": (None, 0.0),
+            "return_full_text": (None, False),
+            "decoder_input_details": (False,),
+            "response_format": (None,),
+            "adapter_parameters": (None,),
+            "merged_adapters": (None,),
+            "return_k_alternatives": (None, 0),
+        }
         return [name for name, ok in neutral.items() if getattr(self, name) not in ok]
 
 
@@ -79,10 +92,19 @@ class GenerateRequest(BaseModel):
     def to_generation(self) -> GenerationRequest:
         p = self.parameters
         return GenerationRequest(
-            inputs=self.inputs, instruction=self.instruction, input=self.input,
-            adapter=self.adapter or p.adapter_id or None, max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
-            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty,
-            seed=p.seed, stop=list(p.stop), ignore_eos=p.ignore_eos,
+            inputs=self.inputs,
+            instruction=self.instruction,
+            input=self.input,
+            adapter=self.adapter or p.adapter_id or None,
+            max_new_tokens=p.max_new_tokens,
+            do_sample=p.do_sample,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            repetition_penalty=p.repetition_penalty,
+            seed=p.seed,
+            stop=list(p.stop),
+            ignore_eos=p.ignore_eos,
         )
 
 
