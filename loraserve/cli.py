@@ -242,11 +242,11 @@ def openapi(output: Annotated[Path, typer.Option(help="Where to write the spec."
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo adapters and the server log go (reused across runs).")] = Path("demo-work"),
+    workdir: Annotated[Path, typer.Option(help="Where the adapters and the server log go (reused).")] = Path("demo-work"),
     port: int = 8000,
     exit: Annotated[bool, typer.Option("--exit", help="Stop after the showcase instead of serving until Ctrl-C.")] = False,
     retrain: Annotated[bool, typer.Option(help="Train the demo adapters again even if they exist.")] = False,
-    base_model: Annotated[Optional[str], typer.Option(help="A local model dir instead of SmolLM2-135M-Instruct.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="A local model dir instead of SmolLM2.")] = None,
 ) -> None:
     """Offline showcase on SmolLM2-135M-Instruct: base answers, two trained adapters, hot reload, live server."""
     from loraserve.demo import DemoError, run_demo

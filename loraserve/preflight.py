@@ -13,7 +13,8 @@ from pathlib import Path
 
 # huggingface_hub's repo id rule: name or namespace/name, from [\w.-], not starting or ending with - or .
 _HUB_ID = re.compile(r"^(?![-.])[\w.-]{1,96}(?<![-.])(/(?![-.])[\w.-]{1,96}(?<![-.]))?$")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 PULL_HINT = "`loraserve models pull smollm2` makes a small local one"
 
 

@@ -273,12 +273,15 @@ def test_a_model_that_fails_to_load_ends_the_server_with_status_3(tmp_path):
     start-up did), with the reason in the log, rather than leave a server that is never ready."""
     from tests.live import LiveServer
 
-    missing = tmp_path / "no-such-model"
-    server = LiveServer(missing, log_path=tmp_path / "server.log")
+    broken = tmp_path / "broken-model"  # passes the CLI's checks (config.json, weights), fails to load
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"")
+    server = LiveServer(broken, log_path=tmp_path / "server.log")
     try:
         code = server.proc.wait(timeout=120)
         log = server.log()
     finally:
         server.stop()
     assert code == 3, log[-3000:]
-    assert "loading failed" in log and str(missing) in log
+    assert "loading failed" in log

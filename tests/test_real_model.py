@@ -46,6 +46,20 @@ def adapter_root(tmp_path_factory, smollm2_dir):
     return root
 
 
+def test_the_converted_dir_carries_the_chat_templates_special_tokens(smollm2_dir):
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config, generation = AutoConfig.from_pretrained(smollm2_dir), GenerationConfig.from_pretrained(smollm2_dir)
+    # The GGUF's tokenizer, as transformers builds it, names <|im_start|> (1) as EOS and no pad token.
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
+    assert config.eos_token_id == generation.eos_token_id == 2 and tokenizer.pad_token_id is not None
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n")
+    assert tokenizer("Hello").input_ids == [19556]  # no BOS added (the GGUF says add_bos_token false)
+    assert (config.num_hidden_layers, config.hidden_size, config.tie_word_embeddings) == (30, 576, True)
+
+
 def test_adapter_answers_as_trained_through_peft_and_the_base_does_not(smollm2_dir, adapter_root):
     import torch
     from peft import PeftModel

@@ -226,6 +226,8 @@ def test_adapter_dir_holds_only_safetensors_weights(trained_adapters, name):
 
 ERROR_CASES = {
     "missing data file": ({"data": "{tmp}/nope.jsonl"}, "nope.jsonl: no such file"),
+    "missing base model": ({"base_model": "{tmp}/no-model", "data": "{tmp}/nope.jsonl"}, "no-model: no such directory"),
+    "not a model dir": ({"base_model": "{tmp}"}, "not a model dir (it has no config.json)"),
     "bad column": ({"column": ["output=answer"]}, "row 1 has no column 'answer'"),
     "bad column syntax": ({"column": ["output"]}, "--column expects FIELD=COLUMN"),
     "unknown template": ({"template": "alpaca-fr"}, "unknown template 'alpaca-fr'"),
