@@ -29,7 +29,7 @@ import typer
 
 # Enough for SmolLM2-135M to learn 5–6 facts word for word (checked: every answer exact); ~1 min per
 # adapter on one core of an idle 2-core machine. The batch is the whole dataset.
-TRAIN_FLAGS = {"max_steps": 14, "lr": 3e-3, "warmup_steps": 2, "grad_accum": 1, "optim": "adamw_torch",
+TRAIN_FLAGS = {"max_steps": 12, "lr": 3e-3, "warmup_steps": 2, "grad_accum": 1, "optim": "adamw_torch",
                "train_on_responses_only": True}
 SERVER_ENV = {"LORASERVE_MAX_CONTEXT": "2048", "LORASERVE_MAX_RUNNING": "8", "LORASERVE_DRAIN_SECONDS": "2"}
 BASE_MAX_TOKENS = 40  # the base rambles past what the adapters answer; enough to read its guess
