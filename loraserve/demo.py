@@ -183,7 +183,7 @@ def _wait_ready(url: str, server: subprocess.Popen, log_path: Path, timeout: flo
 
 def _ask_base(url: str, base_id: str) -> None:
     for row in BASE_PROMPTS:
-        typer.echo(f"\n    POST /generate_stream, Alpaca template (instruction + input):")
+        typer.echo("\n    POST /generate_stream, Alpaca template (instruction + input):")
         _show_question(row)
         _stream(url, row, adapter=None, label="base", max_new_tokens=BASE_MAX_TOKENS)
     typer.echo("\n    POST /v1/chat/completions, the model's own chat template:")
