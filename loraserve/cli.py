@@ -258,6 +258,9 @@ def demo(
         code = run_demo(workdir, port=port, exit_after=exit, retrain=retrain, base_model=base_model)
     except DemoError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho("interrupted: the server was stopped", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130)
     raise typer.Exit(code=code)
 
 

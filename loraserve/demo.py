@@ -90,6 +90,7 @@ class Phases:
 
 def run_demo(workdir: Path, *, port: int, exit_after: bool, retrain: bool, base_model: str | None = None) -> int:
     workdir = workdir.resolve()
+    signal.signal(signal.SIGTERM, _interrupt)  # kill, timeout, docker stop: stop the server as Ctrl-C does
     phases = Phases()
     _check_port_free(port)
     phases.start("base model", "1/6 base model")
@@ -331,12 +332,16 @@ def _train_all(base: Path, root: Path, adapters: list[DemoAdapter], *, retrain: 
     if not jobs:
         return
     threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
-    for job in jobs:
-        typer.echo(f"    $ {job.shown()}")
-        job.start(threads)
-    _watch(jobs)
-    for job in jobs:
-        job.report()
+    try:
+        for job in jobs:
+            typer.echo(f"    $ {job.shown()}")
+            job.start(threads)
+        _watch(jobs)
+        for job in jobs:
+            job.report()
+    finally:  # interrupted or failed: no training left running (each removes its temp dir on SIGTERM)
+        for job in jobs:
+            job.stop()
 
 
 def _train_command(base: Path, output: Path, adapter: DemoAdapter) -> list[str]:
@@ -397,6 +402,11 @@ class TrainJob:
         self.proc.wait()
         self.reader.join()
         return self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
 
     def report(self) -> None:
         if self.wait() != 0:
@@ -468,6 +478,10 @@ def _serve_until_interrupted(server: subprocess.Popen) -> None:
         server.wait()
     except KeyboardInterrupt:
         typer.echo("\nstopping")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(server: subprocess.Popen) -> None:
