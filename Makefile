@@ -27,8 +27,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/loraserve demo --port $(PORT)
 
-# The browser test drives Debian's Chromium: install it first (a no-op when present or without root).
+# Lint and format are checked first (ruff, configured in pyproject.toml). The browser test drives Debian's Chromium: install it first (a no-op when present or without root).
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	bash scripts/install-browser.sh
 	$(PY) -m pytest -q
 

@@ -128,7 +128,7 @@ def train(
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.secho("interrupted: nothing was written to --output", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     m = result.manifest
     typer.echo(
         f"done: adapter {m.name!r} version {m.version} at {result.output}\n"
@@ -215,7 +215,7 @@ def serve(
     adapter_root: Annotated[Path | None, typer.Option(help="Adapters load only from under this dir.")] = None,
     adapter: Annotated[
         list[str], typer.Option(metavar="NAME=SUBDIR", help="Preload NAME=SUBDIR (under --adapter-root). Repeatable.")
-    ] = [],
+    ] = [],  # noqa: B006  (Typer reads the default; it is never mutated)
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     backend: Annotated[str | None, typer.Option(help=BACKENDS_HELP)] = None,
@@ -321,7 +321,7 @@ def demo(
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.secho("interrupted: the server was stopped", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     raise typer.Exit(code=code)
 
 
