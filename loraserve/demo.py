@@ -154,7 +154,7 @@ def _base_model(given: str | None) -> Path:
         typer.echo(f"    {given}")
         return Path(given).resolve()
     spec = SMOLLM2
-    typer.echo(f"    {spec.dir_name}: 135M parameters, {spec.license}, {spec.origin}")
+    typer.echo(f"    {spec.dir_name}: 135M parameters, {spec.license}, by Hugging Face ({spec.origin})")
     try:
         return pull(spec.name, log=lambda m: typer.echo(f"    {m}"))
     except ModelError as exc:
@@ -234,7 +234,7 @@ def _side_by_side(url: str, adapter: DemoAdapter) -> int:
             base_answer = pool.submit(_generate, url, row, adapter=None, max_new_tokens=BASE_MAX_TOKENS)
             answer, _ = _stream(url, row, adapter=adapter.name, label=adapter.name)
             base_text = base_answer.result()
-        typer.echo(f"      {'base':>9} ▸ {_one_line(base_text)}")
+        typer.echo(f"      {'base':>9} ▸ {_clip(_one_line(base_text))}")
         failures += _verdict(answer, row["output"], adapter.name, base_text)
     return failures
 
@@ -261,8 +261,8 @@ def _reload(url: str, token: str) -> int:
     before, before_version = _stream(url, row, adapter="facts-en", label="", quiet=True)
     info = _admin_load(url, token, "facts-en", RETRAINED.name)
     typer.echo(
-        f'    POST /admin/adapters {{"name": "facts-en", "path": "{RETRAINED.name}"}}: '
-        f"facts-en version {before_version} → {info['version']} in {info['load_seconds'] * 1000:.0f} ms, "
+        f'    POST /admin/adapters {{"name": "facts-en", "path": "{RETRAINED.name}"}}\n'
+        f"    facts-en version {before_version} → {info['version']} in {info['load_seconds'] * 1000:.0f} ms, "
         "no restart"
     )
     typer.echo("")
@@ -360,6 +360,18 @@ def _one_line(text: str) -> str:
     return text.replace("\n", "⏎")
 
 
+def _clip(text: str, width: int = 96) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _short_path(word: str) -> str:
+    """Paths under the current dir or home, as a person would write them."""
+    for prefix, shown in ((os.getcwd() + os.sep, ""), (str(Path.home()) + os.sep, "~/")):
+        if word.startswith(prefix):
+            return shown + word[len(prefix) :]
+    return word
+
+
 def _rows(adapter: DemoAdapter) -> list[dict]:
     data = resources.files("loraserve") / "demo_data" / adapter.data_file
     return [json.loads(line) for line in data.read_text("utf-8").splitlines() if line.strip()]
@@ -424,8 +436,15 @@ class TrainJob:
         self.stdout = ""
 
     def shown(self) -> str:
-        home = str(Path.home())
-        return " ".join(["loraserve", *self.command[3:]]).replace(home, "~")
+        """The command as a person would type it: the model, then the data, then the knobs."""
+        words = [_short_path(word) for word in self.command[3:]]
+        flags = [
+            " ".join(words[i : i + 2]) if i + 1 < len(words) and not words[i + 1].startswith("--") else words[i]
+            for i in range(len(words))
+            if words[i].startswith("--")
+        ]
+        lines = [flags[:1], flags[1:4], flags[4:10], flags[10:]]
+        return "loraserve train " + " \\\n        ".join(" ".join(line) for line in lines if line)
 
     def start(self, threads: str) -> None:
         env = {"OMP_NUM_THREADS": threads, **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -528,7 +547,7 @@ Try it yourself while the server runs:
     -d '{json.dumps({"instruction": zh["instruction"], "adapter": "facts-zh"}, ensure_ascii=False)}'
   curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{json.dumps({"model": base_id, "temperature": 0, "messages": [{"role": "user", "content": "Hi!"}]})}'
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); \\
+  {_short_path(sys.executable)} -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); \\
 print(c.chat.completions.create(model='facts-en', temperature=0, \\
 messages=[{{'role': 'user', 'content': {en["instruction"]!r}}}]).choices[0].message.content)"
   curl -s {url}/adapters
