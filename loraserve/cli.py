@@ -248,7 +248,7 @@ def demo(
     retrain: Annotated[bool, typer.Option(help="Train the demo adapters again even if they exist.")] = False,
     base_model: Annotated[Optional[str], typer.Option(help="A local model dir instead of SmolLM2.")] = None,
 ) -> None:
-    """Offline showcase on SmolLM2-135M-Instruct: base answers, two trained adapters, hot reload, live server."""
+    """Offline showcase on SmolLM2-135M-Instruct: base answers, adapters trained in English and Chinese, hot reload."""
     from loraserve.demo import DemoError, run_demo
     from loraserve.preflight import base_model_problem
 
