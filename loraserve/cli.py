@@ -268,7 +268,7 @@ def demo(
 def build_tiny_model_cmd(
     output: Annotated[Optional[Path], typer.Argument(help="Where to write it (default: the user cache).")] = None,
 ) -> None:
-    """Build the tiny random Llama + tokenizer used by the demo and tests (offline, seconds)."""
+    """Build the tiny random Llama + tokenizer the fast tests use (offline, seconds)."""
     from loraserve.tiny_model import build_tiny_model
 
     typer.echo(build_tiny_model(output))
