@@ -309,7 +309,8 @@ def demo(
     retrain: Annotated[bool, typer.Option(help="Train the demo adapters again even if they exist.")] = False,
     base_model: Annotated[str | None, typer.Option(help="A local model dir instead of SmolLM2.")] = None,
 ) -> None:
-    """Offline showcase on SmolLM2-135M-Instruct: base answers, two trained adapters, hot reload, live server."""
+    """Offline showcase on SmolLM2-135M-Instruct: base answers, adapters trained in English and Chinese,
+    hot reload."""
     from loraserve.demo import DemoError, run_demo
     from loraserve.preflight import base_model_problem
 
@@ -329,7 +330,7 @@ def demo(
 def build_tiny_model_cmd(
     output: Annotated[Path | None, typer.Argument(help="Where to write it (default: the user cache).")] = None,
 ) -> None:
-    """Build the tiny random Llama of the demo and tests. With its tokenizer, offline, in seconds."""
+    """Build the tiny random Llama the fast tests use. With its tokenizer, offline, in seconds."""
     from loraserve.tiny_model import build_tiny_model
 
     typer.echo(build_tiny_model(output))
