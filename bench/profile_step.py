@@ -18,7 +18,8 @@ from collections import Counter
 
 import torch
 
-from contract.lora import MLP_PROJECTIONS, PROJECTIONS, AdapterConfig
+from bench.engine_bench.workload import random_adapter, random_llama3_8b
+from contract.lora import PROJECTIONS, AdapterConfig
 from server.engine.engine import Engine
 from server.engine.events import FinalEvent
 from server.engine.runner import ModelRunner
@@ -26,43 +27,6 @@ from server.engine.sampling import SamplingParams
 from server.settings import ServerSettings
 
 RANK, ADAPTERS, PROMPT = 16, 8, 128
-
-
-def random_8b():
-    """The Llama-3-8B shape with random weights, built on the GPU in bf16, and the tiny model's tokenizer
-    (ids past its vocabulary decode to nothing: text does not matter here)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from loraserve.tiny_model import build_tiny_model
-
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model())
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
-    return model, tokenizer
-
-
-def random_adapter(runner: ModelRunner, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for (layer, proj), (fan_in, fan_out) in runner.lora.shapes.items():
-        parent = "mlp" if proj in MLP_PROJECTIONS else "self_attn"
-        key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
-        state[f"{key}.lora_A.weight"] = torch.randn(RANK, fan_in, generator=gen) / fan_in**0.5
-        state[f"{key}.lora_B.weight"] = torch.randn(fan_out, RANK, generator=gen) * 0.25 / RANK**0.5
-    return state
 
 
 async def wave(engine: Engine, streams: int, new: int, *, sampled: bool) -> float:
@@ -123,7 +87,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="time only, no torch.profiler")
     args = parser.parse_args()
     sys.setswitchinterval(ServerSettings.model_fields["gil_switch_seconds"].default)  # as the server runs
-    model, tokenizer = random_8b()
+    model, tokenizer = random_llama3_8b()
     runner = ModelRunner(
         model,
         tokenizer,
@@ -139,7 +103,7 @@ def main() -> None:
 
     async def attach_all() -> None:
         for i in range(ADAPTERS):
-            await engine.call(lambda i=i: runner.attach(f"a{i}", config, random_adapter(runner, i)))
+            await engine.call(lambda i=i: runner.attach(f"a{i}", config, random_adapter(model, rank=RANK, seed=i)))
         started = time.perf_counter()
         await engine.call(runner.warm_up)
         print(f"warm-up (graphs + compile): {time.perf_counter() - started:.1f} s")
