@@ -53,10 +53,15 @@ def resolve_under_root(root: Path, relative: str) -> Path:
     if candidate.is_absolute() or ".." in candidate.parts:
         raise BadRequest("path must be relative to the adapter root, without '..'", param="path")
     root = root.resolve()
-    resolved = (root / candidate).resolve()
+    try:
+        resolved = (root / candidate).resolve()
+        is_dir = resolved.is_relative_to(root) and resolved.is_dir()
+    except OSError as exc:  # a component over the file system's name limit, a link loop: the client's path
+        # strerror only: the exception's own text names the server-side directory
+        raise BadRequest(f"path cannot be opened: {exc.strerror or type(exc).__name__}", param="path") from exc
     if not resolved.is_relative_to(root):
         raise Forbidden("path leaves the adapter root", param="path")
-    if not resolved.is_dir():
+    if not is_dir:
         raise NotFound(f"no adapter directory at {relative!r} under the adapter root", param="path")
     return resolved
 

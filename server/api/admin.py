@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.deps import ReadyState, require_admin, require_api_key
+from server.api.tgi.errors import declared
 from server.errors import ServeError
 
 
@@ -35,18 +36,25 @@ admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=[
 log = logging.getLogger("loraserve.admin")
 
 
-@public.get("/adapters", response_model=list[AdapterInfo], summary="Loaded adapters")
+@public.get("/adapters", response_model=list[AdapterInfo], responses=declared(401, 503), summary="Loaded adapters")
 async def list_adapters(state: ReadyState) -> list[dict]:
     registry = state.registry
     return [registry.get(name).describe(registry.base_name) for name in registry.names()]
 
 
-@public.get("/adapters/{name}", response_model=AdapterInfo, summary="One loaded adapter")
+@public.get(
+    "/adapters/{name}", response_model=AdapterInfo, responses=declared(401, 404, 503), summary="One loaded adapter"
+)
 async def get_adapter(name: str, state: ReadyState) -> dict:
     return state.registry.get(name).describe(state.registry.base_name)
 
 
-@admin.post("/adapters", response_model=AdapterInfo, summary="Load or reload an adapter from the adapter root")
+@admin.post(
+    "/adapters",
+    response_model=AdapterInfo,
+    responses=declared(400, 401, 403, 404, 409, 413, 422, 500, 503),
+    summary="Load or reload an adapter from the adapter root",
+)
 async def load_adapter(body: LoadAdapterRequest, state: ReadyState) -> dict:
     metrics = state.metrics
     try:
@@ -57,7 +65,8 @@ async def load_adapter(body: LoadAdapterRequest, state: ReadyState) -> dict:
     except Exception as exc:  # a failure inside the model (e.g. out of memory): old versions keep serving
         metrics.adapter_loads.labels("failed").inc()
         log.exception("loading adapter %s from %s failed", body.name, body.path)
-        raise ServeError(f"loading the adapter failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        # The exception's type only: its text may name server-side paths; the log has all of it.
+        raise ServeError(f"loading the adapter failed ({type(exc).__name__}); the server log has the details") from exc
     metrics.adapter_loads.labels("ok").inc()
     metrics.adapter_load_seconds.observe(version.load_seconds)
     metrics.adapters_loaded.set(len(state.registry.names()))
@@ -68,7 +77,10 @@ async def load_adapter(body: LoadAdapterRequest, state: ReadyState) -> dict:
 
 
 @admin.delete(
-    "/adapters/{name}", response_model=AdapterInfo, summary="Unload an adapter (running requests finish first)"
+    "/adapters/{name}",
+    response_model=AdapterInfo,
+    responses=declared(401, 403, 404, 503),
+    summary="Unload an adapter (running requests finish first)",
 )
 async def unload_adapter(name: str, state: ReadyState) -> dict:
     version = await state.registry.unload(name)

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from contract import __version__
-from server.api import admin, ops, playground
+from server.api import admin, ops, playground, spec
 from server.api.handlers import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
 from server.api.openai import routes as openai_routes
@@ -39,6 +39,7 @@ def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(playground.router)
     install_error_handlers(app)
+    spec.install(app)
     app.add_middleware(RequestMetricsMiddleware, state=state)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app

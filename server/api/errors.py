@@ -15,6 +15,21 @@ from server.errors import Invalid, ServeError
 
 log = logging.getLogger("loraserve.api")
 
+# What each error status means, whichever route answers it: the spec's descriptions (`declared()` of
+# each wire format's errors module).
+STATUS_MEANINGS = {
+    400: "Malformed request: a body that is not JSON or not UTF-8, or (/v1) an invalid parameter",
+    401: "Missing or invalid API key (or admin token)",
+    403: "Admin API disabled, wrong admin token, or a path leaving the adapter root",
+    404: "Unknown adapter or model",
+    409: "Conflict: an adapter for another base model, or the adapter limit reached",
+    413: "Request body (or adapter) too large",
+    422: "Invalid parameter (the error names it)",
+    429: "At capacity: retry after the Retry-After header's seconds",
+    500: "The model failed while working on this request (e.g. out of memory); the server stays up",
+    503: "The model is still loading, or the server is shutting down",
+}
+
 
 def as_serve_error(exc: Exception) -> ServeError:
     """Ours as is; request validation → Invalid naming the field; routing (404, 405) with its status;

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.deps import State, require_api_key
+from server.api.tgi.errors import declared
 from server.errors import ServeError, Unavailable
 
 router = APIRouter(tags=["operations"])
@@ -16,7 +18,7 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: model loaded and not draining")
+@router.get("/ready", responses=declared(503), summary="Readiness: model loaded and not draining")
 async def ready(state: State) -> dict:
     if state.draining:
         raise Unavailable("draining")
@@ -57,7 +59,12 @@ def _may_list_adapters(request: Request) -> bool:
     return True
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
 async def metrics(state: State) -> Response:
     engine = state.engine
     if engine is not None:

@@ -12,7 +12,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from server.api.errors import BadBody, as_serve_error
+from server.api.errors import STATUS_MEANINGS, BadBody, as_serve_error
+from server.api.openai.schemas import ErrorResponse
 from server.errors import ServeError
 
 CODES = {401: "invalid_api_key", 422: "invalid_parameter", 429: "rate_limit_exceeded"}
@@ -47,3 +48,8 @@ def error_body(error: ServeError) -> dict:
         code = CODES.get(error.status, RENAMED_CODES.get(error.code, error.code))
     kind = "server_error" if error.status >= 500 else "invalid_request_error"
     return {"error": {"message": error.message, "type": kind, "param": param, "code": code}}
+
+
+def declared(*statuses: int) -> dict:
+    """A route's `responses=` for the error statuses it can answer, in this shape (for the spec)."""
+    return {status: {"model": ErrorResponse, "description": STATUS_MEANINGS[status]} for status in statuses}

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
 from server.api.errors import as_serve_error
-from server.api.openai.errors import OpenAIRoute, error_body
+from server.api.openai.errors import OpenAIRoute, declared, error_body
 from server.api.openai.format import ChatFormatter, CompletionFormatter
 from server.api.openai.schemas import (
     ChatCompletion,
@@ -42,15 +42,18 @@ STREAMED = {
         "description": "JSON, or with `stream: true` SSE chunks ending with `data: [DONE]`",
     }
 }
+GENERATION_ERRORS = declared(400, 401, 404, 413, 429, 500, 503)
 Formatter = CompletionFormatter | ChatFormatter
 
 
-@router.get("/models", response_model=ModelList, summary="The base model and every loaded adapter")
+@router.get(
+    "/models", response_model=ModelList, responses=declared(401, 503), summary="The base model and every loaded adapter"
+)
 async def list_models(state: ReadyState) -> ModelList:
     return ModelList(data=_models(state))
 
 
-@router.get("/models/{model:path}", response_model=ModelCard, summary="One model")
+@router.get("/models/{model:path}", response_model=ModelCard, responses=declared(401, 404, 503), summary="One model")
 async def get_model(model: str, state: ReadyState) -> ModelCard:
     for card in _models(state):
         if card.id == model:
@@ -58,7 +61,9 @@ async def get_model(model: str, state: ReadyState) -> ModelCard:
     raise _unknown(model)
 
 
-@router.post("/completions", response_model=Completion, responses=STREAMED, summary="Complete a raw prompt")
+@router.post(
+    "/completions", response_model=Completion, responses=STREAMED | GENERATION_ERRORS, summary="Complete a raw prompt"
+)
 async def completions(body: CompletionRequest, state: ReadyState, request: Request):
     body.check()
     requests = body.generations(adapter=_adapter_for(state, body.model), inputs=body.prompt_text())
@@ -69,7 +74,7 @@ async def completions(body: CompletionRequest, state: ReadyState, request: Reque
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses=STREAMED,
+    responses=STREAMED | GENERATION_ERRORS,
     summary="Answer a conversation (rendered with the model's template)",
 )
 async def chat_completions(body: ChatCompletionRequest, state: ReadyState, request: Request):

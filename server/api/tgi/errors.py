@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from server.api.errors import as_serve_error
+from server.api.errors import STATUS_MEANINGS, as_serve_error
+from server.api.tgi.schemas import ErrorBody
 from server.errors import ServeError
 
 
@@ -17,3 +18,8 @@ def error_body(error: ServeError) -> dict:
 def error_response(request: Request, exc: Exception) -> JSONResponse:
     error = as_serve_error(exc)
     return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
+
+
+def declared(*statuses: int) -> dict:
+    """A route's `responses=` for the error statuses it can answer, in this shape (for the spec)."""
+    return {status: {"model": ErrorBody, "description": STATUS_MEANINGS[status]} for status in statuses}

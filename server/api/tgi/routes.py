@@ -13,13 +13,15 @@ from sse_starlette import EventSourceResponse
 from server.api.deps import ReadyState, require_api_key
 from server.api.disconnect import unless_disconnected
 from server.api.sse import event_stream
-from server.api.tgi.errors import error_body
+from server.api.tgi.errors import declared, error_body
 from server.api.tgi.schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
 from server.engine.events import FinalEvent, TokenEvent
 from server.errors import Invalid, ServeError
 from server.service import Prepared
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["generate"])
+ERRORS = declared(400, 401, 404, 413, 422, 429, 500, 503)
+STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "One event per token"}}
 access_log = logging.getLogger("loraserve.access")
 
 
@@ -33,7 +35,11 @@ def _prepare(state, body: GenerateRequest, request: Request) -> Prepared:
 
 
 @router.post(
-    "/generate", response_model=GenerateResponse, response_model_exclude_none=True, summary="Generate text (blocking)"
+    "/generate",
+    response_model=GenerateResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+    summary="Generate text (blocking)",
 )
 async def generate(body: GenerateRequest, state: ReadyState, request: Request) -> GenerateResponse:
     prep = _prepare(state, body, request)
@@ -47,7 +53,7 @@ async def generate(body: GenerateRequest, state: ReadyState, request: Request) -
 @router.post(
     "/generate_stream",
     summary="Generate text as server-sent events",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "One event per token"}},
+    responses=STREAMED | ERRORS,
 )
 async def generate_stream(body: GenerateRequest, state: ReadyState, request: Request) -> EventSourceResponse:
     prep = _prepare(state, body, request)
@@ -63,7 +69,7 @@ async def generate_stream(body: GenerateRequest, state: ReadyState, request: Req
     return event_stream(_sse(prep, first, events), ping=state.settings.sse_ping_seconds)
 
 
-@router.post("/", summary="TGI compatibility route: dispatches on `stream`")
+@router.post("/", responses=STREAMED | ERRORS, summary="TGI compatibility route: dispatches on `stream`")
 async def compat(body: GenerateRequest, state: ReadyState, request: Request):
     if body.stream:
         return await generate_stream(body, state, request)
