@@ -3,14 +3,13 @@ one generation path (blocking = draining the stream)."""
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from contract.templates import PromptTemplate
-from server import chat
+from server import bounds, chat
 from server.adapters.registry import AdapterRegistry, AdapterVersion
 from server.engine.engine import Engine
 from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
@@ -203,8 +202,9 @@ class GenerationService:
         # Not given: the default, or as much as the context leaves (OpenAI's "up to the context").
         max_name = req.name("max_new_tokens")
         max_new = req.max_new_tokens if req.max_new_tokens is not None else min(s.default_max_new_tokens, room)
-        if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= s.max_new_tokens_cap:
-            raise Invalid(f"{max_name} must be an integer from 1 to {s.max_new_tokens_cap}", param=max_name)
+        low = bounds.NEW_TOKENS.low
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or not low <= max_new <= s.max_new_tokens_cap:
+            raise Invalid(f"{max_name} must be an integer from {low} to {s.max_new_tokens_cap}", param=max_name)
         if prompt_tokens + max_new > self.max_context:
             raise Invalid(
                 f"prompt ({prompt_tokens} tokens) + {max_name} ({max_new}) exceeds the context of "
@@ -212,11 +212,11 @@ class GenerationService:
                 param=max_name,
             )
         stop = self._stops(req.stop)
-        _check_number(req.temperature, "temperature", low=0.0, high=100.0)
-        _check_number(req.top_p, "top_p", low=0.0, high=1.0, low_open=True)
-        _check_number(req.repetition_penalty, "repetition_penalty", low=0.01, high=100.0)
-        if req.top_k is not None and (isinstance(req.top_k, bool) or req.top_k < 0):
-            raise Invalid("top_k must be 0 or more", param="top_k")
+        bounds.TEMPERATURE.check(req.temperature, "temperature")
+        bounds.TOP_P.check(req.top_p, "top_p")
+        bounds.REPETITION_PENALTY.check(req.repetition_penalty, "repetition_penalty")
+        if req.top_k is not None and (isinstance(req.top_k, bool) or req.top_k < bounds.TOP_K.low):
+            raise Invalid(f"top_k must be {bounds.TOP_K.low} or more", param="top_k")
         temperature = 1.0 if req.temperature is None else req.temperature
         # Like TGI: any sampling parameter turns sampling on; temperature 0 means greedy (as in OpenAI's API).
         sampling = (
@@ -266,16 +266,6 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _check_number(value, param: str, *, low: float, high: float, low_open: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise Invalid(f"{param} must be a finite number", param=param)
-    if value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise Invalid(f"{param} must be in {bound}", param=param)
 
 
 def _text_stops(adapter: AdapterVersion | None) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_serializer
 
+from server import bounds
 from server.chat import ChatMessage, parse_messages
 from server.errors import Invalid
 from server.service import GenerationRequest
@@ -45,9 +46,17 @@ class _OpenAIRequest(BaseModel):
     model: str = Field(
         min_length=1, max_length=256, description="An adapter's name, or the base model's id (GET /v1/models)."
     )
-    max_tokens: StrictInt | None = Field(None, description="Tokens to generate at most (default: the server's).")
-    temperature: float | None = Field(None, description="Default 1, which samples (as in OpenAI's API); 0 = greedy.")
-    top_p: float | None = None
+    max_tokens: StrictInt | None = Field(
+        None,
+        description="Tokens to generate at most (default: the server's).",
+        json_schema_extra=bounds.NEW_TOKENS.schema(),
+    )
+    temperature: float | None = Field(
+        None,
+        description="Default 1, which samples (as in OpenAI's API); 0 = greedy.",
+        json_schema_extra=bounds.TEMPERATURE.schema(),
+    )
+    top_p: float | None = Field(None, json_schema_extra=bounds.TOP_P.schema())
     n: StrictInt | None = Field(
         None, ge=1, le=MAX_CHOICES, description=f"Choices, 1 to {MAX_CHOICES}, generated concurrently."
     )
@@ -59,8 +68,12 @@ class _OpenAIRequest(BaseModel):
     frequency_penalty: float | None = Field(None, description="Only 0 (not supported).")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty (not supported).")
     user: str | None = Field(None, description="Accepted and ignored.")
-    top_k: StrictInt | None = Field(None, description="Extension: as in the native API.")
-    repetition_penalty: float | None = Field(None, description="Extension: as in the native API.")
+    top_k: StrictInt | None = Field(
+        None, description="Extension: as in the native API.", json_schema_extra=bounds.TOP_K.schema()
+    )
+    repetition_penalty: float | None = Field(
+        None, description="Extension: as in the native API.", json_schema_extra=bounds.REPETITION_PENALTY.schema()
+    )
     ignore_eos: StrictBool = Field(False, description="Extension (as vLLM's): generate exactly max_tokens.")
 
     def check(self) -> None:
@@ -164,7 +177,11 @@ class ChatCompletionRequest(_OpenAIRequest):
     }
 
     messages: list[ChatMessageIn]
-    max_completion_tokens: StrictInt | None = Field(None, description="Preferred over max_tokens when both are given.")
+    max_completion_tokens: StrictInt | None = Field(
+        None,
+        description="Preferred over max_tokens when both are given.",
+        json_schema_extra=bounds.NEW_TOKENS.schema(),
+    )
     logprobs: StrictBool | None = Field(None, description="The chosen tokens' logprobs.")
     top_logprobs: StrictInt | None = Field(None, description="Only 0: alternatives are not available.")
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from server import bounds
 from server.service import GenerationRequest
 
 StopList = Annotated[list[str], Field(max_length=64)]
@@ -22,12 +23,16 @@ class GenerateParameters(BaseModel):
 
     adapter_id: str | None = Field(None, max_length=64, description="Adapter name; none = the base model.")
     adapter_source: str | None = None
-    max_new_tokens: StrictInt | None = Field(None, description="Tokens to generate at most (capped by the server).")
+    max_new_tokens: StrictInt | None = Field(
+        None,
+        description="Tokens to generate at most (capped by the server).",
+        json_schema_extra=bounds.NEW_TOKENS.schema(),
+    )
     do_sample: StrictBool = False
-    temperature: float | None = Field(None, description="0 = greedy.")
-    top_p: float | None = None
-    top_k: StrictInt | None = None
-    repetition_penalty: float | None = None
+    temperature: float | None = Field(None, description="0 = greedy.", json_schema_extra=bounds.TEMPERATURE.schema())
+    top_p: float | None = Field(None, json_schema_extra=bounds.TOP_P.schema())
+    top_k: StrictInt | None = Field(None, description="0 = off.", json_schema_extra=bounds.TOP_K.schema())
+    repetition_penalty: float | None = Field(None, json_schema_extra=bounds.REPETITION_PENALTY.schema())
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopList = Field(default_factory=list)
     ignore_eos: StrictBool = Field(
@@ -80,7 +85,16 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # A prompt is required, raw or Alpaca: the service says so when neither is given; the spec says it too.
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["inputs"], "properties": {"inputs": {"type": "string"}}},
+                {"required": ["instruction"], "properties": {"instruction": {"type": "string"}}},
+            ]
+        },
+    )
 
     inputs: str | None = Field(None, description="Raw prompt, used as is.")
     instruction: str | None = Field(None, description="Alpaca instruction, formatted with the adapter's template.")
