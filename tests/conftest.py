@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO_ROOT / "loraserve" / "demo_data"
@@ -144,3 +145,10 @@ def smollm2_dir() -> Path:
         return pull("smollm2", log=lambda message: print(f"[smollm2] {message}", file=sys.stderr))
     except ModelError as exc:
         pytest.fail(f"cannot get the real test model: {exc}", pytrace=False)
+
+
+# Hypothesis: CI's profile is the default; `pytest --hypothesis-profile=full` is the full run. No deadline:
+# on a shared 2-core box one example can take far longer than the next, with nothing wrong.
+settings.register_profile("ci", max_examples=40, deadline=None)
+settings.register_profile("full", max_examples=2000, deadline=None)
+settings.load_profile("ci")
