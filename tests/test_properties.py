@@ -180,7 +180,12 @@ def test_stop_matching_does_not_depend_on_how_text_arrives(text, stops, data):
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     whole, split = StopMatcher(tuple(stops)), StopMatcher(tuple(stops))
     one_go = whole.feed(text) + whole.flush()
-    streamed_text = "".join(split.feed(p) for p in pieces) + split.flush()
+    streamed_text = ""
+    for piece in pieces:
+        if split.stopped:  # as the engine does: the sequence ends at its stop string
+            break
+        streamed_text += split.feed(piece)
+    streamed_text += split.flush()
     assert split.stopped == whole.stopped == any(s in text for s in stops)
     if len(stops) <= 1:  # one stop string: its earliest occurrence is the first to complete, in any split
         assert streamed_text == one_go == (text[: text.find(stops[0])] if whole.stopped else text)
