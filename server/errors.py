@@ -38,6 +38,10 @@ class PayloadTooLarge(ServeError):
     status, code = 413, "payload_too_large"
 
 
+class RequestTimeout(ServeError):
+    status, code = 408, "request_timeout"
+
+
 class Invalid(ServeError):
     status, code = 422, "invalid_parameter"
 

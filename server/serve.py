@@ -62,6 +62,10 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
         port=settings.port,
         log_level=log_level,
         timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
+        # h11, always: its buffer limit bounds what a client's headers may take (a 400 beyond), where
+        # httptools, which uvicorn prefers when installed, buffers headers of any size.
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     DrainingServer(config, app.state.loraserve).run()
     if app.state.loraserve.load_error:  # the model never loaded: fail as uvicorn does when startup fails

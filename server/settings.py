@@ -36,6 +36,12 @@ class ServerSettings(BaseSettings):
     max_stop_sequences: int = Field(8, ge=0, description="Stop strings a request may give.")
     max_stop_chars: int = Field(64, ge=1, description="Longest stop string.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 beyond).")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Time a request body may take to arrive, from its headers (408 beyond)."
+    )
+    max_header_bytes: int = Field(
+        65536, ge=4096, description="Largest request line + headers (the connection is refused beyond)."
+    )
     max_running: int = Field(32, ge=1, description="Sequences generating at once: one KV cache slot each.")
     max_context: int = Field(
         4096,

@@ -52,7 +52,7 @@ async def get_adapter(name: str, state: ReadyState) -> dict:
 @admin.post(
     "/adapters",
     response_model=AdapterInfo,
-    responses=declared(400, 401, 403, 404, 409, 413, 422, 500, 503),
+    responses=declared(400, 401, 403, 404, 408, 409, 413, 422, 500, 503),
     summary="Load or reload an adapter from the adapter root",
 )
 async def load_adapter(body: LoadAdapterRequest, state: ReadyState) -> dict:

@@ -41,7 +41,9 @@ def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
     install_error_handlers(app)
     spec.install(app)
     app.add_middleware(RequestMetricsMiddleware, state=state)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout_seconds
+    )
     return app
 
 

@@ -22,6 +22,7 @@ STATUS_MEANINGS = {
     401: "Missing or invalid API key (or admin token)",
     403: "Admin API disabled, wrong admin token, or a path leaving the adapter root",
     404: "Unknown adapter or model",
+    408: "The request body did not arrive in time",
     409: "Conflict: an adapter for another base model, or the adapter limit reached",
     413: "Request body (or adapter) too large",
     422: "Invalid parameter (the error names it)",

@@ -42,7 +42,7 @@ STREAMED = {
         "description": "JSON, or with `stream: true` SSE chunks ending with `data: [DONE]`",
     }
 }
-GENERATION_ERRORS = declared(400, 401, 404, 413, 429, 500, 503)
+GENERATION_ERRORS = declared(400, 401, 404, 408, 413, 429, 500, 503)
 Formatter = CompletionFormatter | ChatFormatter
 
 

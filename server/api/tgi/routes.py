@@ -20,7 +20,7 @@ from server.errors import Invalid, ServeError
 from server.service import Prepared
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["generate"])
-ERRORS = declared(400, 401, 404, 413, 422, 429, 500, 503)
+ERRORS = declared(400, 401, 404, 408, 413, 422, 429, 500, 503)
 STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "One event per token"}}
 access_log = logging.getLogger("loraserve.access")
 
