@@ -60,8 +60,10 @@ def fuzz(
 ) -> Figures:
     """`keep`: a directory to write schemathesis's reports into (else a temporary one)."""
     with tempfile.TemporaryDirectory(prefix="schema-fuzz-") as scratch:
-        reports = str(keep or scratch)
-        proc = subprocess.run(_command(url, token, max_examples, seed, spec, reports), capture_output=True, text=True)
+        reports = str(Path(keep or scratch).resolve())
+        # In the scratch dir: schemathesis keeps a cache of crashes (.schemathesis/) where it runs.
+        command = _command(url, token, max_examples, seed, spec.resolve(), reports)
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=scratch)
         figures = _summary(proc.stdout, proc.returncode)
         har = next(Path(reports).glob("*.json"), None)
         if har is None:

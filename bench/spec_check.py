@@ -29,7 +29,8 @@ class Spec:
         self.document = document
         # Literal paths first: "/v1/models" must not be taken for "/v1/models/{model}" with an empty id.
         templates = sorted(document["paths"], key=lambda t: "{" in t)
-        self._patterns = [(t, re.compile("^" + re.sub(r"\\\{[^}]+\\\}", ".+", re.escape(t)) + "$")) for t in templates]
+        # A parameter matches any characters, newlines too (a fuzzer's ids hold them): DOTALL.
+        self._patterns = [(t, re.compile(re.sub(r"\\\{[^}]+\\\}", ".+", re.escape(t)), re.DOTALL)) for t in templates]
 
     @classmethod
     def load(cls, path: Path = SPEC_PATH) -> Spec:
@@ -38,7 +39,7 @@ class Spec:
     def template_for(self, path: str) -> str | None:
         """The spec's path template a request path falls under (percent-escapes decoded), or None."""
         path = unquote(path)
-        return next((t for t, pattern in self._patterns if pattern.match(path)), None)
+        return next((t for t, pattern in self._patterns if pattern.fullmatch(path)), None)
 
     def operation(self, method: str, path: str) -> Operation | None:
         """None for a path the spec lacks, or a method it does not declare there (a 405 probe)."""
