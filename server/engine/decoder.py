@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 from server.engine.fused import Kernels
@@ -27,6 +28,9 @@ from server.engine.projections import layer_projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Not cuDNN: it builds a plan for every new attention shape, and a step's shapes change with its mix of
+# prompt chunks and decode rows (measured on an H200: each new batch size's first wave lost 0.5-1.5 s).
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -66,13 +70,15 @@ def check_architecture(config) -> None:
 
 
 class Decoder:
-    def __init__(self, model, *, cache: SlotKVCache, lora: LoraSlots, kernels: Kernels | None = None) -> None:
+    def __init__(
+        self, model, *, cache: SlotKVCache, lora: LoraSlots, kernels: Kernels | None = None, projections=None
+    ) -> None:
         config = model.config
         self.kernels = kernels or Kernels(compiled=False)
         self.silu = getattr(config, "hidden_act", "silu") == "silu"  # else the module's own activation
         self.cache, self.lora = cache, lora
         self.layers = list(model.model.layers)
-        self.projections = [layer_projections(layer) for layer in self.layers]  # fuses q/k/v and gate/up
+        self.projections = projections or [layer_projections(layer) for layer in self.layers]  # fuses q/k/v, gate/up
         self.norm = model.model.norm
         self.embed = model.get_input_embeddings()
         self.head = model.get_output_embeddings()
@@ -86,6 +92,10 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step, writing its keys and values into the cache; logits [R, V] float32."""
+        with sdpa_kernel(_ATTENTION_BACKENDS):
+            return self._forward(step)
+
+    def _forward(self, step: Step) -> torch.Tensor:
         k = self.kernels
         x = self.embed(self._input_ids(step))  # [T, H]: the residual stream
         cos, sin = self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1)  # [T, 1, D]
