@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="time only, no torch.profiler")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per profile")
     parser.add_argument("--greedy-only", action="store_true")
+    parser.add_argument(
+        "--prefill-chunk-tokens", type=int, default=ServerSettings.model_fields["prefill_chunk_tokens"].default
+    )
     parser.add_argument("--no-cudnn-sdp", action="store_true", help="keep SDPA off cuDNN (a plan per new shape)")
     args = parser.parse_args()
     if args.no_cudnn_sdp:
@@ -111,7 +114,7 @@ def main() -> None:
         adapter_slots=ADAPTERS,
         max_lora_rank=RANK,
     )
-    engine = Engine(runner, max_running=64, max_queue=1000)
+    engine = Engine(runner, max_running=64, max_queue=1000, prefill_chunk_tokens=args.prefill_chunk_tokens)
     engine.start()
     config = AdapterConfig(r=RANK, lora_alpha=RANK, target_modules=PROJECTIONS)
 

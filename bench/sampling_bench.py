@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from server.engine.sampling import SamplingParams, _race, choose_on_device, compiled_race, row_params
+from server.engine.sampling import SamplingParams, choose_on_device, row_params
 
 
 def rows(n: int, *, sampled: bool) -> list:
@@ -20,14 +20,14 @@ def rows(n: int, *, sampled: bool) -> list:
     return [SimpleNamespace(params=params, seed=i, generated=[], in_flight=0, prompt_ids=[1]) for i in range(n)]
 
 
-def time_choice(logits: torch.Tensor, seqs: list, *, repeats: int, race=None) -> float:
+def time_choice(logits: torch.Tensor, seqs: list, *, repeats: int) -> float:
     """Median milliseconds of one choice, parameters built from the host included (as in a step)."""
     times = []
     for _ in range(repeats):
         if logits.is_cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        choose_on_device(logits, row_params(seqs, logits.device), race=race).cpu()
+        choose_on_device(logits, row_params(seqs, logits.device)).cpu()
         times.append((time.perf_counter() - started) * 1000)
     return sorted(times)[len(times) // 2]
 
@@ -38,16 +38,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
-    race = compiled_race(args.vocab, args.device) if args.device == "cuda" else None
-    print(f"{'rows':>5} {'greedy ms':>10} {'sampled ms':>11} {'compiled race':>14} {'sampled/greedy':>15} same draws")
+    print(f"{'rows':>5} {'greedy ms':>10} {'sampled ms':>11} {'sampled/greedy':>15}")
     for n in (1, 8, 64):
         logits = torch.randn(n, args.vocab, device=args.device) * 0.5
         greedy = time_choice(logits, rows(n, sampled=False), repeats=args.repeats)
         sampled = time_choice(logits, rows(n, sampled=True), repeats=args.repeats)
-        fast = time_choice(logits, rows(n, sampled=True), repeats=args.repeats, race=race)
-        probs, keys = torch.softmax(logits, -1), torch.arange(n, device=args.device)[:, None] * 7919
-        same = race is None or torch.equal(race(probs, keys), _race(probs, keys))
-        print(f"{n:>5} {greedy:>10.3f} {sampled:>11.3f} {fast:>14.3f} {fast / greedy:>15.2f} {same}")
+        print(f"{n:>5} {greedy:>10.3f} {sampled:>11.3f} {sampled / greedy:>15.2f}")
 
 
 if __name__ == "__main__":

@@ -533,11 +533,11 @@ def test_an_unexpected_error_fails_the_running_requests_and_the_engine_goes_on(s
     real = engine_module.choose_tokens
     calls = {"n": 0}
 
-    def broken_once(logits, seqs, **kwargs):
+    def broken_once(logits, seqs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("a bug in sampling (simulated)")
-        return real(logits, seqs, **kwargs)
+        return real(logits, seqs)
 
     monkeypatch.setattr(engine_module, "choose_tokens", broken_once)
     engine = make_engine(state)

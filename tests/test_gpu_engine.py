@@ -59,16 +59,3 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_model_dir, trained_adapters)
     assert results[True] == results[False]
     for i in range(6):
         assert state.runner.tokenizer.decode(results[True][i]).startswith(rows_of(EN)[i]["output"][:10])
-
-
-def test_the_compiled_draw_equals_the_eager_one_whatever_the_batch():
-    from server.engine.sampling import _race, compiled_race
-
-    vocab = 128256
-    race = compiled_race(vocab, "cuda")
-    probs = torch.softmax(torch.randn(64, vocab, device="cuda") * 3, dim=-1)
-    keys = torch.randint(-(2**62), 2**62, (64, 1), device="cuda")
-    drawn = race(probs, keys)
-    assert torch.equal(drawn, _race(probs, keys))
-    for rows in (1, 3, 17):  # a row's draw does not depend on the rows beside it
-        assert torch.equal(race(probs[:rows], keys[:rows]), drawn[:rows])

@@ -299,7 +299,7 @@ class Engine:
         self._failed_steps = 0
         choices = None
         if plan.sampled:  # a step of prompt chunks alone, none completing, draws nothing
-            choices = choose_tokens(logits, plan.sampled, race=self.runner.race)
+            choices = choose_tokens(logits, plan.sampled)
             self.runner.cache.last_token.index_copy_(0, plan.sampled_slots, choices.tokens)  # the next step's input
         self.stats.steps += 1
         for seq in plan.decoding:

@@ -49,12 +49,11 @@ class Kernels:
         names = ("rms_norm", "add_rms_norm", "rope", "silu_mul")
         for name in names:
             fn = globals()[name]
-            setattr(self, name, compile_or_eager(fn) if compiled else fn)
+            setattr(self, name, _compiled(fn) if compiled else fn)
         self.compiled = compiled
 
 
-def compile_or_eager(fn):
-    """`fn` compiled with dynamic shapes at its first call; on any compiler failure, `fn` itself (logged)."""
+def _compiled(fn):
     try:
         compiled = torch.compile(fn, dynamic=True, fullgraph=True)
     except Exception:  # no compiler here: eager is the same arithmetic

@@ -26,7 +26,6 @@ from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.engine.lora_slots import LoraSlots
 from server.engine.projections import GROUPS, layer_projections
-from server.engine.sampling import compiled_race
 
 log = logging.getLogger("loraserve.runner")
 
@@ -76,7 +75,6 @@ class ModelRunner:
         kernels = Kernels(compiled=compile_kernels and self.device.type == "cuda")
         self.decoder = Decoder(model, cache=self.cache, lora=self.lora, kernels=kernels, projections=projections)
         self.graphs = DecodeGraphs(self.decoder) if cuda_graphs and self.device.type == "cuda" else None
-        self.race = None  # the sampler's draw, compiled at warm_up when kernels are (sampling.compiled_race)
         log.info(
             "KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s",
             slots,
@@ -92,12 +90,9 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """Capture the decode graphs of every batch size at the shortest span (and compile the fused
-        kernels and the sampler's draw) now, so that no request waits for it. Other spans are captured
-        when first needed."""
+        kernels) now, so that no request waits for it. Other spans are captured when first needed."""
         if self.graphs:
             self.graphs.warm_up()
-        if self.decoder.kernels.compiled:
-            self.race = compiled_race(self.model.config.vocab_size, self.device)
 
     @property
     def attached(self) -> set[str]:

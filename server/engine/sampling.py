@@ -14,12 +14,10 @@ with probability p_i.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.fused import compile_or_eager
 from server.engine.transfer import to_device
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit value (SplitMix64's increment)
@@ -98,11 +96,10 @@ def row_params(seqs: list, device) -> RowParams:
     )
 
 
-def choose_tokens(logits: torch.Tensor, seqs: list, *, race=None) -> PendingChoices:
+def choose_tokens(logits: torch.Tensor, seqs: list) -> PendingChoices:
     """Launch the choice of each row's next token for seqs[i] from logits [R, V] float32; the result
-    comes back to the host without blocking the device (`PendingChoices.result`). `race`: a compiled
-    `_race` (compiled_race), else the eager one."""
-    return PendingChoices(choose_on_device(logits, row_params(seqs, logits.device), race=race or _race))
+    comes back to the host without blocking the device (`PendingChoices.result`)."""
+    return PendingChoices(choose_on_device(logits, row_params(seqs, logits.device)))
 
 
 class PendingChoices:
@@ -127,7 +124,7 @@ class PendingChoices:
         return [(int(t), lp) if good else None for t, lp, good in zip(tokens, logprobs, ok)]
 
 
-def choose_on_device(logits: torch.Tensor, rows: RowParams, *, race=None) -> torch.Tensor:
+def choose_on_device(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     """[3, R] float64: token id, its log-probability, 1.0 where the row could be drawn from."""
     bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)  # [R]
     logits = _penalize_repeats(logits, rows)
@@ -136,7 +133,7 @@ def choose_on_device(logits: torch.Tensor, rows: RowParams, *, race=None) -> tor
     token, logprob = greedy_token, greedy_logprob
     if rows.any_sample:
         probs = torch.softmax(_warp(logits / rows.temperature, rows), dim=-1)  # [R, V]
-        drawn = (race or _race)(probs, rows.key)  # [R]
+        drawn = (probs / _exponentials(rows.key, logits.shape[-1])).argmax(dim=-1)  # [R]
         drawn_logprob = probs.gather(-1, drawn[:, None])[:, 0].clamp_min(1e-30).log()
         token = torch.where(rows.sample, drawn, greedy_token)
         logprob = torch.where(rows.sample, drawn_logprob, greedy_logprob)
@@ -165,21 +162,6 @@ def _warp(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
     ordered = ordered.masked_fill((before >= rows.top_p) & (rows.top_p < 1.0), float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, ordered)
-
-
-def _race(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """[R] each row's draw from probs [R, V]: the exponential race."""
-    return (probs / _exponentials(key, probs.shape[-1])).argmax(dim=-1)
-
-
-def compiled_race(vocab: int, device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The race as one fused kernel (torch.compile) instead of a dozen passes over [R, V] int64 (the hash),
-    compiled now for batches of one row and of several, not at a request. Elementwise, then an argmax:
-    a row's draw does not depend on the batch around it."""
-    race = compile_or_eager(_race)
-    for rows in (1, 2):
-        race(torch.rand(rows, vocab, device=device), torch.zeros(rows, 1, dtype=torch.long, device=device))
-    return race
 
 
 def _exponentials(key: torch.Tensor, vocab: int) -> torch.Tensor:
