@@ -147,18 +147,28 @@ class Decoder:
         return self.lora.apply(index, group, x, self.projections[index][group](x), lora_mask)
 
     def _attention_masks(self, step: Step) -> list[torch.Tensor]:
-        """Boolean masks (True = attend): the decode rows' [n, 1, 1, span], then each chunk's causal
-        [G * S, start + S] (the G query heads of a KV head are stacked along the query axis)."""
+        """Additive masks (0 = attend, -inf = not): the decode rows' [n, 1, 1, span], then each chunk's
+        causal [G * S, start + S] (the G query heads of a KV head are stacked along the query axis).
+        Built once per step in the attention's dtype, on storage whose rows are 16-aligned: handed a
+        boolean or unaligned mask, SDPA converts and pads it again in every layer (kernels per layer)."""
         masks, group = [], self.heads // self.kv_heads
         device = step.ids.device
         if step.decode_rows:
             visible = torch.arange(step.decode_span, device=device)[None, :] < step.decode_lengths[:, None]  # [n, span]
-            masks.append(visible[:, None, None, :])
+            masks.append(self._additive(visible)[:, None, None, :])
         for chunk in step.chunks:
             rows = chunk.start + torch.arange(chunk.length, device=device)  # [S] absolute positions
             causal = torch.arange(chunk.start + chunk.length, device=device)[None, :] <= rows[:, None]  # [S, span]
-            masks.append(causal.repeat(group, 1))
+            masks.append(self._additive(causal.repeat(group, 1)))
         return masks
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """[rows, span] bool → [rows, span] 0 / -inf in the cache's dtype, rows 16-aligned in memory."""
+        rows, span = visible.shape
+        dtype, device = self.cache.K[0].dtype, visible.device
+        storage = torch.full((rows, _round_up(span, 16)), float("-inf"), dtype=dtype, device=device)
+        mask = storage[:, :span]
+        return mask.masked_fill_(visible, 0.0)
 
     def _attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, step: Step, masks) -> torch.Tensor:
         parts, masks = [], iter(masks)
@@ -192,6 +202,10 @@ class Decoder:
         return (
             out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
         )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _norm(norm) -> tuple[torch.Tensor, float]:
