@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from ray.serve import Application
@@ -15,7 +16,9 @@ from server.settings import ServerSettings
 
 
 def application(settings: ServerSettings, cluster: ClusterSettings) -> Application:
-    keeper = Keeper.bind(metrics_max_age=3 * cluster.metrics_push_seconds)
+    # A deployment's own id makes every deploy start a fresh keeper: Serve keeps a deployment whose
+    # arguments did not change, and a redeployed cluster must not keep the last one's catalog.
+    keeper = Keeper.bind(deployment=uuid.uuid4().hex, metrics_max_age=3 * cluster.metrics_push_seconds)
     engine = EngineReplica.options(
         num_replicas=cluster.replicas,
         ray_actor_options={"num_gpus": cluster.num_gpus, "num_cpus": cluster.num_cpus},

@@ -15,7 +15,8 @@ from server.cluster.catalog import AdapterCatalog, Entry
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
 class Keeper:
-    def __init__(self, metrics_max_age: float) -> None:
+    def __init__(self, *, deployment: str, metrics_max_age: float) -> None:
+        self.deployment = deployment
         self.catalog = AdapterCatalog()
         self.board = MetricsBoard(max_age=metrics_max_age)
         self._seeding_claimed = False
