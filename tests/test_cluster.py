@@ -10,6 +10,7 @@ and each version of one, answers differently under greedy decoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -314,38 +315,83 @@ def test_a_hot_reload_reaches_every_replica_before_the_call_returns(cluster):
     assert "hot" not in [m["id"] for m in httpx.get(cluster.url + "/v1/models").json()["data"]]
 
 
-def replica_states() -> dict:
-    app = serve.status().applications["loraserve"]
-    return app.deployments["EngineReplica"].replica_states
+def test_the_gpu_benchmarks_client_and_table_run_through_the_cluster(cluster, single, tmp_path):
+    """bench/gpu/run_cluster.sh's CPU-testable parts: bench/serving.py with Zipf adapter choice through
+    the proxy and against one server, then bench/cluster_compare.py on both and the cluster's /metrics."""
+    for name, server in (("cluster", cluster), ("single", single)):
+        done = subprocess.run(
+            [sys.executable, "bench/serving.py", "--url", server.url, "--adapters", ",".join(ADAPTERS)]
+            + ["--adapter-dist", "zipf", "--concurrency", "2", "--requests", "6", "--warmup", "0"]
+            + ["--input-len", "8", "--output-len", "4", "--json", str(tmp_path / f"{name}.json")],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    wait_for_metrics()
+    (tmp_path / "metrics.txt").write_text(httpx.get(cluster.url + "/metrics").text)
+    files = ["--single", tmp_path / "single.json", "--cluster", tmp_path / "cluster.json"]
+    files += ["--metrics", tmp_path / "metrics.txt", "--json", tmp_path / "comparison.json"]
+    table = subprocess.run(
+        [sys.executable, "bench/cluster_compare.py", *map(str, files)], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert table.returncode == 0, table.stderr
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert [row["concurrency"] for row in comparison["levels"]] == [2]
+    assert comparison["levels"][0]["errors"] == [0, 0]
+    routing = comparison["routing"]
+    assert len(routing["replicas"]) == 2 and 0 < routing["hit_rate"] < 1
+    assert "routing hit rate" in table.stdout
+
+
+def engine_replicas() -> list[str]:
+    """The ids of the engine replicas alive now (starting ones included)."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return [name.rsplit("#", 1)[1] for name in names if "#EngineReplica#" in name]
 
 
 def test_a_killed_replica_fails_its_streams_in_band_and_comes_back(cluster):
-    long = native("a0", max_new_tokens=1000, ignore_eos=True)
-    with (
-        httpx.Client(timeout=TIMEOUT) as client,
-        client.stream("POST", cluster.url + "/generate_stream", json=long) as doomed,
-    ):
+    with httpx.Client(timeout=TIMEOUT) as client, contextlib.ExitStack() as streams:
+        doomed, spared = streams_on_two_replicas(client, streams, cluster.url)
+        lines = doomed.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # it is generating
         victim = doomed.headers[REPLICA]
-        other = next(n for n in ADAPTERS if post(cluster, "/generate", native(n)).headers[REPLICA] != victim)
-        with client.stream("POST", cluster.url + "/generate_stream", json=native(other, max_new_tokens=300)) as spared:
-            lines = doomed.iter_lines()
-            next(line for line in lines if line.startswith("data: "))  # it is generating
-            kill_replica(victim)
-            events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
-            survivor = [json.loads(line[6:]) for line in spared.iter_lines() if line.startswith("data: ")]
+        others = set(engine_replicas()) - {victim}
+        kill_replica(victim)
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+        survivor = [json.loads(line[6:]) for line in spared.iter_lines() if line.startswith("data: ")]
     assert "error" in events[-1] and "retry" in events[-1]["error"], events[-3:]
     assert len(events) < 999, "the stream ended early"
-    assert survivor[-1]["details"]["generated_tokens"] == 300, "the other replica's stream is unaffected"
+    assert survivor[-1].get("details", {}).get("generated_tokens") == 300, survivor[-2:]
     deadline = time.monotonic() + 120
-    while replica_states().get("RUNNING", 0) < 2 and time.monotonic() < deadline:
+    while not (new := set(engine_replicas()) - others - {victim}):
+        assert time.monotonic() < deadline, "Ray did not replace the killed replica"
         time.sleep(1)
-    assert replica_states().get("RUNNING", 0) == 2
+    while post(cluster, "/generate", native(None)).headers.get(REPLICA) not in new:  # until it answers
+        assert time.monotonic() < deadline, "the new replica never answered"
     answers = post_all(cluster, "/generate", [native("a0")] * 8)
     assert [r.status_code for r in answers] == [200] * 8
 
 
-def kill_replica(replica_id: str) -> None:
-    [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(replica_id)]
+def streams_on_two_replicas(client: httpx.Client, streams: contextlib.ExitStack, url: str):
+    """A long stream, and a shorter one that Ray routed to the other replica."""
+    doomed = streams.enter_context(
+        client.stream("POST", url + "/generate_stream", json=native("a0", max_new_tokens=1000, ignore_eos=True))
+    )
+    for name in ADAPTERS[1:]:
+        spared = streams.enter_context(
+            client.stream("POST", url + "/generate_stream", json=native(name, max_new_tokens=300, ignore_eos=True))
+        )
+        if spared.headers[REPLICA] != doomed.headers[REPLICA]:
+            return doomed, spared
+    pytest.fail("every stream went to one replica")
+
+
+def kill_replica(replica_id: str) -> None:  # what a crashed process looks like to Ray
+    [name] = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + replica_id)
+    ]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
@@ -372,12 +418,12 @@ def test_the_example_serve_config_deploys(cluster, single, tiny_model_dir, adapt
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         status = serve.status().applications["loraserve"]
-        if status.status == "RUNNING" and [m["id"] for m in httpx.get(cluster.url + "/v1/models").json()["data"]] == [
-            "tiny",
-            "a3",
-        ]:
+        assert status.status != "DEPLOY_FAILED", status.message
+        models = [m["id"] for m in httpx.get(cluster.url + "/v1/models").json()["data"]]
+        if status.status == "RUNNING" and models[1:] == ["a3"]:  # the config's own start-up adapters
             break
         time.sleep(1)
+    assert models[1:] == ["a3"], (status, models)
     assert status.status == "RUNNING", status
     ours, theirs = (post(s, "/generate", native("a3")).json()["generated_text"] for s in (cluster, single))
     assert ours == theirs

@@ -16,16 +16,18 @@ from server.settings import ServerSettings
 
 
 def application(settings: ServerSettings, cluster: ClusterSettings) -> Application:
-    # A deployment's own id makes every deploy start a fresh keeper: Serve keeps a deployment whose
-    # arguments did not change, and a redeployed cluster must not keep the last one's catalog.
-    keeper = Keeper.bind(deployment=uuid.uuid4().hex, metrics_max_age=3 * cluster.metrics_push_seconds)
+    # Each deploy gets an id. Serve keeps a deployment whose arguments did not change, so without it a
+    # redeployed cluster would keep the last one's catalog; and a replica of the last deploy still
+    # starting (a restart) must not seed the new catalog with the old start-up adapters.
+    deployment = uuid.uuid4().hex
+    keeper = Keeper.bind(deployment=deployment, metrics_max_age=3 * cluster.metrics_push_seconds)
     engine = EngineReplica.options(
         num_replicas=cluster.replicas,
         ray_actor_options={"num_gpus": cluster.num_gpus, "num_cpus": cluster.num_cpus},
         max_ongoing_requests=cluster.max_ongoing_requests(settings),
         # A model load takes minutes on a GPU: Ray must not give up on a starting replica before that.
         health_check_timeout_s=60,
-    ).bind(settings, cluster, keeper)
+    ).bind(settings, cluster, keeper, deployment=deployment)
     return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000).bind(
         settings, engine, keeper
     )

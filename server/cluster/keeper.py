@@ -37,10 +37,11 @@ class Keeper:
     def remove(self, name: str) -> Entry | None:
         return self.catalog.remove(name)
 
-    def claim_seeding(self, base_loaded_at: float) -> bool:
-        """True for the first replica to ask: it checks the start-up adapters and seeds the catalog."""
-        first, self._seeding_claimed = not self._seeding_claimed, True
+    def claim_seeding(self, deployment: str, base_loaded_at: float) -> bool:
+        """True for the first replica of this deploy to ask: it checks the start-up adapters and seeds."""
+        first = deployment == self.deployment and not self._seeding_claimed
         if first:
+            self._seeding_claimed = True
             self.catalog.base_loaded_at = base_loaded_at
         return first
 

@@ -25,7 +25,9 @@ REPLICA_HEADER = b"x-loraserve-replica"  # which replica answered: for tests and
 
 @serve.deployment
 class EngineReplica:
-    async def __init__(self, settings: ServerSettings, cluster: ClusterSettings, keeper: DeploymentHandle) -> None:
+    async def __init__(
+        self, settings: ServerSettings, cluster: ClusterSettings, keeper: DeploymentHandle, *, deployment: str
+    ) -> None:
         from server.serve import quiet_libraries
 
         quiet_libraries()
@@ -40,7 +42,7 @@ class EngineReplica:
         self.residency = Residency(
             self.state.registry, metrics=self.state.metrics, limit=cluster.adapters_per_replica(settings)
         )
-        if await keeper.claim_seeding.remote(self.state.loaded_at):
+        if await keeper.claim_seeding.remote(deployment, self.state.loaded_at):
             await self._seed(settings.adapters)
         self._pusher = asyncio.ensure_future(self._push_metrics(cluster.metrics_push_seconds))
 
