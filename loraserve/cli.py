@@ -269,7 +269,7 @@ def cluster(
 ) -> None:
     """Serve with N replicas on Ray Serve behind one endpoint, adapter-aware. Same settings as `serve`."""
     from loraserve.preflight import serve_problem
-    from server.cluster.run import run_cluster
+    from server.errors import ServeError
 
     settings = _server_settings(
         base_model=base_model,
@@ -282,7 +282,14 @@ def cluster(
     )
     _fail_if(serve_problem(settings))
     given = dict(replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus, models_per_replica=models_per_replica)
-    run_cluster(settings, _cluster_settings(**given, ray_address=ray_address), log_level=log_level)
+    cluster_settings = _cluster_settings(**given, ray_address=ray_address)
+    try:
+        cluster_settings.adapters_per_replica(settings)
+    except ServeError as exc:
+        _fail(exc.message)
+    from server.cluster.run import run_cluster  # Ray and the server: after the checks, which are instant
+
+    run_cluster(settings, cluster_settings, log_level=log_level)
 
 
 def _cluster_settings(**given):
