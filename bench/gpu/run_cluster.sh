@@ -60,9 +60,10 @@ wait_ready() {  # URL PID LIMIT_S STARTED: prints seconds from STARTED to the fi
   done
   return 1
 }
-stop_group() {  # PGID: SIGTERM to the server's process group (the cluster command stops Ray), SIGKILL after 30 s
-  kill -TERM -- "-$1" 2>/dev/null
-  for _ in $(seq 1 60); do kill -0 -- "-$1" 2>/dev/null || return 0; sleep 0.5; done
+stop_group() {  # PGID: SIGTERM to the command alone (the cluster command then stops Serve and the Ray it started;
+  # signalling Ray's own processes too would leave Serve's controller unreachable), SIGKILL to the group after 60 s
+  kill -TERM "$1" 2>/dev/null
+  for _ in $(seq 1 120); do kill -0 -- "-$1" 2>/dev/null || return 0; sleep 0.5; done
   kill -KILL -- "-$1" 2>/dev/null; sleep 2
 }
 load() {  # NAME URL: the Zipf client run
