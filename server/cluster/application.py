@@ -27,6 +27,8 @@ def application(settings: ServerSettings, cluster: ClusterSettings) -> Applicati
         max_ongoing_requests=cluster.max_ongoing_requests(settings),
         # A model load takes minutes on a GPU: Ray must not give up on a starting replica before that.
         health_check_timeout_s=60,
+        # A replica that fails to start (a bad model or start-up adapter) fails again: say so after 3 tries.
+        max_constructor_retry_count=3,
     ).bind(settings, cluster, keeper, deployment=deployment)
     return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000).bind(
         settings, engine, keeper
