@@ -20,6 +20,7 @@ class Keeper:
         self.catalog = AdapterCatalog()
         self.board = MetricsBoard(max_age=metrics_max_age)
         self._seeding_claimed = False
+        self._seeding_outcome: str | None = None
 
     # -- the catalog ------------------------------------------------------------------------------
     def lookup(self, name: str) -> Entry | None:
@@ -38,12 +39,20 @@ class Keeper:
         return self.catalog.remove(name)
 
     def claim_seeding(self, deployment: str, base_loaded_at: float) -> bool:
-        """True for the first replica of this deploy to ask: it checks the start-up adapters and seeds."""
+        """True for the first replica of this deploy to ask: it checks the start-up adapters and seeds
+        the catalog; the others wait for its outcome (`seeding_outcome`)."""
         first = deployment == self.deployment and not self._seeding_claimed
         if first:
             self._seeding_claimed = True
             self.catalog.base_loaded_at = base_loaded_at
         return first
+
+    def seeding_done(self, error: str | None) -> None:
+        self._seeding_outcome = error or ""
+
+    def seeding_outcome(self) -> str | None:
+        """None while the seeding runs, "" once it succeeded, else why it failed."""
+        return self._seeding_outcome
 
     def seed(self, name: str, path: str, info: dict) -> None:
         self.catalog.seed(name, path, info)

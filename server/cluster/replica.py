@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -20,6 +21,7 @@ from server.errors import ServeError
 from server.settings import ServerSettings
 
 log = logging.getLogger("loraserve.cluster")
+SEEDING_WAIT_S = 600  # checking the start-up adapters: one load each
 REPLICA_HEADER = b"x-loraserve-replica"  # which replica answered: for tests and for reading the logs
 
 
@@ -42,8 +44,7 @@ class EngineReplica:
         self.residency = Residency(
             self.state.registry, metrics=self.state.metrics, limit=cluster.adapters_per_replica(settings)
         )
-        if await keeper.claim_seeding.remote(deployment, self.state.loaded_at):
-            await self._seed(settings.adapters)
+        await self._seed_or_wait(settings.adapters, deployment)
         self._pusher = asyncio.ensure_future(self._push_metrics(cluster.metrics_push_seconds))
 
     async def _until_ready(self) -> None:
@@ -52,8 +53,26 @@ class EngineReplica:
                 raise RuntimeError(self.state.load_error)  # Ray reports it; the deployment does not start
             await asyncio.sleep(0.1)
 
+    async def _seed_or_wait(self, adapters: dict[str, str], deployment: str) -> None:
+        """One replica checks the start-up adapters; a bad one fails every replica's start, as it fails `serve`'s."""
+        if await self.keeper.claim_seeding.remote(deployment, self.state.loaded_at):
+            try:
+                await self._seed(adapters)
+            except RuntimeError as exc:
+                await self.keeper.seeding_done.remote(str(exc))
+                raise
+            await self.keeper.seeding_done.remote(None)
+            return
+        deadline = time.monotonic() + SEEDING_WAIT_S
+        while (outcome := await self.keeper.seeding_outcome.remote()) is None:
+            if time.monotonic() > deadline:  # the replica seeding died midway: Ray retries this one
+                raise RuntimeError(f"the start-up adapters were not checked within {SEEDING_WAIT_S}s")
+            await asyncio.sleep(0.2)
+        if outcome:
+            raise RuntimeError(outcome)
+
     async def _seed(self, adapters: dict[str, str]) -> None:
-        """Check each start-up adapter as `serve` does (a bad one stops the start), record it, unload it."""
+        """Check each start-up adapter as `serve` does, record it in the catalog, unload it."""
         registry = self.state.registry
         for name, path in adapters.items():
             try:

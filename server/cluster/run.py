@@ -32,13 +32,23 @@ def run_cluster(settings: ServerSettings, cluster: ClusterSettings, *, log_level
         serve.start(http_options={"host": settings.host, "port": settings.port})
         try:
             serve.run(application(settings, cluster), name=cluster.app_name, route_prefix="/")
-        except Exception as exc:  # a replica failed to start (bad model, bad adapter): Ray's message says which
-            log.error("the cluster did not start: %s", exc)
+        except Exception as exc:  # a replica failed to start (bad model, bad adapter)
+            log.error("the cluster did not start: %s", _why(cluster.app_name) or exc)
             raise SystemExit(3) from exc
         log.info("serving %d replicas on http://%s:%d", cluster.replicas, settings.host, settings.port)
         stop.wait()
     finally:
         _leave(cluster)
+
+
+def _why(app_name: str) -> str | None:
+    """The engine replicas' own error (the last line of the traceback Serve keeps), e.g. the bad adapter."""
+    try:
+        deployment = serve.status().applications[app_name].deployments["EngineReplica"]
+    except Exception:
+        return None
+    lines = [line.strip() for line in deployment.message.splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def _leave(cluster: ClusterSettings) -> None:
