@@ -4,7 +4,9 @@ For 1 / 8 / 64 streams over 8 rank-16 adapters, greedy and sampled (temperature 
 prints the engine's wall time per step, the GPU's busy time per step, kernels per step, and the
 kernels that take the most GPU time. GPU busy time well under wall time means the host is in series.
 
-    python -m bench.profile_step [--streams 1,8,64] [--new 48]
+    python -m bench.profile_step [--streams 1,8,64] [--new 48] [--top 25] [--no-cudnn-sdp]
+
+Each size's first wave (new prompt shapes: eager steps, first-time kernel plans) is timed apart.
 """
 
 from __future__ import annotations
@@ -44,9 +46,14 @@ async def wave(engine: Engine, streams: int, new: int, *, sampled: bool) -> floa
     return time.perf_counter() - started
 
 
-def timed(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
+def first_wave(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
+    wall = asyncio.run(wave(engine, streams, new, sampled=sampled))
+    print(f"-- {streams} streams {'sampled' if sampled else 'greedy'}: first wave {wall:.2f} s")
+
+
+def timed(engine: Engine, streams: int, new: int, *, sampled: bool, top: int = 0) -> None:
     """Without the profiler (its own cost off): tok/s and wall ms per step (for a host-side sampler)."""
-    asyncio.run(wave(engine, streams, new, sampled=sampled))
+    first_wave(engine, streams, new, sampled=sampled)
     steps_before = engine.stats.steps
     wall = asyncio.run(wave(engine, streams, new, sampled=sampled))
     steps = engine.stats.steps - steps_before
@@ -56,11 +63,11 @@ def timed(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
     )
 
 
-def profile(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
+def profile(engine: Engine, streams: int, new: int, *, sampled: bool, top: int = 12) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    asyncio.run(wave(engine, streams, new, sampled=sampled))  # warm: graphs for this size
+    first_wave(engine, streams, new, sampled=sampled)  # and warm: graphs for this size
     steps_before = engine.stats.steps
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         wall = asyncio.run(wave(engine, streams, new, sampled=sampled))
@@ -69,15 +76,17 @@ def profile(engine: Engine, streams: int, new: int, *, sampled: bool) -> None:
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy_us = sum(e.device_time for e in kernels)
     by_name: Counter = Counter()
+    launches: Counter = Counter()
     for e in kernels:
-        by_name[e.name[:70]] += e.device_time
+        by_name[e.name[:90]] += e.device_time
+        launches[e.name[:90]] += 1
     label = f"{streams} streams {'sampled' if sampled else 'greedy'}"
     print(
         f"\n== {label}: {streams * new / wall:.0f} tok/s, {steps} steps, wall {wall / steps * 1000:.2f} ms/step, "
         f"GPU busy {busy_us / steps / 1000:.2f} ms/step, {len(kernels) / steps:.0f} kernels/step"
     )
-    for name, us in by_name.most_common(12):
-        print(f"   {us / steps / 1000:7.3f} ms/step  {name}")
+    for name, us in by_name.most_common(top):
+        print(f"   {us / steps / 1000:7.3f} ms/step {launches[name] / steps:6.1f}/step  {name}")
 
 
 def main() -> None:
@@ -85,7 +94,15 @@ def main() -> None:
     parser.add_argument("--streams", default="1,8,64")
     parser.add_argument("--new", type=int, default=48)
     parser.add_argument("--plain", action="store_true", help="time only, no torch.profiler")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed per profile")
+    parser.add_argument("--greedy-only", action="store_true")
+    parser.add_argument(
+        "--prefill-chunk-tokens", type=int, default=ServerSettings.model_fields["prefill_chunk_tokens"].default
+    )
+    parser.add_argument("--no-cudnn-sdp", action="store_true", help="keep SDPA off cuDNN (a plan per new shape)")
     args = parser.parse_args()
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     sys.setswitchinterval(ServerSettings.model_fields["gil_switch_seconds"].default)  # as the server runs
     model, tokenizer = random_llama3_8b()
     runner = ModelRunner(
@@ -97,7 +114,7 @@ def main() -> None:
         adapter_slots=ADAPTERS,
         max_lora_rank=RANK,
     )
-    engine = Engine(runner, max_running=64, max_queue=1000)
+    engine = Engine(runner, max_running=64, max_queue=1000, prefill_chunk_tokens=args.prefill_chunk_tokens)
     engine.start()
     config = AdapterConfig(r=RANK, lora_alpha=RANK, target_modules=PROJECTIONS)
 
@@ -111,8 +128,8 @@ def main() -> None:
     asyncio.run(attach_all())
     try:
         for streams in (int(s) for s in args.streams.split(",")):
-            for sampled in (False, True):
-                (timed if args.plain else profile)(engine, streams, args.new, sampled=sampled)
+            for sampled in (False,) if args.greedy_only else (False, True):
+                (timed if args.plain else profile)(engine, streams, args.new, sampled=sampled, top=args.top)
     finally:
         engine.stop()
 

@@ -207,21 +207,29 @@ def _parse_adapters(pairs: list[str]) -> dict[str, str] | None:
     return adapters or None
 
 
+# The options `serve` and `cluster` share: a cluster replica runs what `serve` runs.
+BaseModelOption = Annotated[
+    str | None, typer.Option(help="Base model: a local dir or a hub id. Env: LORASERVE_BASE_MODEL.")
+]
+AdapterRootOption = Annotated[Path | None, typer.Option(help="Adapters load only from under this dir.")]
+AdapterOption = Annotated[
+    list[str], typer.Option(metavar="NAME=SUBDIR", help="Preload NAME=SUBDIR (under --adapter-root). Repeatable.")
+]
+HostOption = Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")]
+PortOption = Annotated[int | None, typer.Option(help="Port (default 8000).")]
+BackendOption = Annotated[str | None, typer.Option(help=BACKENDS_HELP)]
+Load4BitOption = Annotated[bool | None, typer.Option("--load-in-4bit/--no-load-in-4bit", help="4-bit base (CUDA).")]
+
+
 @app.command(cls=_Command)
 def serve(
-    base_model: Annotated[
-        str | None, typer.Option(help="Base model: a local dir or a hub id. Env: LORASERVE_BASE_MODEL.")
-    ] = None,
-    adapter_root: Annotated[Path | None, typer.Option(help="Adapters load only from under this dir.")] = None,
-    adapter: Annotated[
-        list[str], typer.Option(metavar="NAME=SUBDIR", help="Preload NAME=SUBDIR (under --adapter-root). Repeatable.")
-    ] = [],  # noqa: B006  (Typer reads the default; it is never mutated)
-    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
-    backend: Annotated[str | None, typer.Option(help=BACKENDS_HELP)] = None,
-    load_in_4bit: Annotated[
-        bool | None, typer.Option("--load-in-4bit/--no-load-in-4bit", help="4-bit base (CUDA).")
-    ] = None,
+    base_model: BaseModelOption = None,
+    adapter_root: AdapterRootOption = None,
+    adapter: AdapterOption = [],  # noqa: B006  (Typer reads the default; it is never mutated)
+    host: HostOption = None,
+    port: PortOption = None,
+    backend: BackendOption = None,
+    load_in_4bit: Load4BitOption = None,
     log_level: str = "info",
 ) -> None:
     """Serve the base model and adapters over HTTP. Admin token: LORASERVE_ADMIN_TOKEN."""
@@ -239,6 +247,61 @@ def serve(
     )
     _fail_if(serve_problem(settings))
     run_server(settings, log_level=log_level)
+
+
+@app.command(cls=_Command)
+def cluster(
+    replicas: Annotated[int | None, typer.Option(help="Engine replicas (default 2).")] = None,
+    num_gpus: Annotated[float | None, typer.Option(help="GPUs per replica: 0 on CPU, 0.5 = two per GPU.")] = None,
+    num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per replica (default 1).")] = None,
+    models_per_replica: Annotated[
+        int | None, typer.Option(help="Adapters a replica keeps loaded, LRU beyond (default ADAPTER_SLOTS).")
+    ] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start one).")] = None,
+    base_model: BaseModelOption = None,
+    adapter_root: AdapterRootOption = None,
+    adapter: AdapterOption = [],  # noqa: B006  (Typer reads the default; it is never mutated)
+    host: HostOption = None,
+    port: PortOption = None,
+    backend: BackendOption = None,
+    load_in_4bit: Load4BitOption = None,
+    log_level: str = "info",
+) -> None:
+    """Serve with N replicas on Ray Serve behind one endpoint, adapter-aware. Same settings as `serve`."""
+    from loraserve.preflight import serve_problem
+    from server.errors import ServeError
+
+    settings = _server_settings(
+        base_model=base_model,
+        adapter_root=adapter_root,
+        adapters=_parse_adapters(adapter),
+        host=host,
+        port=port,
+        backend=backend,
+        load_in_4bit=load_in_4bit,
+    )
+    _fail_if(serve_problem(settings))
+    given = dict(replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus, models_per_replica=models_per_replica)
+    cluster_settings = _cluster_settings(**given, ray_address=ray_address)
+    try:
+        cluster_settings.adapters_per_replica(settings)
+    except ServeError as exc:
+        _fail(exc.message)
+    from server.cluster.run import run_cluster  # Ray and the server: after the checks, which are instant
+
+    run_cluster(settings, cluster_settings, log_level=log_level)
+
+
+def _cluster_settings(**given):
+    from pydantic import ValidationError
+
+    from server.cluster.settings import ClusterSettings
+
+    try:
+        return ClusterSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
 
 
 @app.command(cls=_Command)

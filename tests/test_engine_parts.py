@@ -6,9 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from server.engine.kv_cache import SlotKVCache
 from server.engine.lora_slots import LoraSlots
+from server.engine.projections import GroupProjection
 from server.engine.step_plan import plan_step
 
 CPU = torch.device("cpu")
@@ -132,6 +134,53 @@ def test_an_overflow_in_one_adapter_never_reaches_another_adapters_row():
     torch.testing.assert_close(out[0], reference(good, x[0], "q_proj", 1.0))
     assert torch.all(out[2] == 0)
     assert not torch.isfinite(out[1]).all()  # the overflowing row itself: the engine fails it alone
+
+
+def riding_slots(fail_at: int | None = None) -> tuple[LoraSlots, dict[str, GroupProjection]]:
+    """LoRA slots whose A matrices ride in each projection's own GEMM (the runner's wiring); the
+    `fail_at`-th ride raises (an out-of-memory while the base weight grows)."""
+    torch.manual_seed(0)
+    projections = {name: GroupProjection([nn.Linear(i, o, bias=False)]) for (_, name), (i, o) in SHAPES.items()}
+    calls = []
+
+    def ride(layer: int, group: str, rows: int):
+        calls.append(group)
+        if fail_at is not None and len(calls) == fail_at:
+            raise torch.OutOfMemoryError("injected")
+        return projections[group].ride(rows)
+
+    return LoraSlots(SHAPES, slots=2, device=CPU, dtype=torch.float32, ride=ride), projections
+
+
+def test_the_shrink_riding_in_the_base_gemm_gives_the_same_terms():
+    lora, projections = riding_slots()
+    one = adapter(2, 1)
+    lora.add("one", rank=2, scaling=0.5, state_dict=one)
+    assert lora.riding == {(0, "q_proj"), (0, "down_proj")}
+    q = projections["q_proj"]
+    assert q.weight.shape == (6 + 2 * 2, 4) and q.modules[0].weight.data_ptr() == q.weight.data_ptr()
+    x = torch.randn(2, 4)
+    slots = torch.tensor([lora.acquire("one"), -1])
+    out = lora.apply(0, "q_proj", x, q(x), lora.row_mask(slots))
+    base = x @ q.modules[0].weight.t()
+    assert out.shape == (2, 6)
+    torch.testing.assert_close(out[0], base[0] + reference(one, x[0], "q_proj", 0.5))
+    torch.testing.assert_close(out[1], base[1])
+    torch.testing.assert_close(lora.apply(0, "q_proj", x, q(x), None), base)  # no adapter row: base columns only
+
+
+def test_a_relayout_that_fails_midway_leaves_the_old_layout_serving():
+    lora, projections = riding_slots(fail_at=4)  # rank 2 lays out 2 groups; the rank-4 re-layout fails at its 2nd
+    one = adapter(2, 1)
+    lora.add("one", rank=2, scaling=1.0, state_dict=one)
+    slot = lora.acquire("one")
+    with pytest.raises(torch.OutOfMemoryError):
+        lora.add("two", rank=4, scaling=1.0, state_dict=adapter(4, 2))
+    assert lora.rank == 2 and "two" not in lora.host
+    x = torch.randn(1, 4)
+    q = projections["q_proj"]  # its weight grew before the failure: A now rides in the new storage
+    out = lora.apply(0, "q_proj", x, q(x), lora.row_mask(torch.tensor([slot])))
+    torch.testing.assert_close(out[0], x[0] @ q.modules[0].weight.t() + reference(one, x[0], "q_proj", 1.0))
 
 
 # -- step planning ----------------------------------------------------------------------------------------------

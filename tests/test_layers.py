@@ -4,7 +4,8 @@
 - the engine (server/engine/) imports no FastAPI and nothing of the server above it;
 - only server/api/ imports FastAPI, Starlette or sse-starlette;
 - the server never imports training, and training never imports the server;
-- contract/ imports neither side.
+- contract/ imports neither side;
+- only server/cluster/ imports Ray, and its plain parts (catalog, board, forwarding, settings) do not.
 """
 
 from __future__ import annotations
@@ -71,3 +72,13 @@ def test_only_the_api_imports_the_web_framework():
 )
 def test_the_sides_stay_apart(package, forbidden):
     assert offending(package, lambda _, name: _is(name, forbidden)) == []
+
+
+CLUSTER_PLAIN = ("catalog.py", "board.py", "forwarding.py", "settings.py", "__init__.py")
+
+
+def test_only_the_cluster_imports_ray():
+    cluster = ROOT / "server/cluster"
+    assert "ray" in modules_imported(cluster / "ingress.py")
+    assert offending("server", lambda path, name: _is(name, "ray") and cluster not in path.parents) == []
+    assert offending("server/cluster", lambda path, name: _is(name, "ray") and path.name in CLUSTER_PLAIN) == []

@@ -91,3 +91,12 @@ def test_adapters_need_a_root(tmp_path):
     assert "needs --adapter-root" in adapter_root_problem(None, {"a": "a"})
     assert adapter_root_problem(None, {}) is None
     assert adapter_root_problem(tmp_path, {}) is None
+
+
+def test_cluster_checks_what_serve_checks_and_its_own_bounds_before_ray_starts(tiny_model_dir, tmp_path):
+    proc = run_cli("cluster", "--base-model", str(tmp_path / "nonexistent"))
+    assert_one_line(proc, "nonexistent: no such directory")
+    proc = run_cli("cluster", "--base-model", str(tiny_model_dir), "--models-per-replica", "16")
+    assert_one_line(proc, "models_per_replica (16) must be below max_adapters (16)")
+    proc = run_cli("cluster", "--base-model", str(tiny_model_dir), "--replicas", "0")
+    assert_one_line(proc, "replicas")

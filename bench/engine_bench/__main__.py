@@ -37,6 +37,7 @@ from bench.engine_bench.workload import (
     model_dtype,
     random_adapter,
 )
+from server.settings import ServerSettings
 
 ORDER = ("unsloth", "hf_peft", "hf_static", "ours_eager", "ours", "vllm")
 
@@ -166,7 +167,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="mixed",
         help="hf_static on the PEFT mixed-adapter model, or on the base model with adapters disabled",
     )
-    p.add_argument("--prefill-chunk-tokens", type=int, default=512, help="ours: prompt tokens prefilled per step")
+    p.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=ServerSettings.model_fields["prefill_chunk_tokens"].default,
+        help="ours: prompt tokens prefilled per step (default: the server's)",
+    )
     p.add_argument("--unsloth-timeout", type=float, default=1800.0, help="seconds for the Unsloth process")
     p.add_argument(
         "--vllm-env",

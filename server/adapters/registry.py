@@ -100,7 +100,7 @@ class AdapterRegistry:
     def get(self, name: str) -> AdapterVersion:
         version = self._live.get(name)
         if version is None:
-            raise NotFound(f"adapter {name!r} is not loaded", param="adapter_id")
+            raise not_loaded(name)
         return version
 
     def acquire(self, name: str) -> AdapterVersion:
@@ -170,7 +170,7 @@ class AdapterRegistry:
         async with lock:
             version = self._live.pop(name, None)
             if version is None:
-                raise NotFound(f"adapter {name!r} is not loaded", param="name")
+                raise not_loaded(name, param="name")
             self._retire(version)
             await self.collect()
             return version
@@ -234,6 +234,10 @@ class AdapterRegistry:
         with self._refs_lock:
             version.retired = True
             self._retired.append(version)
+
+
+def not_loaded(name: str, *, param: str = "adapter_id") -> NotFound:
+    return NotFound(f"adapter {name!r} is not loaded", param=param)
 
 
 def default_template(name: str) -> PromptTemplate:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 from server.engine.fused import Kernels
@@ -27,6 +28,9 @@ from server.engine.projections import layer_projections
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Not cuDNN: it builds a plan for every new attention shape, and a step's shapes change with its mix of
+# prompt chunks and decode rows (measured on an H200: each new batch size's first wave lost 0.5-1.5 s).
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -66,13 +70,15 @@ def check_architecture(config) -> None:
 
 
 class Decoder:
-    def __init__(self, model, *, cache: SlotKVCache, lora: LoraSlots, kernels: Kernels | None = None) -> None:
+    def __init__(
+        self, model, *, cache: SlotKVCache, lora: LoraSlots, kernels: Kernels | None = None, projections=None
+    ) -> None:
         config = model.config
         self.kernels = kernels or Kernels(compiled=False)
         self.silu = getattr(config, "hidden_act", "silu") == "silu"  # else the module's own activation
         self.cache, self.lora = cache, lora
         self.layers = list(model.model.layers)
-        self.projections = [layer_projections(layer) for layer in self.layers]  # fuses q/k/v and gate/up
+        self.projections = projections or [layer_projections(layer) for layer in self.layers]  # fuses q/k/v, gate/up
         self.norm = model.model.norm
         self.embed = model.get_input_embeddings()
         self.head = model.get_output_embeddings()
@@ -86,6 +92,10 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step, writing its keys and values into the cache; logits [R, V] float32."""
+        with sdpa_kernel(_ATTENTION_BACKENDS):
+            return self._forward(step)
+
+    def _forward(self, step: Step) -> torch.Tensor:
         k = self.kernels
         x = self.embed(self._input_ids(step))  # [T, H]: the residual stream
         cos, sin = self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1)  # [T, 1, D]
@@ -137,18 +147,28 @@ class Decoder:
         return self.lora.apply(index, group, x, self.projections[index][group](x), lora_mask)
 
     def _attention_masks(self, step: Step) -> list[torch.Tensor]:
-        """Boolean masks (True = attend): the decode rows' [n, 1, 1, span], then each chunk's causal
-        [G * S, start + S] (the G query heads of a KV head are stacked along the query axis)."""
+        """Additive masks (0 = attend, -inf = not): the decode rows' [n, 1, 1, span], then each chunk's
+        causal [G * S, start + S] (the G query heads of a KV head are stacked along the query axis).
+        Built once per step in the attention's dtype, on storage whose rows are 16-aligned: handed a
+        boolean or unaligned mask, SDPA converts and pads it again in every layer (kernels per layer)."""
         masks, group = [], self.heads // self.kv_heads
         device = step.ids.device
         if step.decode_rows:
             visible = torch.arange(step.decode_span, device=device)[None, :] < step.decode_lengths[:, None]  # [n, span]
-            masks.append(visible[:, None, None, :])
+            masks.append(self._additive(visible)[:, None, None, :])
         for chunk in step.chunks:
             rows = chunk.start + torch.arange(chunk.length, device=device)  # [S] absolute positions
             causal = torch.arange(chunk.start + chunk.length, device=device)[None, :] <= rows[:, None]  # [S, span]
-            masks.append(causal.repeat(group, 1))
+            masks.append(self._additive(causal.repeat(group, 1)))
         return masks
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """[rows, span] bool → [rows, span] 0 / -inf in the cache's dtype, rows 16-aligned in memory."""
+        rows, span = visible.shape
+        dtype, device = self.cache.K[0].dtype, visible.device
+        storage = torch.full((rows, _round_up(span, 16)), float("-inf"), dtype=dtype, device=device)
+        mask = storage[:, :span]
+        return mask.masked_fill_(visible, 0.0)
 
     def _attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, step: Step, masks) -> torch.Tensor:
         parts, masks = [], iter(masks)
@@ -182,6 +202,10 @@ class Decoder:
         return (
             out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
         )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _norm(norm) -> tuple[torch.Tensor, float]:

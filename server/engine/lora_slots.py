@@ -4,14 +4,17 @@ Every loaded adapter keeps a host copy (the "CPU tier"); at most `slots` of them
 device at once. Projections that read the same input form a group (q/k/v, gate/up: the decoder's
 fused projections); each group g of each layer holds all slots of all its projections side by side:
 
-    A[g]: [in, P * slots * R]          projection i, slot s owns columns (i * slots + s) * R ... + rank_s
+    A[g]: [P * slots * R, in]          projection i, slot s owns rows (i * slots + s) * R ... + rank_s
     B[g]: [P * slots * R, sum(out)]    block diagonal: projection i's rows feed only its output columns,
                                        pre-multiplied by the adapter's scaling
 
 so a batch whose row t runs adapter slot[t] gets the LoRA terms of a whole group from two matmuls and
 a mask,
 
-    delta = where(mask, x @ A[g], 0) @ B[g]      mask[t, c] = ((c mod slots*R) // R == slot[t])
+    delta = where(mask, x @ A[g]^T, 0) @ B[g]      mask[t, c] = ((c mod slots*R) // R == slot[t])
+
+Where the group's base weight is fused (projections.py), A[g] rides in it: the base GEMM's output
+already holds x @ A[g]^T after the base columns, and the shrink costs no launch of its own.
 
 whatever the mix of adapters: the number of kernel launches grows neither with the number of
 distinct adapters in the batch nor with the projections of a group. R grows to the largest rank
@@ -27,16 +30,18 @@ nothing of requests: callers pin a slot with `acquire` and unpin it with `releas
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from contract.lora import PROJECTIONS, parse_lora_key
 
 
 @dataclass
 class HostAdapter:
-    """One adapter in host memory: per (layer, projection), A^T [in, r] and scaling * B^T [r, out]."""
+    """One adapter in host memory: per (layer, projection), A [r, in] and scaling * B^T [r, out]."""
 
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -51,6 +56,7 @@ class LoraSlots:
         device,
         dtype,
         groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None,
+        ride: Callable[[int, str, int], torch.Tensor | None] | None = None,
     ) -> None:
         self.shapes = shapes  # (layer, projection) → (in_features, out_features)
         names = sorted({proj for _, proj in shapes}, key=PROJECTIONS.index)
@@ -58,6 +64,11 @@ class LoraSlots:
         self.groups = dict(groups) if groups is not None else {name: (name,) for name in names}
         self.group_of = {proj: (group, i) for group, projs in self.groups.items() for i, proj in enumerate(projs)}
         self.layers = sorted({layer for layer, _ in shapes})
+        self.out_widths = {  # (layer, group) → the group's base output width
+            (layer, group): sum(shapes[(layer, p)][1] for p in projs if (layer, p) in shapes)
+            for layer in self.layers
+            for group, projs in self.groups.items()
+        }
         self.slots = slots
         self.device, self.dtype = device, dtype
         self.rank = 0  # R: the column width of one slot; 0 until an adapter is attached
@@ -67,6 +78,9 @@ class LoraSlots:
         self.host: dict[str, HostAdapter] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # key → slot, least recently used first
         self.pins: dict[str, int] = {}
+        # (layer, group, rows) → zeroed rows of that group's base GEMM to keep A in, or None (own tensor)
+        self._ride = ride or (lambda layer, group, rows: None)
+        self.riding: set[tuple[int, str]] = set()  # groups whose A rides in the base GEMM's weight
         self.uploads = 0  # host → device copies so far (a reload counter for metrics and tests)
 
     # -- the host tier ---------------------------------------------------------------------------
@@ -119,11 +133,16 @@ class LoraSlots:
     def apply(
         self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, masks: dict[int, torch.Tensor] | None
     ) -> torch.Tensor:
-        """out + the LoRA terms of `group`'s projections for every row of x [T, in]; out is [T, sum(out)]."""
-        if masks is None:
-            return out
-        hidden = torch.where(masks[len(self.groups[group])], x @ self.A[(layer, group)], 0.0)  # [T, P * slots * R]
-        return torch.addmm(out, hidden, self.B[(layer, group)])
+        """The base output plus the LoRA terms of `group`'s projections for every row of x [T, in]. `out` is
+        the group's GEMM output [T, sum(out) + riding rows]: the base columns, then x @ A^T where A rides."""
+        key = (layer, group)
+        width = self.out_widths[key]
+        base = out[:, :width] if out.shape[1] > width else out
+        if masks is None or self.rank == 0:
+            return base
+        a = self.A[key]
+        shrunk = out[:, width : width + a.shape[0]] if key in self.riding else F.linear(x, a)  # [T, P * slots * R]
+        return torch.addmm(base, torch.where(masks[len(self.groups[group])], shrunk, 0.0), self.B[key])
 
     # -- slot bookkeeping --------------------------------------------------------------------------
     def _free_slot(self) -> int | None:
@@ -143,7 +162,7 @@ class LoraSlots:
         for (layer, proj), (a, b) in adapter.weights.items():
             group, index = self.group_of[proj]
             rows, cols = self._block(layer, proj, slot)
-            self.A[(layer, group)][:, rows.start : rows.start + adapter.rank].copy_(a, non_blocking=True)
+            self.A[(layer, group)][rows.start : rows.start + adapter.rank].copy_(a, non_blocking=True)
             self.B[(layer, group)][rows.start : rows.start + adapter.rank, cols].copy_(b, non_blocking=True)
         self.resident[key] = slot
         self.uploads += 1
@@ -152,32 +171,51 @@ class LoraSlots:
         for layer, proj in self.shapes:
             group, _ = self.group_of[proj]
             rows, cols = self._block(layer, proj, slot)
-            self.A[(layer, group)][:, rows].zero_()
+            self.A[(layer, group)][rows].zero_()
             self.B[(layer, group)][rows, cols].zero_()
 
     def _block(self, layer: int, proj: str, slot: int) -> tuple[slice, slice]:
-        """Projection `proj`'s slot `slot`: its columns of A (= rows of B), and its output columns of B."""
+        """Projection `proj`'s slot `slot`: its rows of A and of B, and its output columns of B."""
         group, index = self.group_of[proj]
         start = (index * self.slots + slot) * self.rank
         out_start = sum(self.shapes[(layer, p)][1] for p in self.groups[group][:index])
         return slice(start, start + self.rank), slice(out_start, out_start + self.shapes[(layer, proj)][1])
 
     def _grow(self, rank: int) -> None:
-        """Re-lay out the device buffers for a wider slot; resident adapters are uploaded again."""
-        A, B = {}, {}
-        for layer in self.layers:
-            for group, projs in self.groups.items():
-                present = [p for p in projs if (layer, p) in self.shapes]
-                if not present:
-                    continue
-                in_features = self.shapes[(layer, present[0])][0]
-                out_features = sum(self.shapes[(layer, p)][1] for p in projs)
-                width = len(projs) * self.slots * rank
-                A[(layer, group)] = torch.zeros(in_features, width, device=self.device, dtype=self.dtype)
-                B[(layer, group)] = torch.zeros(width, out_features, device=self.device, dtype=self.dtype)
-        self.rank, self.A, self.B = rank, A, B
+        """Re-lay out the device buffers for a wider slot; resident adapters are uploaded again. All or
+        nothing: a failure (out of memory) leaves the old layout serving."""
+        A, B, riding = {}, {}, set()
+        try:
+            for layer in self.layers:
+                for group, projs in self.groups.items():
+                    present = [p for p in projs if (layer, p) in self.shapes]
+                    if not present:
+                        continue
+                    in_features = self.shapes[(layer, present[0])][0]
+                    out_features = sum(self.shapes[(layer, p)][1] for p in projs)
+                    width = len(projs) * self.slots * rank
+                    B[(layer, group)] = torch.zeros(width, out_features, device=self.device, dtype=self.dtype)
+                    a = self._ride(layer, group, width)
+                    if a is not None:
+                        riding.add((layer, group))
+                    A[(layer, group)] = a if a is not None else self._zeros(width, in_features)
+        except BaseException:
+            self._take_back_rows(riding)
+            raise
+        self.rank, self.A, self.B, self.riding = rank, A, B, riding
         self._column_slots = torch.arange(self.slots * rank, device=self.device) // rank  # [slots * R]: owner slot
         self.layout += 1
+        for key, slot in list(self.resident.items()):
+            self._upload(key, slot)
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, device=self.device, dtype=self.dtype)
+
+    def _take_back_rows(self, moved: set[tuple[int, str]]) -> None:
+        """A failed re-layout: the groups whose base weight already grew hold their A in new storage now.
+        The old layout's rows are a prefix of the new room (no allocation), so point A there and upload again."""
+        for layer, group in moved & self.riding:
+            self.A[(layer, group)] = self._ride(layer, group, self.A[(layer, group)].shape[0])
         for key, slot in list(self.resident.items()):
             self._upload(key, slot)
 
@@ -213,6 +251,6 @@ def _host_weights(
         if not (torch.isfinite(ab["A"]).all() and torch.isfinite(ab["B"]).all()):
             raise ValueError(f"layer {name[0]} {name[1]}: the weights hold NaN or infinite values (a diverged run?)")
         # Scaling folded into B in float32 before the cast: one rounding, as PEFT's (x@A@B)*s gets.
-        a, b = ab["A"].t().to("cpu", dtype), (ab["B"].float() * scaling).t().to("cpu", dtype)  # the host tier
+        a, b = ab["A"].to("cpu", dtype), (ab["B"].float() * scaling).t().to("cpu", dtype)  # the host tier
         weights[name] = (a.contiguous(), b.contiguous())
     return weights

@@ -25,7 +25,7 @@ from server.engine.decoder import Decoder, Step, check_architecture, projection_
 from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.engine.lora_slots import LoraSlots
-from server.engine.projections import GROUPS
+from server.engine.projections import GROUPS, layer_projections
 
 log = logging.getLogger("loraserve.runner")
 
@@ -63,11 +63,17 @@ class ModelRunner:
             memory_fraction=kv_memory_fraction,
         )
         self.cache = SlotKVCache(**kv, slots=slots, device=self.device, dtype=self.dtype)
+        projections = [layer_projections(layer) for layer in model.model.layers]  # fuses q/k/v and gate/up
         self.lora = LoraSlots(
-            projection_shapes(model), slots=adapter_slots, device=self.device, dtype=self.dtype, groups=GROUPS
+            projection_shapes(model),
+            slots=adapter_slots,
+            device=self.device,
+            dtype=self.dtype,
+            groups=GROUPS,
+            ride=lambda layer, group, rows: projections[layer][group].ride(rows),  # the shrink in the base GEMM
         )
         kernels = Kernels(compiled=compile_kernels and self.device.type == "cuda")
-        self.decoder = Decoder(model, cache=self.cache, lora=self.lora, kernels=kernels)
+        self.decoder = Decoder(model, cache=self.cache, lora=self.lora, kernels=kernels, projections=projections)
         self.graphs = DecodeGraphs(self.decoder) if cuda_graphs and self.device.type == "cuda" else None
         log.info(
             "KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s",

@@ -58,7 +58,7 @@ async def get_model(model: str, state: ReadyState) -> ModelCard:
     for card in _models(state):
         if card.id == model:
             return card
-    raise _unknown(model)
+    raise unknown_model(model)
 
 
 @router.post(
@@ -85,12 +85,17 @@ async def chat_completions(body: ChatCompletionRequest, state: ReadyState, reque
 
 
 def _models(state) -> list[ModelCard]:
-    base, registry = state.settings.public_base_name, state.registry
+    registry = state.registry
     adapters = [registry.get(name) for name in registry.names()]  # no await: nothing unloads in between
+    return model_cards(state.settings.public_base_name, state.loaded_at, [(a.name, a.loaded_at) for a in adapters])
+
+
+def model_cards(base: str, base_loaded_at: float, adapters: list[tuple[str, float]]) -> list[ModelCard]:
+    """/v1/models: the base model first, then each adapter (name, load time); a cluster lists its catalog."""
     # An adapter named like the base model is unreachable through /v1 (the base wins), so not listed.
     return [
-        ModelCard(id=base, created=int(state.loaded_at)),
-        *(ModelCard(id=a.name, created=int(a.loaded_at), parent=base) for a in adapters if a.name != base),
+        ModelCard(id=base, created=int(base_loaded_at)),
+        *(ModelCard(id=name, created=int(at), parent=base) for name, at in adapters if name != base),
     ]
 
 
@@ -98,11 +103,11 @@ def _adapter_for(state, model: str) -> str | None:
     if model == state.settings.public_base_name:
         return None
     if model not in state.registry.names():  # checked again when the adapter is pinned (it may unload)
-        raise _unknown(model)
+        raise unknown_model(model)
     return model
 
 
-def _unknown(model: str) -> NotFound:
+def unknown_model(model: str) -> NotFound:
     return NotFound(f"the model {model!r} does not exist; GET /v1/models lists the models", param="model")
 
 

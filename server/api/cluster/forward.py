@@ -1,0 +1,73 @@
+"""A replica's answer, replayed to the client as the replica sent it; a replica lost mid-answer ends a
+stream with the wire format's in-band error event, as a single server ends one that fails."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from server.api.openai import errors as openai_errors
+from server.api.tgi import errors as tgi_errors
+from server.errors import ServeError, Unavailable
+
+LOST = "the replica serving this request stopped before answering it (Ray restarts it); retry the request"
+LOST_MIDWAY = "the replica serving this request stopped midway (Ray restarts it); retry the request"
+
+
+def wire_format(path: str):
+    return openai_errors if path.startswith("/v1/") else tgi_errors
+
+
+def error_response(path: str, exc: Exception) -> JSONResponse:
+    return wire_format(path).error_response(None, exc)
+
+
+async def first_message(messages: AsyncIterator[dict]) -> dict:
+    """The replica's `http.response.start`: a failure before it becomes a plain HTTP error."""
+    try:
+        return await anext(messages)
+    except ServeError:
+        raise
+    except Exception as exc:  # the replica died or Ray could not reach it
+        raise Unavailable(LOST, headers={"Retry-After": "1"}) from exc
+
+
+class ForwardedResponse(Response):
+    def __init__(self, start: dict, rest: AsyncIterator[dict], *, path: str) -> None:
+        self.start, self.rest, self.path = start, rest, path
+        self.status_code = start["status"]
+        self.background = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send(self.start)
+        try:
+            async for message in self.rest:
+                await send(message)
+        except Exception:  # mid-answer: the status is sent, so only a stream can still say why
+            if not self._is_stream():
+                raise
+            error = Unavailable(LOST_MIDWAY)
+            event = f"data: {json.dumps(wire_format(self.path).error_body(error))}\n\n".encode()
+            await send({"type": "http.response.body", "body": event, "more_body": False})
+
+    def _is_stream(self) -> bool:
+        headers = dict(self.start.get("headers", []))
+        return headers.get(b"content-type", b"").startswith(b"text/event-stream")
+
+
+async def collect(messages: AsyncIterator[dict]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """A whole non-streamed answer: status, headers, body."""
+    start = await first_message(messages)
+    body = b"".join([m.get("body", b"") async for m in messages])
+    return start["status"], list(start.get("headers", [])), body
+
+
+def replay(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+    response = Response(body, status_code=status)
+    response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"content-length"] + [
+        (b"content-length", str(len(body)).encode())
+    ]
+    return response
