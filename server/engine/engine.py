@@ -315,15 +315,17 @@ class Engine:
         return InFlight(plan.sampled, choices) if choices is not None else None
 
     def _step_failed(self, plan: StepPlan, exc: Exception) -> None:
-        """A failed step wrote nothing it would not write again, so decoding rows can retry it. When
-        the step carried prompt chunks (the memory-hungry part), only those requests fail, unless the
-        step before failed too: then the decoding rows are as likely the cause, and they fail as well
-        (else newcomers arriving every step would each be blamed, for ever)."""
+        """A failed step wrote nothing it would not write again, so the rows it spares retry it. When
+        the step carried prompt chunks (the memory-hungry part), only those requests fail. Otherwise,
+        or when the step before failed too, the newest decoding row fails as well, as a preemption
+        would pick it: one row per failed step, so a one-off fault (out of memory) costs one request,
+        not the batch, and a fault that persists still ends (newcomers alone would be blamed for ever)."""
         log.exception("forward failed (%d decoding, %d prefilling)", len(plan.decoding), len(plan.prefilling))
         _release_cuda_memory()
         self._failed_steps += 1
         message = f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"
-        blamed = plan.prefilling if plan.prefilling and self._failed_steps == 1 else plan.prefilling + plan.decoding
+        newest = [max(plan.decoding, key=lambda seq: seq.id)] if plan.decoding else []
+        blamed = plan.prefilling if plan.prefilling and self._failed_steps == 1 else plan.prefilling + newest
         for seq in blamed:
             self._fail(seq, message)
 

@@ -15,7 +15,8 @@ a mask,
 
 whatever the mix of adapters: the number of kernel launches grows neither with the number of
 distinct adapters in the batch nor with the projections of a group. R grows to the largest rank
-attached (buffers re-laid out once). Zeroed columns and blocks contribute exact zeros, so a row's
+attached (buffers re-laid out once), and shrinks back when the widest is unloaded: an unloaded
+adapter keeps no device memory. Zeroed columns and blocks contribute exact zeros, so a row's
 result does not depend on its neighbours; `where` rather than a multiply, so that even an overflow
 in another adapter's columns (inf * 0 = NaN) stays out of a row. Non-finite weights are refused at load.
 
@@ -77,7 +78,7 @@ class LoraSlots:
         if self.device.type == "cuda":
             weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
         if rank > self.rank:
-            self._grow(rank)  # all or nothing: a failure (out of memory) leaves the old layout serving
+            self._lay_out(rank)  # all or nothing: a failure (out of memory) leaves the old layout serving
         self.host[key] = HostAdapter(rank=rank, weights=weights)
 
     def remove(self, key: str) -> None:
@@ -87,6 +88,19 @@ class LoraSlots:
         slot = self.resident.pop(key, None)
         if slot is not None:
             self._clear(slot)
+        widest = max((adapter.rank for adapter in self.host.values()), default=0)
+        if widest < self.rank:
+            self._lay_out(widest)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory of the loaded adapters' weights (memory accounting: unload must give it back)."""
+        return sum(_nbytes(ab) for adapter in list(self.host.values()) for ab in adapter.weights.values())
+
+    @property
+    def device_bytes(self) -> int:
+        """Memory of the slot buffers: sized by the widest adapter loaded, 0 when none is."""
+        return _nbytes(list(self.A.values()) + list(self.B.values()))
 
     # -- the device tier -------------------------------------------------------------------------
     def acquire(self, key: str) -> int | None:
@@ -162,10 +176,10 @@ class LoraSlots:
         out_start = sum(self.shapes[(layer, p)][1] for p in self.groups[group][:index])
         return slice(start, start + self.rank), slice(out_start, out_start + self.shapes[(layer, proj)][1])
 
-    def _grow(self, rank: int) -> None:
-        """Re-lay out the device buffers for a wider slot; resident adapters are uploaded again."""
+    def _lay_out(self, rank: int) -> None:
+        """Re-lay out the device buffers for slots `rank` wide (none at 0); resident adapters are uploaded again."""
         A, B = {}, {}
-        for layer in self.layers:
+        for layer in self.layers if rank else ():
             for group, projs in self.groups.items():
                 present = [p for p in projs if (layer, p) in self.shapes]
                 if not present:
@@ -176,10 +190,14 @@ class LoraSlots:
                 A[(layer, group)] = torch.zeros(in_features, width, device=self.device, dtype=self.dtype)
                 B[(layer, group)] = torch.zeros(width, out_features, device=self.device, dtype=self.dtype)
         self.rank, self.A, self.B = rank, A, B
-        self._column_slots = torch.arange(self.slots * rank, device=self.device) // rank  # [slots * R]: owner slot
+        self._column_slots = torch.arange(self.slots * rank, device=self.device) // max(rank, 1)  # [slots * R]: owner
         self.layout += 1
         for key, slot in list(self.resident.items()):
             self._upload(key, slot)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _host_weights(

@@ -1,0 +1,95 @@
+"""Which adapter version could answer a request: each version's own texts, and a timeline of loads.
+
+A client cannot see the instant a load is published, only when it sent the admin call and when the
+answer came back; the timeline keeps both ends, so its checks are exact on what is certain and never
+blame a request for what the clocks cannot decide.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import httpx
+
+from bench.hardening.client import Outcome, admin, stream
+from bench.hardening.world import PROMPTS, World
+
+PROBE = "probe"
+
+
+async def expected_texts(client: httpx.AsyncClient, world: World, token: str, *, max_new_tokens: int) -> dict:
+    """{version: {prompt index: text}} for every version dir, each run alone under a probe name; and
+    None → the base model's texts."""
+    texts: dict[str | None, dict[int, str]] = {None: await _texts(client, None, max_new_tokens)}
+    for name in world.names:
+        for k in range(world.versions):
+            loaded = await admin(client, token, "load", PROBE, world.path(name, k))
+            loaded.raise_for_status()
+            texts[loaded.json()["version"]] = await _texts(client, PROBE, max_new_tokens)
+    (await admin(client, token, "unload", PROBE)).raise_for_status()
+    return texts
+
+
+async def _texts(client: httpx.AsyncClient, adapter: str | None, max_new_tokens: int) -> dict[int, str]:
+    texts = {}
+    for index in range(len(PROMPTS)):
+        out = await stream(client, PROMPTS, index, adapter, max_new_tokens=max_new_tokens)
+        if not out.ok:
+            raise RuntimeError(f"expected text of {adapter} prompt {index}: {out.status} {out.error}")
+        texts[index] = out.text
+    return texts
+
+
+@dataclass
+class _Span:
+    start: float  # the earliest it may have begun (the admin call was sent)
+    end: float = math.inf  # the latest it may have lasted (its replacement's or unload's answer came)
+
+
+@dataclass
+class Timeline:
+    served: dict[tuple[str, str], list[_Span]] = field(default_factory=dict)  # (name, version) → may-serve spans
+    present: dict[str, list[_Span]] = field(default_factory=dict)  # name → spans it surely answered
+    live: dict[str, str] = field(default_factory=dict)  # name → the version published last
+
+    def preloaded(self, name: str, version: str) -> None:
+        self.served.setdefault((name, version), []).append(_Span(-math.inf))
+        self.present.setdefault(name, []).append(_Span(-math.inf))
+        self.live[name] = version
+
+    def published(self, name: str, version: str, *, sent: float, done: float) -> None:
+        old = self.live.get(name)
+        if old is not None:
+            self.served[(name, old)][-1].end = done
+        else:
+            self.present.setdefault(name, []).append(_Span(done))
+        self.served.setdefault((name, version), []).append(_Span(sent))
+        self.live[name] = version
+
+    def unloaded(self, name: str, *, sent: float, done: float) -> None:
+        self.served[(name, self.live.pop(name))][-1].end = done
+        self.present[name][-1].end = sent
+
+    def could_serve(self, name: str, version: str, out: Outcome) -> bool:
+        spans = self.served.get((name, version), [])
+        return any(span.start <= out.done_at and span.end >= out.sent for span in spans)
+
+    def surely_present(self, name: str, out: Outcome) -> bool:
+        return any(span.start <= out.sent and span.end >= out.done_at for span in self.present.get(name, []))
+
+
+def judge(out: Outcome, texts: dict, timeline: Timeline) -> str | None:
+    """Why `out` is wrong, or None: an answer by a version that could serve it, token for token that
+    version's own text (no mixing); a 404 only while its adapter was not surely loaded."""
+    where = f"{out.adapter or 'base'} prompt {out.prompt}"
+    if out.ok:
+        version = out.version
+        if out.adapter is not None and not timeline.could_serve(out.adapter, version, out):
+            return f"{where}: answered by version {version}, not live while the request ran"
+        if texts.get(version, {}).get(out.prompt) != out.text or out.final["generated_text"] != out.text:
+            return f"{where}: version {version} answered a text that is not its own (mixed versions?)"
+        return None
+    if out.status == 404 and out.adapter is not None and not timeline.surely_present(out.adapter, out):
+        return None
+    return f"{where}: status {out.status}, error {out.error!r}"
