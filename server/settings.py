@@ -60,7 +60,7 @@ class ServerSettings(BaseSettings):
     gil_switch_seconds: float = Field(0.0005, gt=0, le=0.1, description="sys.setswitchinterval for the server process.")
     fault_injection: dict[str, int] = Field(
         default_factory=dict,
-        description="Testing only: faults to inject once, e.g. {\"decode_oom_rows\": 3} "
+        description='Testing only: faults to inject once, e.g. {"decode_oom_rows": 3} '
         "(server/engine/faults.py). Empty = none.",
     )
     sse_ping_seconds: float = Field(15.0, gt=0, description="Keep-alive comment on quiet streams.")

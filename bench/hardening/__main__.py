@@ -23,7 +23,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hardening", description=__doc__)
     parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], default=list(SCENARIOS))
     parser.add_argument("--full", action="store_true", help="issue 13's sizes (minutes); default: CI's short ones")
-    parser.add_argument("--work", type=Path, help="where the tiny model, adapters and server logs go (default: a temp dir)")
+    parser.add_argument("--work", type=Path, help="tiny model, adapters, server logs (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write every report here")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -65,12 +65,14 @@ async def _run(world: World, server, size: Size) -> Report:
         elapsed = time.monotonic() - started
         end = await _settled(client)
     report = Report("churn")
+    report.failures += world.log_problems(server)
     for out in outcomes:
         failure = judge(out, texts, timeline)
         report.check(failure is None, failure or "")
     report.failures += churn.failures
     for name in ACCOUNTING:
-        report.check(end[name] == initial[name], f"{name}: {initial[name]:.0f} at the start, {end[name]:.0f} at the end")
+        moved = f"{name}: {initial[name]:.0f} at the start, {end[name]:.0f} at the end"
+        report.check(end[name] == initial[name], moved)
     rss = "process_resident_memory_bytes"
     report.figures = {
         "cycles (load + reload + unload)": size.cycles,

@@ -49,6 +49,11 @@ class World:
         self.servers.append(server)
         return server.wait_ready()
 
+    def log_problems(self, server: LiveServer, *, allow: tuple[str, ...] = ()) -> list[str]:
+        """The server log's error lines and tracebacks, but those naming an expected cause in `allow`."""
+        lines = [line for line in server.log().splitlines() if "Traceback" in line or " ERROR " in line]
+        return [f"server log: {line[:300]}" for line in lines if not any(word in line for word in allow)]
+
     def stop_all(self) -> None:
         for server in self.servers:
             server.stop()
@@ -61,9 +66,7 @@ def build_world(work: Path, *, model: Path | None = None, names: int = 4, versio
 
     model = model or build_tiny_model(work / "model")
     root = work / "adapters"
-    world = World(
-        model=model, root=root, names=[f"a{i}" for i in range(names)], versions=versions, logs=work / "logs"
-    )
+    world = World(model=model, root=root, names=[f"a{i}" for i in range(names)], versions=versions, logs=work / "logs")
     world.logs.mkdir(parents=True, exist_ok=True)
     _write_adapters(world)
     return world
