@@ -55,7 +55,10 @@ async def _run(world: World, server, size: Size) -> Report:
     async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT, limits=limits) as client:
         stable, churned = world.names[0], world.names[1:]
         initial = await scrape(client)  # only the stable adapter, before any other was ever loaded
-        texts = await expected_texts(client, world, server.admin_token, max_new_tokens=size.max_new_tokens)
+        every = [world.path(name, k) for name in churned for k in range(world.versions)]
+        texts = await expected_texts(
+            client, world, server.admin_token, max_new_tokens=size.max_new_tokens, live=[stable], paths=every
+        )
         timeline = Timeline()
         timeline.preloaded(stable, (await client.get(f"/adapters/{stable}")).json()["version"])
         warm = await scrape(client)  # every version loaded once (probe): allocator arenas are warm

@@ -29,7 +29,7 @@ class Size:
     max_new_tokens: int = 32
 
 
-QUICK, FULL = Size(admitted=24), Size(admitted=400)
+QUICK, FULL = Size(admitted=16), Size(admitted=400)
 
 
 def run(world: World, size: Size = QUICK) -> Report:
@@ -43,7 +43,9 @@ def run(world: World, size: Size = QUICK) -> Report:
 async def _run(world: World, server, size: Size) -> Report:
     limits = httpx.Limits(max_connections=4 * (RUNNING + QUEUE))
     async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT, limits=limits) as client:
-        texts = await expected_texts(client, world, server.admin_token, max_new_tokens=size.max_new_tokens)
+        texts = await expected_texts(
+            client, world, server.admin_token, max_new_tokens=size.max_new_tokens, live=world.names, paths=[]
+        )
         timeline = Timeline()
         for name in world.names:
             timeline.preloaded(name, (await client.get(f"/adapters/{name}")).json()["version"])

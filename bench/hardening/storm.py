@@ -49,7 +49,7 @@ def run(world: World, size: Size = QUICK) -> Report:
 
 async def _run(world: World, server, size: Size) -> Report:
     async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
-        texts = await expected_texts(client, world, server.admin_token, max_new_tokens=16)
+        texts = await expected_texts(client, world, server.admin_token, max_new_tokens=16, live=world.names, paths=[])
         model = (await client.get("/info")).json()["model_id"]
         rng = random.Random(13)
         host, port = urlsplit(server.url).hostname, urlsplit(server.url).port

@@ -18,16 +18,28 @@ from bench.hardening.world import PROMPTS, World
 PROBE = "probe"
 
 
-async def expected_texts(client: httpx.AsyncClient, world: World, token: str, *, max_new_tokens: int) -> dict:
-    """{version: {prompt index: text}} for every version dir, each run alone under a probe name; and
-    None → the base model's texts."""
+async def expected_texts(
+    client: httpx.AsyncClient,
+    world: World,
+    token: str,
+    *,
+    max_new_tokens: int,
+    live: list[str] = (),
+    paths: list[str] | None = None,
+) -> dict:
+    """{version: {prompt index: text}}, None → the base model's: the `live` adapters asked as they are,
+    and each version dir of `paths` (default: every one) loaded alone under a probe name."""
     texts: dict[str | None, dict[int, str]] = {None: await _texts(client, None, max_new_tokens)}
-    for name in world.names:
-        for k in range(world.versions):
-            loaded = await admin(client, token, "load", PROBE, world.path(name, k))
-            loaded.raise_for_status()
-            texts[loaded.json()["version"]] = await _texts(client, PROBE, max_new_tokens)
-    (await admin(client, token, "unload", PROBE)).raise_for_status()
+    for name in live:
+        version = (await client.get(f"/adapters/{name}")).json()["version"]
+        texts[version] = await _texts(client, name, max_new_tokens)
+    probes = [world.path(name, k) for name in world.names for k in range(world.versions)] if paths is None else paths
+    for path in probes:
+        loaded = await admin(client, token, "load", PROBE, path)
+        loaded.raise_for_status()
+        texts[loaded.json()["version"]] = await _texts(client, PROBE, max_new_tokens)
+    if probes:
+        (await admin(client, token, "unload", PROBE)).raise_for_status()
     return texts
 
 
@@ -71,9 +83,10 @@ class Timeline:
         self.served[(name, self.live.pop(name))][-1].end = done
         self.present[name][-1].end = sent
 
-    def could_serve(self, name: str, version: str, out: Outcome) -> bool:
-        spans = self.served.get((name, version), [])
-        return any(span.start <= out.done_at and span.end >= out.sent for span in spans)
+    def could_serve(self, name: str, version: str, out: Outcome, *, by: float | None = None) -> bool:
+        """Whether `version` may have been live between the request's sending and `by` (default: its end)."""
+        until = out.done_at if by is None else by
+        return any(span.start <= until and span.end >= out.sent for span in self.served.get((name, version), []))
 
     def surely_present(self, name: str, out: Outcome) -> bool:
         return any(span.start <= out.sent and span.end >= out.done_at for span in self.present.get(name, []))
