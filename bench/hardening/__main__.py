@@ -21,11 +21,16 @@ SCENARIOS = ("churn", "storm", "overload", "hot_swap", "faults", "drain")
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hardening", description=__doc__)
-    parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], default=list(SCENARIOS))
+    parser.add_argument(
+        "scenarios", nargs="*", metavar="scenario", help=f"any of {', '.join(SCENARIOS)} (default: all)"
+    )
     parser.add_argument("--full", action="store_true", help="issue 13's sizes (minutes); default: CI's short ones")
     parser.add_argument("--work", type=Path, help="tiny model, adapters, server logs (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write every report here")
     args = parser.parse_args()
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario {unknown[0]!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = args.work or Path(tempfile.mkdtemp(prefix="loraserve-hardening-"))
     world = build_world(work)

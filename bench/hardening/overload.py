@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from bench.hardening.client import TIMEOUT, Outcome, stream
+from bench.hardening.client import TIMEOUT, Outcome, scrape, stream
 from bench.hardening.report import Report, ms
 from bench.hardening.versions import Timeline, expected_texts, judge
 from bench.hardening.world import PROMPTS, World
@@ -49,8 +49,8 @@ async def _run(world: World, server, size: Size) -> Report:
         timeline = Timeline()
         for name in world.names:
             timeline.preloaded(name, (await client.get(f"/adapters/{name}")).json()["version"])
-        unloaded = await _closed_loop(client, world, size, concurrency=RUNNING)
-        loaded = await _closed_loop(client, world, size, concurrency=2 * (RUNNING + QUEUE))
+        unloaded, engine_unloaded = await _measured(client, world, size, concurrency=RUNNING)
+        loaded, engine_loaded = await _measured(client, world, size, concurrency=2 * (RUNNING + QUEUE))
     report = Report("overload")
     report.failures += world.log_problems(server)
     refused = [out for out in loaded if out.status == 429]
@@ -71,8 +71,21 @@ async def _run(world: World, server, size: Size) -> Report:
         "TTFT p50 / p99 ms, admitted at 2x": _pair(admitted, "ttft"),
         "TPOT p50 / p99 ms, unloaded": _pair(unloaded, "tpot"),
         "TPOT p50 / p99 ms, admitted at 2x": _pair(admitted, "tpot"),
+        "server-side mean inter-token ms, unloaded / 2x": f"{engine_unloaded} / {engine_loaded}",
     }
     return report
+
+
+async def _measured(client: httpx.AsyncClient, world: World, size: Size, *, concurrency: int):
+    """The closed loop's outcomes, and the server's own mean time between tokens meanwhile (ms): what the
+    engine sustained, apart from what the clients' share of the CPU added on their side."""
+    before = await scrape(client)
+    outcomes = await _closed_loop(client, world, size, concurrency=concurrency)
+    after = await scrape(client)
+    total, count = (
+        after[k] - before[k] for k in ("loraserve_inter_token_seconds_sum", "loraserve_inter_token_seconds_count")
+    )
+    return outcomes, round(total / count * 1000, 1) if count else None
 
 
 async def _closed_loop(client: httpx.AsyncClient, world: World, size: Size, *, concurrency: int) -> list[Outcome]:
