@@ -93,6 +93,12 @@ class Engine:
         with self._count_lock:
             return self._admitted
 
+    @property
+    def full(self) -> bool:
+        """Every running and queue place is taken: a request admitted now would be refused."""
+        with self._count_lock:
+            return self._admitted >= self.max_running + self.max_queue
+
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None
     ) -> AsyncIterator[TokenEvent | FinalEvent | ErrorEvent]:
@@ -135,7 +141,7 @@ class Engine:
             raise Unavailable("server is shutting down")
         with self._count_lock:
             if self._admitted >= self.max_running + self.max_queue:
-                raise Overloaded("server is at capacity; retry shortly", headers={"Retry-After": "1"})
+                raise overloaded()
             self._admitted += 1
         self._inbox.put(seq)
         self._wake.set()
@@ -413,6 +419,10 @@ def _needs_its_tokens(seq: Sequence) -> bool:
     """The repetition penalty reads every id drawn so far on the host: such a row cannot be planned
     while its last token is still on the device."""
     return seq.in_flight > 0 and seq.params.repetition_penalty != 1.0
+
+
+def overloaded() -> Overloaded:
+    return Overloaded("server is at capacity; retry shortly", headers={"Retry-After": "1"})
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
