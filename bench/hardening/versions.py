@@ -100,9 +100,19 @@ def judge(out: Outcome, texts: dict, timeline: Timeline) -> str | None:
         version = out.version
         if out.adapter is not None and not timeline.could_serve(out.adapter, version, out):
             return f"{where}: answered by version {version}, not live while the request ran"
-        if texts.get(version, {}).get(out.prompt) != out.text or out.final["generated_text"] != out.text:
-            return f"{where}: version {version} answered a text that is not its own (mixed versions?)"
+        own = texts.get(version, {}).get(out.prompt)
+        if own != out.text or out.final["generated_text"] != out.text:
+            return f"{where}: version {version} answered a text not its own ({_diverges(out.text, own, texts, out)})"
         return None
     if out.status == 404 and out.adapter is not None and not timeline.surely_present(out.adapter, out):
         return None
     return f"{where}: status {out.status}, error {out.error!r}"
+
+
+def _diverges(text: str, own: str | None, texts: dict, out: Outcome) -> str:
+    """Where the text leaves the version's own, and whether it is another version's text (mixing) or no
+    version's (a numerical near-tie that a batch of another shape decided the other way?)."""
+    own = own or ""
+    at = next((i for i, (a, b) in enumerate(zip(text, own)) if a != b), min(len(text), len(own)))
+    others = [v for v, by_prompt in texts.items() if by_prompt.get(out.prompt) == text]
+    return f"leaves it at character {at} of {len(own)}; {'the text of ' + str(others) if others else 'no version text'}"
