@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -14,6 +14,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes: what the churn run watches
         self.requests = Counter("loraserve_requests", "HTTP requests", ["route", "status", "adapter"], registry=r)
         self.generated_tokens = Counter("loraserve_generated_tokens", "Tokens generated", ["adapter"], registry=r)
         self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
@@ -54,6 +55,12 @@ ENGINE_METRICS = {
     "loraserve_kv_slots": ("gauge", "KV cache slots preallocated"),
     "loraserve_kv_slots_used": ("gauge", "KV cache slots held by running sequences"),
     "loraserve_adapter_slots_resident": ("gauge", "Device adapter slots holding an adapter"),
+    "loraserve_adapter_slots_pinned": ("gauge", "Pins on device adapter slots by running sequences"),
+    "loraserve_adapters_in_host_memory": ("gauge", "Adapter versions attached (host copies), retired ones included"),
+    "loraserve_adapter_host_bytes": ("gauge", "Host memory of the attached adapters' weights"),
+    "loraserve_adapter_device_bytes": ("gauge", "Memory of the device adapter slots (sized by the widest adapter)"),
+    "loraserve_adapter_versions_retired": ("gauge", "Replaced or unloaded versions that requests still hold"),
+    "loraserve_device_allocated_bytes": ("gauge", "torch.cuda.memory_allocated on a GPU; 0 on a CPU"),
 }
 
 

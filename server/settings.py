@@ -68,6 +68,11 @@ class ServerSettings(BaseSettings):
     max_adapter_bytes: int = Field(2 * 1024**3, ge=1, description="Largest adapter, in bytes of weights.")
     drain_seconds: float = Field(10.0, ge=0, description="On shutdown, how long running requests may finish.")
     gil_switch_seconds: float = Field(0.0005, gt=0, le=0.1, description="sys.setswitchinterval for the server process.")
+    fault_injection: dict[str, int] = Field(
+        default_factory=dict,
+        description='Testing only: faults to inject once, e.g. {"decode_oom_rows": 3} '
+        "(server/engine/faults.py). Empty = none.",
+    )
     sse_ping_seconds: float = Field(15.0, gt=0, description="Keep-alive comment on quiet streams.")
 
     @field_validator("backend")

@@ -12,6 +12,7 @@ from contract.fingerprint import base_fingerprint
 from server.adapters.checks import base_shapes
 from server.adapters.registry import AdapterRegistry, default_template
 from server.engine.engine import Engine
+from server.engine.faults import FaultPlan
 from server.engine.runner import ModelRunner, load_runner
 from server.errors import ServeError
 from server.metrics import Metrics
@@ -54,6 +55,7 @@ class ServerState:
             kv_memory_fraction=s.kv_memory_fraction,
             cuda_graphs=s.cuda_graphs,
             compile_kernels=s.compile_kernels,
+            faults=FaultPlan.from_setting(s.fault_injection),
         )
         self.fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
         self.max_context = runner.max_context
@@ -102,6 +104,12 @@ class ServerState:
             "loraserve_kv_slots": runner.cache.slots,
             "loraserve_kv_slots_used": runner.cache.used,
             "loraserve_adapter_slots_resident": len(runner.lora.resident),
+            "loraserve_adapter_slots_pinned": sum(list(runner.lora.pins.values())),
+            "loraserve_adapters_in_host_memory": len(runner.lora.host),
+            "loraserve_adapter_host_bytes": runner.lora.host_bytes,
+            "loraserve_adapter_device_bytes": runner.lora.device_bytes,
+            "loraserve_adapter_versions_retired": self.registry.retired_count,
+            "loraserve_device_allocated_bytes": runner.device_allocated_bytes,
         }
 
     async def preload_adapters(self) -> None:

@@ -143,13 +143,23 @@ def riding_slots(fail_at: int | None = None) -> tuple[LoraSlots, dict[str, Group
     projections = {name: GroupProjection([nn.Linear(i, o, bias=False)]) for (_, name), (i, o) in SHAPES.items()}
     calls = []
 
-    def ride(layer: int, group: str, rows: int):
-        calls.append(group)
-        if fail_at is not None and len(calls) == fail_at:
-            raise torch.OutOfMemoryError("injected")
-        return projections[group].ride(rows)
+    class Failing:
+        def __init__(self, projection: GroupProjection) -> None:
+            self.projection = projection
 
-    return LoraSlots(SHAPES, slots=2, device=CPU, dtype=torch.float32, ride=ride), projections
+        def ride(self, rows: int):
+            calls.append(rows)
+            if fail_at is not None and len(calls) == fail_at:
+                raise torch.OutOfMemoryError("injected")
+            return self.projection.ride(rows)
+
+        def compact(self, rows: int):
+            return self.projection.compact(rows)
+
+    rooms = {name: Failing(projection) for name, projection in projections.items()}
+    return LoraSlots(
+        SHAPES, slots=2, device=CPU, dtype=torch.float32, room=lambda layer, group: rooms[group]
+    ), projections
 
 
 def test_the_shrink_riding_in_the_base_gemm_gives_the_same_terms():
@@ -181,6 +191,24 @@ def test_a_relayout_that_fails_midway_leaves_the_old_layout_serving():
     q = projections["q_proj"]  # its weight grew before the failure: A now rides in the new storage
     out = lora.apply(0, "q_proj", x, q(x), lora.row_mask(torch.tensor([slot])))
     torch.testing.assert_close(out[0], x[0] @ q.modules[0].weight.t() + reference(one, x[0], "q_proj", 1.0))
+
+
+def test_unloading_the_widest_adapter_gives_its_riding_rows_back():
+    lora, projections = riding_slots()
+    lora.add("narrow", rank=2, scaling=1.0, state_dict=adapter(2, 1))
+    lora.add("wide", rank=4, scaling=1.0, state_dict=adapter(4, 2))
+    q = projections["q_proj"]
+    assert q.weight.shape == (6 + 2 * 4, 4)
+    lora.remove("wide")
+    assert lora.rank == 2 and q.weight.shape == (6 + 2 * 2, 4)  # the spare rows are freed, not kept
+    x = torch.randn(1, 4)
+    slot = lora.acquire("narrow")
+    out = lora.apply(0, "q_proj", x, q(x), lora.row_mask(torch.tensor([slot])))
+    torch.testing.assert_close(out[0], x[0] @ q.modules[0].weight.t() + reference(adapter(2, 1), x[0], "q_proj", 1.0))
+    lora.release("narrow")
+    lora.remove("narrow")
+    assert lora.rank == 0 and q.weight.shape == (6, 4) and lora.device_bytes == 0
+    torch.testing.assert_close(lora.apply(0, "q_proj", x, q(x), None), x @ q.modules[0].weight.t())
 
 
 # -- step planning ----------------------------------------------------------------------------------------------

@@ -686,9 +686,10 @@ def test_reload_under_concurrent_streams(server, versions):
     old, new = versions[EN], versions[ZH]
     # Half English, half Chinese instructions: each version answers both, differently.
     bodies = [ask(rows_of(EN if i % 2 else ZH)[i % 16], "x", max_new_tokens=40) for i in range(20)]
-    # Plus two raw-prompt streams that run longer (~70 tokens on the old version, against ~20 for the
-    # facts), so old-version streams are still running when the reload lands, even on a fast machine.
-    bodies += [{"inputs": ENDLESS, "adapter": "x", "parameters": {"max_new_tokens": 300}}] * 2
+    # Plus two raw-prompt streams of exactly 500 tokens (ignore_eos; against ~20 for the facts): old-version
+    # streams are still running when the reload lands, on a fast machine and on a loaded one (with EOS they
+    # ended after ~70 tokens, which a reload slowed by a busy 2-core box could outlast: the test flaked).
+    bodies += [{"inputs": ENDLESS, "adapter": "x", "parameters": {"max_new_tokens": 500, "ignore_eos": True}}] * 2
     # What each version answers, request by request (facts-en / facts-zh are the same bytes as x's two versions).
     answers = generate_all(server, [{**b, "adapter": name} for name in (EN, ZH) for b in bodies])
     expected = {

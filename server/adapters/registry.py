@@ -103,6 +103,11 @@ class AdapterRegistry:
             raise not_loaded(name)
         return version
 
+    @property
+    def retired_count(self) -> int:
+        """Versions replaced or unloaded but not yet detached (held by requests, or being detached)."""
+        return len(self._retired)
+
     def acquire(self, name: str) -> AdapterVersion:
         """The live version of `name`, pinned until `release` (a reload will not free it)."""
         with self._refs_lock:

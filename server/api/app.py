@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from contract import __version__
 from server.api import admin, ops, playground, spec
 from server.api.handlers import install_error_handlers
-from server.api.limits import BodyLimitMiddleware
+from server.api.limits import BodyLimitMiddleware, ShedWhenFullMiddleware
 from server.api.openai import routes as openai_routes
 from server.api.tgi import routes as tgi_routes
 from server.errors import ServeError
@@ -40,6 +40,7 @@ def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
     app.include_router(playground.router)
     install_error_handlers(app)
     spec.install(app)
+    app.add_middleware(ShedWhenFullMiddleware, state=state)  # inside the metrics: its 429s are counted
     app.add_middleware(RequestMetricsMiddleware, state=state)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout_seconds
@@ -101,6 +102,6 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, watch)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", None) or scope.get("loraserve_route", "unmatched")
             adapter = scope.get("state", {}).get("adapter", "-")
             self.state.metrics.requests.labels(route, str(status["code"]), adapter).inc()

@@ -1,6 +1,6 @@
-"""Request body limits as pure ASGI middleware: its size (413 before it is read into memory) and the time
-it may take to arrive (408: a client that stops sending mid-body would otherwise hold its connection
-and request open for ever)."""
+"""Limits as pure ASGI middleware: a request body's size (413 before it is read into memory), the time it may
+take to arrive (408: a client that stops sending mid-body would otherwise hold its connection and request
+open for ever), and capacity (429 before the body is read)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 
 from server.api.openai import errors as openai_errors
 from server.api.tgi import errors as tgi_errors
+from server.engine.engine import overloaded
 from server.errors import PayloadTooLarge, RequestTimeout, ServeError
 
 
@@ -64,15 +65,41 @@ class BodyLimitMiddleware:
         return PayloadTooLarge(f"request body over {self.max_bytes} bytes")
 
     async def _reject(self, send, scope, error: ServeError) -> None:
-        shape = (
-            openai_errors if scope.get("path", "").startswith("/v1/") else tgi_errors
-        )  # OpenAI's SDKs read error.message
-        body = json.dumps(shape.error_body(error)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if error.status == 408:  # the connection may hold the rest of a body: never read it as a next request
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        # A 408's connection may hold the rest of a body: never read it as a next request.
+        await send_error(send, scope, error, close=error.status == 408)
+
+
+# The routes that admit generations (their templates: none has a path parameter).
+GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
+
+
+class ShedWhenFullMiddleware:
+    """At capacity, a generation request gets its 429 before its body is read, parsed or tokenized: under
+    overload refusals are most of the traffic, and each one takes CPU from the admitted requests' steps."""
+
+    def __init__(self, app, state) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        engine = self.state.engine
+        shed = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES
+        if shed and engine is not None and engine.full:
+            scope["loraserve_route"] = scope["path"]  # for the request metrics: no route matched yet
+            return await send_error(send, scope, overloaded())
+        return await self.app(scope, receive, send)
+
+
+async def send_error(send, scope, error: ServeError, *, close: bool = False) -> None:
+    """`error` in the wire format of the path (OpenAI's SDKs read error.message), as a plain response."""
+    shape = openai_errors if scope.get("path", "").startswith("/v1/") else tgi_errors
+    body = json.dumps(shape.error_body(error)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _Refused(Exception):

@@ -93,6 +93,12 @@ class Engine:
         with self._count_lock:
             return self._admitted
 
+    @property
+    def full(self) -> bool:
+        """Every running and queue place is taken: a request admitted now would be refused."""
+        with self._count_lock:
+            return self._admitted >= self.max_running + self.max_queue
+
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None
     ) -> AsyncIterator[TokenEvent | FinalEvent | ErrorEvent]:
@@ -135,7 +141,7 @@ class Engine:
             raise Unavailable("server is shutting down")
         with self._count_lock:
             if self._admitted >= self.max_running + self.max_queue:
-                raise Overloaded("server is at capacity; retry shortly", headers={"Retry-After": "1"})
+                raise overloaded()
             self._admitted += 1
         self._inbox.put(seq)
         self._wake.set()
@@ -315,15 +321,17 @@ class Engine:
         return InFlight(plan.sampled, choices) if choices is not None else None
 
     def _step_failed(self, plan: StepPlan, exc: Exception) -> None:
-        """A failed step wrote nothing it would not write again, so decoding rows can retry it. When
-        the step carried prompt chunks (the memory-hungry part), only those requests fail, unless the
-        step before failed too: then the decoding rows are as likely the cause, and they fail as well
-        (else newcomers arriving every step would each be blamed, for ever)."""
+        """A failed step wrote nothing it would not write again, so the rows it spares retry it. When
+        the step carried prompt chunks (the memory-hungry part), only those requests fail. Otherwise,
+        or when the step before failed too, the newest decoding row fails as well, as a preemption
+        would pick it: one row per failed step, so a one-off fault (out of memory) costs one request,
+        not the batch, and a fault that persists still ends (newcomers alone would be blamed for ever)."""
         log.exception("forward failed (%d decoding, %d prefilling)", len(plan.decoding), len(plan.prefilling))
         _release_cuda_memory()
         self._failed_steps += 1
         message = f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"
-        blamed = plan.prefilling if plan.prefilling and self._failed_steps == 1 else plan.prefilling + plan.decoding
+        newest = [max(plan.decoding, key=lambda seq: seq.id)] if plan.decoding else []
+        blamed = plan.prefilling if plan.prefilling and self._failed_steps == 1 else plan.prefilling + newest
         for seq in blamed:
             self._fail(seq, message)
 
@@ -411,6 +419,10 @@ def _needs_its_tokens(seq: Sequence) -> bool:
     """The repetition penalty reads every id drawn so far on the host: such a row cannot be planned
     while its last token is still on the device."""
     return seq.in_flight > 0 and seq.params.repetition_penalty != 1.0
+
+
+def overloaded() -> Overloaded:
+    return Overloaded("server is at capacity; retry shortly", headers={"Retry-After": "1"})
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -14,11 +14,13 @@ a mask,
     delta = where(mask, x @ A[g]^T, 0) @ B[g]      mask[t, c] = ((c mod slots*R) // R == slot[t])
 
 Where the group's base weight is fused (projections.py), A[g] rides in it: the base GEMM's output
-already holds x @ A[g]^T after the base columns, and the shrink costs no launch of its own.
+already holds x @ A[g]^T after the base columns, and the shrink costs no launch of its own. `room`
+gives each group's projection (an object with `ride(rows)` and `compact(rows)`, or None).
 
 whatever the mix of adapters: the number of kernel launches grows neither with the number of
 distinct adapters in the batch nor with the projections of a group. R grows to the largest rank
-attached (buffers re-laid out once). Zeroed columns and blocks contribute exact zeros, so a row's
+attached (buffers re-laid out once), and shrinks back when the widest is unloaded: an unloaded
+adapter keeps no device memory. Zeroed columns and blocks contribute exact zeros, so a row's
 result does not depend on its neighbours; `where` rather than a multiply, so that even an overflow
 in another adapter's columns (inf * 0 = NaN) stays out of a row. Non-finite weights are refused at load.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +59,7 @@ class LoraSlots:
         device,
         dtype,
         groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None,
-        ride: Callable[[int, str, int], torch.Tensor | None] | None = None,
+        room: Callable[[int, str], Room | None] | None = None,
     ) -> None:
         self.shapes = shapes  # (layer, projection) → (in_features, out_features)
         names = sorted({proj for _, proj in shapes}, key=PROJECTIONS.index)
@@ -78,8 +81,7 @@ class LoraSlots:
         self.host: dict[str, HostAdapter] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # key → slot, least recently used first
         self.pins: dict[str, int] = {}
-        # (layer, group, rows) → zeroed rows of that group's base GEMM to keep A in, or None (own tensor)
-        self._ride = ride or (lambda layer, group, rows: None)
+        self._room = room or (lambda layer, group: None)  # where a group's A may ride (its base projection)
         self.riding: set[tuple[int, str]] = set()  # groups whose A rides in the base GEMM's weight
         self.uploads = 0  # host → device copies so far (a reload counter for metrics and tests)
 
@@ -91,7 +93,7 @@ class LoraSlots:
         if self.device.type == "cuda":
             weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
         if rank > self.rank:
-            self._grow(rank)  # all or nothing: a failure (out of memory) leaves the old layout serving
+            self._lay_out(rank)  # all or nothing: a failure (out of memory) leaves the old layout serving
         self.host[key] = HostAdapter(rank=rank, weights=weights)
 
     def remove(self, key: str) -> None:
@@ -101,6 +103,19 @@ class LoraSlots:
         slot = self.resident.pop(key, None)
         if slot is not None:
             self._clear(slot)
+        widest = max((adapter.rank for adapter in self.host.values()), default=0)
+        if widest < self.rank:
+            self._lay_out(widest)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory of the loaded adapters' weights (memory accounting: unload must give it back)."""
+        return sum(_nbytes(ab) for adapter in list(self.host.values()) for ab in adapter.weights.values())
+
+    @property
+    def device_bytes(self) -> int:
+        """Memory of the slot buffers (riding A rows included): sized by the widest adapter loaded, 0 when none is."""
+        return _nbytes(list(self.A.values()) + list(self.B.values()))
 
     # -- the device tier -------------------------------------------------------------------------
     def acquire(self, key: str) -> int | None:
@@ -181,32 +196,39 @@ class LoraSlots:
         out_start = sum(self.shapes[(layer, p)][1] for p in self.groups[group][:index])
         return slice(start, start + self.rank), slice(out_start, out_start + self.shapes[(layer, proj)][1])
 
-    def _grow(self, rank: int) -> None:
-        """Re-lay out the device buffers for a wider slot; resident adapters are uploaded again. All or
-        nothing: a failure (out of memory) leaves the old layout serving."""
+    def _lay_out(self, rank: int) -> None:
+        """Re-lay out the device buffers for slots `rank` wide (none at 0); resident adapters are uploaded
+        again. All or nothing: a failure (out of memory) leaves the old layout serving."""
         A, B, riding = {}, {}, set()
         try:
-            for layer in self.layers:
-                for group, projs in self.groups.items():
-                    present = [p for p in projs if (layer, p) in self.shapes]
-                    if not present:
-                        continue
-                    in_features = self.shapes[(layer, present[0])][0]
-                    out_features = sum(self.shapes[(layer, p)][1] for p in projs)
-                    width = len(projs) * self.slots * rank
-                    B[(layer, group)] = torch.zeros(width, out_features, device=self.device, dtype=self.dtype)
-                    a = self._ride(layer, group, width)
-                    if a is not None:
-                        riding.add((layer, group))
+            for layer, group, in_features, out_features in self._group_sizes():
+                width = len(self.groups[group]) * self.slots * rank
+                room = self._room(layer, group)
+                a = room.ride(width) if room is not None else None  # zero rows at rank 0
+                if a is not None:
+                    riding.add((layer, group))
+                if rank:
+                    B[(layer, group)] = self._zeros(width, out_features)
                     A[(layer, group)] = a if a is not None else self._zeros(width, in_features)
         except BaseException:
             self._take_back_rows(riding)
             raise
+        shrunk = rank < self.rank
         self.rank, self.A, self.B, self.riding = rank, A, B, riding
-        self._column_slots = torch.arange(self.slots * rank, device=self.device) // rank  # [slots * R]: owner slot
+        if shrunk:
+            self._compact()
+        self._column_slots = torch.arange(self.slots * rank, device=self.device) // max(rank, 1)  # [slots * R]: owner
         self.layout += 1
         for key, slot in list(self.resident.items()):
             self._upload(key, slot)
+
+    def _group_sizes(self):
+        """(layer, group, in_features, out_features) of every group the shapes have."""
+        for layer in self.layers:
+            for group, projs in self.groups.items():
+                present = [p for p in projs if (layer, p) in self.shapes]
+                if present:
+                    yield layer, group, self.shapes[(layer, present[0])][0], self.out_widths[(layer, group)]
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(*shape, device=self.device, dtype=self.dtype)
@@ -215,9 +237,36 @@ class LoraSlots:
         """A failed re-layout: the groups whose base weight already grew hold their A in new storage now.
         The old layout's rows are a prefix of the new room (no allocation), so point A there and upload again."""
         for layer, group in moved & self.riding:
-            self.A[(layer, group)] = self._ride(layer, group, self.A[(layer, group)].shape[0])
+            self.A[(layer, group)] = self._room(layer, group).ride(self.A[(layer, group)].shape[0])
         for key, slot in list(self.resident.items()):
             self._upload(key, slot)
+
+    def _compact(self) -> None:
+        """After a shrink, give the riding groups' spare rows back (a copy of each base weight, one at a
+        time). Best effort: a group whose copy fails keeps its larger storage, which costs only memory."""
+        for layer, group, _, _ in self._group_sizes():
+            room = self._room(layer, group)
+            if room is None:
+                continue
+            width = self.A[(layer, group)].shape[0] if (layer, group) in self.A else 0
+            try:
+                tail = room.compact(width)
+            except torch.OutOfMemoryError:
+                continue
+            if (layer, group) in self.A and tail is not None:
+                self.A[(layer, group)] = tail
+
+
+class Room(Protocol):
+    """A projection whose GEMM can compute A's rows too (projections.GroupProjection)."""
+
+    def ride(self, rows: int) -> torch.Tensor | None: ...
+
+    def compact(self, rows: int) -> torch.Tensor | None: ...
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _host_weights(

@@ -57,6 +57,16 @@ class GroupProjection:
         tail.zero_()
         return tail
 
+    @torch.no_grad()
+    def compact(self, rows: int) -> torch.Tensor | None:
+        """Storage for exactly `rows` riding rows (0: the base alone), freeing spare room; the new rows,
+        zeroed (the caller uploads them again), or None when the group has no fused weight."""
+        if self.weight is None:
+            return None
+        if rows != self.riders:
+            self._make_room(rows)
+        return self.ride(rows)
+
     def _make_room(self, rows: int) -> None:
         """A new fused weight with `rows` riding rows; the modules' weights become views of it (the old
         storage is freed once nothing else holds it)."""

@@ -22,6 +22,7 @@ from contract.base_config import position_limit
 from contract.lora import AdapterConfig, lora_scaling
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.decoder import Decoder, Step, check_architecture, projection_shapes
+from server.engine.faults import FaultPlan
 from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.engine.lora_slots import LoraSlots
@@ -44,8 +45,10 @@ class ModelRunner:
         kv_memory_fraction: float = 0.9,
         cuda_graphs: bool = True,
         compile_kernels: bool = True,
+        faults: FaultPlan | None = None,
     ) -> None:
         check_architecture(model.config)
+        self.faults = faults or FaultPlan()
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.device = next(model.parameters()).device
         self.dtype = model.get_input_embeddings().weight.dtype
@@ -70,7 +73,7 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
             groups=GROUPS,
-            ride=lambda layer, group, rows: projections[layer][group].ride(rows),  # the shrink in the base GEMM
+            room=lambda layer, group: projections[layer][group],  # the shrink rides in the base GEMM
         )
         kernels = Kernels(compiled=compile_kernels and self.device.type == "cuda")
         self.decoder = Decoder(model, cache=self.cache, lora=self.lora, kernels=kernels, projections=projections)
@@ -85,6 +88,7 @@ class ModelRunner:
 
     def forward(self, step: Step) -> torch.Tensor:
         """Logits [R, V] of the step: a CUDA graph replay for decode-only steps where possible."""
+        self.faults.before_forward(decode_rows=step.decode_rows, prompt_chunks=len(step.chunks))
         logits = self.graphs.forward(step) if self.graphs else None
         return self.decoder.forward(step) if logits is None else logits
 
@@ -95,12 +99,18 @@ class ModelRunner:
             self.graphs.warm_up()
 
     @property
+    def device_allocated_bytes(self) -> int:
+        """What the CUDA caching allocator holds for tensors (0 on a CPU: RSS tells the host's story)."""
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    @property
     def attached(self) -> set[str]:
         return set(self.lora.host)
 
     def attach(self, key: str, lora_config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> None:
         """Keep adapter `key` ready to serve: host copy now, a device slot when a request needs it.
         Raises ValueError when it does not fit this model or this server's rank limit."""
+        self.faults.before_attach()
         rank = int(lora_config.r)
         if rank > self.max_lora_rank:
             raise ValueError(f"rank {rank} is over this server's limit of {self.max_lora_rank}")
@@ -122,6 +132,7 @@ def load_runner(
     kv_memory_fraction: float = 0.9,
     cuda_graphs: bool = True,
     compile_kernels: bool = True,
+    faults: FaultPlan | None = None,
 ) -> ModelRunner:
     backend = choose_backend(backend)
     if load_in_4bit and backend != "unsloth":  # serving full precision instead could run out of memory
@@ -147,6 +158,7 @@ def load_runner(
         kv_memory_fraction=kv_memory_fraction,
         cuda_graphs=cuda_graphs,
         compile_kernels=compile_kernels,
+        faults=faults,
     )
 
 

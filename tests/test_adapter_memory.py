@@ -1,0 +1,59 @@
+"""Unloading an adapter gives back its memory (tier a, no model): the host copy is freed, and the
+device slots shrink back when the widest adapter leaves. Memory accounting is what /metrics reports."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+
+from server.engine.lora_slots import LoraSlots
+from tests.test_engine_parts import CPU, SHAPES, adapter, reference
+
+
+def upload(lora: LoraSlots, key: str) -> None:
+    """Into a device slot and unpinned again, as one request on it does."""
+    assert lora.acquire(key) is not None
+    lora.release(key)
+
+
+def slots_with(*ranks: int) -> LoraSlots:
+    lora = LoraSlots(SHAPES, slots=2, device=CPU, dtype=torch.float32)
+    for index, rank in enumerate(ranks):
+        lora.add(f"r{index}", rank=rank, scaling=1.0, state_dict=adapter(rank, index))
+    return lora
+
+
+def test_unload_frees_the_host_copy():
+    lora = slots_with(2, 2)
+    upload(lora, "r0")  # the device tier has held it too
+    refs = [weakref.ref(t) for ab in lora.host["r0"].weights.values() for t in ab]
+    kept = lora.host_bytes
+    lora.remove("r0")
+    gc.collect()
+    assert all(ref() is None for ref in refs), "the unloaded adapter's host tensors are still referenced"
+    assert lora.host_bytes == kept // 2 and list(lora.host) == ["r1"]
+
+
+def test_unloading_the_widest_adapter_shrinks_the_device_slots():
+    lora = slots_with(2, 8)
+    upload(lora, "r1")
+    wide = lora.device_bytes
+    lora.remove("r1")
+    assert lora.device_bytes == slots_with(2).device_bytes < wide  # as if the rank-8 one never came
+    assert lora.rank == 2
+    slot = lora.acquire("r0")  # the one left still answers exactly
+    x = torch.randn(3, 4)
+    out = lora.apply(0, "q_proj", x, torch.zeros(3, 6), lora.row_mask(torch.tensor([slot] * 3)))
+    torch.testing.assert_close(out, reference(adapter(2, 0), x, "q_proj", 1.0))
+
+
+def test_no_adapter_left_means_no_device_slots():
+    lora = slots_with(4)
+    upload(lora, "r0")
+    lora.remove("r0")
+    assert (lora.device_bytes, lora.host_bytes, lora.rank) == (0, 0, 0)
+    assert lora.row_mask(torch.tensor([-1, -1])) is None  # base-model rows skip LoRA again
+    lora.add("again", rank=2, scaling=1.0, state_dict=adapter(2, 5))  # and it grows back on the next load
+    assert lora.device_bytes == slots_with(2).device_bytes
