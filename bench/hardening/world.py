@@ -16,12 +16,17 @@ from tests.live import LiveServer
 
 # Ranks differ between versions, so the churn also grows and shrinks the device slots.
 RANKS = (4, 8, 16)
+# Every scenario compares answers with each version's own greedy text, so no greedy path may pass an
+# exact near-tie: batches of other shapes round differently in the last bits and may take the other
+# branch (no version mixed in). `near_ties` checks it. "中国的首都是北京。请回答问题。" had one for a0-v2
+# (top-2 logit gap 1.4e-6 at its 13th token) and was replaced.
 PROMPTS = (
     "hello world the quick brown fox",
     "the capital city of the world answer",
     "red blue green apple river castle tower",
-    "中国的首都是北京。请回答问题。",
+    "北京是中国的首都。请回答这个问题。",
 )
+NEAR_TIE = 1e-4  # a top-2 logit gap below this is a near-tie (fp32 rounding between batch shapes is ~1e-6)
 
 
 @dataclass
@@ -70,6 +75,35 @@ def build_world(work: Path, *, model: Path | None = None, names: int = 4, versio
     world.logs.mkdir(parents=True, exist_ok=True)
     _write_adapters(world)
     return world
+
+
+def near_ties(world: World, *, max_new_tokens: int) -> list[str]:
+    """(version, prompt, token) of every greedy path (base and each version, transformers + PEFT in fp32)
+    whose top-2 logit gap falls under NEAR_TIE within `max_new_tokens`: where an exact comparison is unsound."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world.model)
+    found = []
+    for version in [None] + [world.path(name, k) for name in world.names for k in range(world.versions)]:
+        model = AutoModelForCausalLM.from_pretrained(world.model, dtype=torch.float32)
+        model = (PeftModel.from_pretrained(model, str(world.root / version)) if version else model).eval()
+        for index, prompt in enumerate(PROMPTS):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            out = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            for token, scores in enumerate(out.scores):
+                top = torch.topk(scores[0].float(), 2).values
+                if top[0] - top[1] < NEAR_TIE:
+                    found.append(f"{version or 'base'} prompt {index} token {token}: gap {top[0] - top[1]:.2e}")
+    return found
 
 
 def _write_adapters(world: World) -> None:
