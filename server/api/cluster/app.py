@@ -64,7 +64,9 @@ def create_ingress_app(settings: ServerSettings, cluster: Cluster) -> FastAPI:
     app.add_api_route("/info", _info, methods=["GET"])
     app.add_api_route("/{path:path}", _forward, methods=METHODS)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout_seconds
+    )
     return app
 
 
