@@ -184,6 +184,15 @@ def _deploy(url: str, *, name: str, path: str) -> None:
     typer.echo(f"deployed: {name} version {version} is live at {url}")
 
 
+def _checked_server_settings(**given):
+    """`serve`'s and `cluster`'s settings, each problem with them (paths, adapters) one line and exit 2."""
+    from loraserve.preflight import serve_problem
+
+    settings = _server_settings(**given)
+    _fail_if(serve_problem(settings))
+    return settings
+
+
 def _server_settings(**given):
     """Settings from the environment (LORASERVE_*), overridden by the flags actually given."""
     from pydantic import ValidationError
@@ -233,10 +242,9 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve the base model and adapters over HTTP. Admin token: LORASERVE_ADMIN_TOKEN."""
-    from loraserve.preflight import serve_problem
     from server.serve import serve as run_server
 
-    settings = _server_settings(
+    settings = _checked_server_settings(
         base_model=base_model,
         adapter_root=adapter_root,
         adapters=_parse_adapters(adapter),
@@ -245,7 +253,6 @@ def serve(
         backend=backend,
         load_in_4bit=load_in_4bit,
     )
-    _fail_if(serve_problem(settings))
     run_server(settings, log_level=log_level)
 
 
@@ -268,10 +275,9 @@ def cluster(
     log_level: str = "info",
 ) -> None:
     """Serve with N replicas on Ray Serve behind one endpoint, adapter-aware. Same settings as `serve`."""
-    from loraserve.preflight import serve_problem
     from server.errors import ServeError
 
-    settings = _server_settings(
+    settings = _checked_server_settings(
         base_model=base_model,
         adapter_root=adapter_root,
         adapters=_parse_adapters(adapter),
@@ -280,7 +286,6 @@ def cluster(
         backend=backend,
         load_in_4bit=load_in_4bit,
     )
-    _fail_if(serve_problem(settings))
     given = dict(replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus, models_per_replica=models_per_replica)
     cluster_settings = _cluster_settings(**given, ray_address=ray_address)
     try:

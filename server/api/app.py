@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from contract import __version__
 from server.api import admin, ops, playground, spec
 from server.api.handlers import install_error_handlers
-from server.api.limits import BodyLimitMiddleware, ShedWhenFullMiddleware
+from server.api.limits import ShedWhenFullMiddleware, limit_bodies
 from server.api.openai import routes as openai_routes
 from server.api.tgi import routes as tgi_routes
 from server.errors import ServeError
@@ -42,9 +42,7 @@ def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
     spec.install(app)
     app.add_middleware(ShedWhenFullMiddleware, state=state)  # inside the metrics: its 429s are counted
     app.add_middleware(RequestMetricsMiddleware, state=state)
-    app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout_seconds
-    )
+    limit_bodies(app, settings)
     return app
 
 

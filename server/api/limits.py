@@ -13,6 +13,13 @@ from server.engine.engine import overloaded
 from server.errors import PayloadTooLarge, RequestTimeout, ServeError
 
 
+def limit_bodies(app, settings) -> None:
+    """The body limits of ServerSettings on `app` (the server's and the cluster ingress's alike)."""
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout_seconds
+    )
+
+
 class BodyLimitMiddleware:
     def __init__(self, app, max_bytes: int, timeout_seconds: float) -> None:
         self.app = app

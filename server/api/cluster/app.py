@@ -21,7 +21,7 @@ from server.api.admin import AdapterInfo
 from server.api.cluster.forward import ForwardedResponse, collect, first_message, replay
 from server.api.deps import require_admin, require_api_key
 from server.api.handlers import install_error_handlers
-from server.api.limits import BodyLimitMiddleware
+from server.api.limits import limit_bodies
 from server.api.openai.errors import OpenAIRoute
 from server.api.openai.routes import model_cards, unknown_model
 from server.api.openai.schemas import ModelCard, ModelList
@@ -64,9 +64,7 @@ def create_ingress_app(settings: ServerSettings, cluster: Cluster) -> FastAPI:
     app.add_api_route("/info", _info, methods=["GET"])
     app.add_api_route("/{path:path}", _forward, methods=METHODS)
     install_error_handlers(app)
-    app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout_seconds
-    )
+    limit_bodies(app, settings)
     return app
 
 
