@@ -89,6 +89,31 @@ def profile(engine: Engine, streams: int, new: int, *, sampled: bool, top: int =
         print(f"   {us / steps / 1000:7.3f} ms/step {launches[name] / steps:6.1f}/step  {name}")
 
 
+def ops(engine: Engine, streams: int, new: int, *, sampled: bool, top: int = 12) -> None:
+    """Which operators launch the step's kernels: an eager profile (graphs hide the ops that built them),
+    operators by calls per step, with the GPU time of what they launched. Slower than a replay; for
+    attribution, not timing. The profiler records the CPU ops of the thread that starts it: the engine's."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    try:
+        first_wave(engine, streams, new, sampled=sampled)
+        steps_before = engine.stats.steps
+        asyncio.run(engine.call(prof.start))
+        asyncio.run(wave(engine, streams, new, sampled=sampled))
+        asyncio.run(engine.call(lambda: (torch.cuda.synchronize(), prof.stop())))
+    finally:
+        engine.runner.graphs = graphs
+    steps = engine.stats.steps - steps_before
+    rows = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    print(f"\n== {streams} streams {'sampled' if sampled else 'greedy'}, eager: operators by calls per step")
+    for e in sorted(rows, key=lambda e: -e.count)[:top]:
+        gpu_ms = getattr(e, "device_time_total", 0) / steps / 1000
+        print(f"   {e.count / steps:7.1f} calls/step {gpu_ms:7.3f} ms/step GPU  {e.key}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", default="1,8,64")
@@ -96,6 +121,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="time only, no torch.profiler")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per profile")
     parser.add_argument("--greedy-only", action="store_true")
+    parser.add_argument("--ops", action="store_true", help="an eager profile by operator (what launches what)")
     parser.add_argument(
         "--prefill-chunk-tokens", type=int, default=ServerSettings.model_fields["prefill_chunk_tokens"].default
     )
@@ -129,7 +155,8 @@ def main() -> None:
     try:
         for streams in (int(s) for s in args.streams.split(",")):
             for sampled in (False,) if args.greedy_only else (False, True):
-                (timed if args.plain else profile)(engine, streams, args.new, sampled=sampled, top=args.top)
+                measure = timed if args.plain else ops if args.ops else profile
+                measure(engine, streams, args.new, sampled=sampled, top=args.top)
     finally:
         engine.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,11 @@ class ServerSettings(BaseSettings):
     )
     backend: str = Field("auto", description=BACKENDS_HELP)
     load_in_4bit: bool = Field(False, description="4-bit base (bitsandbytes); needs the unsloth backend.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights and KV cache dtype; auto: bfloat16 on a GPU that has it, else float32 "
+        "(float32 on a GPU: exact comparisons, twice the memory).",
+    )
     default_template: str = Field("alpaca", description="Template for adapters without a manifest and the base model.")
 
     host: str = "127.0.0.1"

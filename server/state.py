@@ -48,6 +48,7 @@ class ServerState:
             s.base_model,
             backend=s.backend,
             load_in_4bit=s.load_in_4bit,
+            dtype=s.dtype,
             max_context=s.max_context,
             kv_slots=s.max_running,
             adapter_slots=s.adapter_slots,

@@ -257,6 +257,20 @@ def test_both_wire_formats_and_streams_answer_as_a_single_server(cluster, single
     assert ours["done"] == "[DONE]" and ours["blocking"][0]
 
 
+def test_beyond_every_replica_and_rays_queue_requests_get_429(cluster):
+    """Overload: past each replica's running and queued requests (MAX_RUNNING + MAX_QUEUE) and as many
+    again waiting in Ray, a request is refused at once with 429 and Retry-After, as a single server refuses;
+    every admitted one completes."""
+    capacity = 2 * (int(SETTINGS["MAX_RUNNING"]) + int(SETTINGS["MAX_QUEUE"])) + int(SETTINGS["MAX_QUEUE"])
+    responses = post_all(cluster, "/generate", [native(None, max_new_tokens=200)] * (capacity + 14))
+    codes = Counter(r.status_code for r in responses)
+    assert set(codes) <= {200, 429} and codes[429] >= 1, (codes, [r.text[:200] for r in responses if r.status_code != 200][:1])
+    assert codes[200] >= 2 * int(SETTINGS["MAX_RUNNING"]), codes  # the replicas were not refused work
+    refused = [r for r in responses if r.status_code == 429]
+    assert all(r.headers.get("retry-after") for r in refused), refused[0].headers
+    assert "capacity" in refused[0].text, refused[0].text
+
+
 def test_listings_and_errors_answer_as_a_single_server(cluster, single):
     def get(server, path, **kwargs):
         return httpx.get(server.url + path, timeout=TIMEOUT, **kwargs)

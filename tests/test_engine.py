@@ -676,9 +676,9 @@ def test_unsloth_is_never_asked_for_more_context_than_the_model_has(tiny_model_d
 
     asked = {}
 
-    def load_like_unsloth(base_model, *, load_in_4bit, max_context):
+    def load_like_unsloth(base_model, *, load_in_4bit, max_context, dtype):
         asked["max_context"] = max_context
-        return runner_module._load_transformers(base_model)
+        return runner_module._load_transformers(base_model, dtype=dtype)
 
     monkeypatch.setattr(runner_module, "choose_backend", lambda requested: requested)
     monkeypatch.setattr(runner_module, "_load_unsloth", load_like_unsloth)

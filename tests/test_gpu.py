@@ -115,8 +115,12 @@ def test_mixed_adapter_batches_match_single_runs(unsloth_server, trained_adapter
 
 def test_4bit_base_serves_mixed_batches(tiny_model_dir, trained_adapters):
     """`LOAD_IN_4BIT`: Unsloth loads the base in 4-bit (bitsandbytes layers) and our decoder calls those
-    layers as they are. Adapter rows of a mixed batch still equal their single runs; how many trained
-    answers survive the quantized base is reported (the adapters were trained on the 16-bit base)."""
+    layers as they are. The adapters were trained on the 16-bit base, so on the quantized one they are unsure
+    (about half their answers survive, reported): many next-token choices are close calls, and a batch of
+    another shape rounds bf16 differently in the last bits. So a mixed row equals its single run, or leaves
+    it at a near-tie: the same tokens with the same logprobs (up to bf16 rounding) until there, and there two
+    tokens each run rated the most likely with (nearly) the same logprob. A row run with the wrong adapter,
+    position or cache fails that at its first tokens."""
     with LiveServer(
         tiny_model_dir,
         trained_adapters.root,
@@ -127,7 +131,26 @@ def test_4bit_base_serves_mixed_batches(tiny_model_dir, trained_adapters):
         reqs = [r for r in _requests(trained_adapters) if r[0]["adapter"]]
         singles = [_ok(httpx.post(f"{server.url}/generate", json=body, timeout=300)) for body, _ in reqs]
         mixed = asyncio.run(_post_all(server.url, [body for body, _ in reqs]))
-    same = sum(s["generated_text"] == m["generated_text"] for s, m in zip(singles, mixed))
+    splits = [_divergence(s, m) for s, m in zip(singles, mixed)]
+    same = sum(split is None for split in splits)
     trained = sum(s["generated_text"] == expected for s, (_, expected) in zip(singles, reqs))
-    print(json.dumps({"rows": len(reqs), "mixed_equals_single": same, "single_equals_trained": trained}))
-    assert same == len(reqs)
+    left = [split for split in splits if split is not None]
+    print(json.dumps({"rows": len(reqs), "mixed_equals_single": same, "single_equals_trained": trained, "left": left}))
+    assert all(split["near_tie"] for split in left), left
+
+
+BF16_LOGPROB_TOLERANCE = 0.15  # nats: bf16 keeps ~3 significant digits of each logit
+
+
+def _divergence(single: dict, mixed: dict) -> dict | None:
+    """None when the two runs chose the same tokens; else where they part, how far their logprobs were
+    apart before that (max) and at it, and whether that makes it a near-tie."""
+    a, b = single["details"]["tokens"], mixed["details"]["tokens"]
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x["id"] != y["id"]), None)
+    if at is None and len(a) == len(b):
+        return None
+    at = min(len(a), len(b)) if at is None else at  # one run stopped (EOS) where the other went on
+    before = max((abs(x["logprob"] - y["logprob"]) for x, y in zip(a[:at], b[:at])), default=0.0)
+    there = abs(a[at]["logprob"] - b[at]["logprob"]) if at < min(len(a), len(b)) else None
+    near = before <= BF16_LOGPROB_TOLERANCE and there is not None and there <= BF16_LOGPROB_TOLERANCE
+    return {"token": at, "logprob_gap_before": round(before, 4), "logprob_gap_there": there, "near_tie": near}

@@ -12,7 +12,7 @@
 # 4. bench/cluster_compare.py: tok/s and TTFT p50/p99 per level, the cluster's ratio, the hit rate; in table.txt
 #
 # 128-token prompts, exactly 128 new tokens (ignore_eos), greedy, 2 x concurrency requests per level (at least 16).
-# Needs ray[serve] 2.60 in the bundle (.gpu/site.tar.xz; `pip install 'ray[serve]==2.60.0'` into it).
+# Needs Ray Serve on the machine: the two archives of bench/gpu/make_ray_bundle.sh (bench/gpu/README.md says how).
 # Overrides: LEVELS (8,32,64), PHASES (single,cluster), ZIPF_S (1.1), FILES, BACKEND (transformers),
 # MAX_RUNNING (64), KV_FRACTION (0.4 per replica of the memory free when it starts), SKIP_SETUP=1 with
 # BASE_MODEL=dir ADAPTER_DIR=dir (a CPU dry run: the tiny model and 16 adapters a0..a15 in that dir, LEVELS=2).
@@ -36,7 +36,7 @@ if [ "${SKIP_SETUP:-0}" = 1 ]; then
   model=${BASE_MODEL:?SKIP_SETUP=1 needs BASE_MODEL}; adapter_root=${ADAPTER_DIR:?SKIP_SETUP=1 needs ADAPTER_DIR}
 else
   source bench/gpu/setup.sh
-  python3 -c "import ray.serve" 2>/dev/null || { echo "ray[serve] is not in the bundle: add ray[serve]==2.60.0"; exit 1; }
+  python3 -c "import ray.serve" 2>/dev/null || { echo "ray[serve] is missing: carry the archives of bench/gpu/make_ray_bundle.sh (bench/gpu/README.md)"; exit 1; }
   # -- 1. files -----------------------------------------------------------------------------------------------------
   if [ ! -f "$files/.complete" ]; then
     rm -rf "$files"

@@ -25,6 +25,7 @@ def application(settings: ServerSettings, cluster: ClusterSettings) -> Applicati
         num_replicas=cluster.replicas,
         ray_actor_options={"num_gpus": cluster.num_gpus, "num_cpus": cluster.num_cpus},
         max_ongoing_requests=cluster.max_ongoing_requests(settings),
+        max_queued_requests=cluster.max_queued_requests(settings),
         # A model load takes minutes on a GPU: Ray must not give up on a starting replica before that.
         health_check_timeout_s=60,
         # A replica that fails to start (a bad model or start-up adapter) fails again: say so after 3 tries.

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -14,7 +13,7 @@ from server.api.cluster.app import create_ingress_app
 from server.api.cluster.forward import LOST
 from server.cluster.catalog import Entry, model_id
 from server.cluster.forwarding import ForwardedRequest
-from server.errors import Overloaded, Unavailable
+from server.errors import Overloaded, ServeError, Unavailable
 from server.settings import ServerSettings
 
 
@@ -54,13 +53,17 @@ class RayCluster:
             async for message in response:
                 yield message
             finished = True
-        except BackPressureError as exc:  # every replica and Ray's queue in front of them are full
-            raise Overloaded("the cluster is at capacity; retry later", headers={"Retry-After": "1"}) from exc
-        except (RayActorError, ActorUnavailableError) as exc:
-            raise Unavailable(LOST, headers={"Retry-After": "1"}) from exc
         finally:
             if not finished:  # the client left (Ray cancelled us) or the replica failed: stop its work too
                 response.cancel()
+
+    def failure(self, exc: Exception) -> ServeError:
+        """Forwarding failed before the replica's answer began. Ray's refusal of a full queue does not
+        always come through `forward`'s own frame (seen: its frame is cancelled and the caller awaiting
+        it gets the BackPressureError), so it is told apart here, where the caller catches it."""
+        if isinstance(exc, BackPressureError):  # every replica and Ray's queue in front of them are full
+            return Overloaded("the cluster is at capacity; retry later", headers={"Retry-After": "1"})
+        return Unavailable(LOST, headers={"Retry-After": "1"})  # the replica died or Ray could not reach it
 
 
 @serve.deployment

@@ -37,3 +37,9 @@ class ClusterSettings(BaseSettings):
         """What Ray may hand one replica at once: its engine's own running slots and queue. Beyond that Ray
         queues (or sends the request to another replica), so the engine's 429 stays for real overload."""
         return server.max_running + server.max_queue
+
+    def max_queued_requests(self, server: ServerSettings) -> int:
+        """What Ray may hold in front of the replicas once each has its fill: as many as one replica's own
+        queue. Beyond it Ray refuses (BackPressureError) and the ingress answers 429 with Retry-After, as a
+        single server does; unbounded, an overload would pile up in Ray's queue with no answer."""
+        return server.max_queue

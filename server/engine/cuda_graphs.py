@@ -51,6 +51,11 @@ class DecodeGraphs:
         self.max_span = decoder.cache.max_len
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        # One side stream for every capture's warm-up passes, for the engine's lifetime: cuBLAS keeps a
+        # workspace (32 MiB on Hopper) for each stream it has run on and never frees it, so a new stream
+        # per capture leaked that much at every re-layout (measured: +846 MiB over the GPU churn run).
+        self._side = torch.cuda.Stream()
+        self._layout = decoder.lora.layout  # the layout every graph in _graphs was captured under
 
     def forward(self, step: Step) -> torch.Tensor | None:
         """The step's logits [R, V] by graph replay; None when this step must run eagerly."""
@@ -58,8 +63,9 @@ class DecodeGraphs:
             return None
         key = (_bucket(step.decode_rows, self.max_rows), min(_round_up(step.decode_span, SPAN_BUCKET), self.max_span))
         try:
+            self._drop_stale()
             entry = self._graphs.get(key)
-            if entry is None or entry.layout != self.decoder.lora.layout:
+            if entry is None:
                 entry = self._graphs[key] = self._capture(*key)
             logits = self._replay(entry, step)
             if not entry.checked:
@@ -70,6 +76,18 @@ class DecodeGraphs:
             self.enabled = False
             self._graphs.clear()
             return None
+
+    def _drop_stale(self) -> None:
+        """Forget every graph captured under an older adapter layout at once (they read freed buffers and
+        are never replayed): their outputs and inputs go back to the allocator now, not when (if ever)
+        their bucket is used again (their pool's memory with them)."""
+        layout = self.decoder.lora.layout
+        if layout != self._layout:  # one comparison per step; the sweep only after a re-layout
+            self._graphs = {key: entry for key, entry in self._graphs.items() if entry.layout == layout}
+            self._layout = layout
+            # A fresh pool for the new layout's captures: once the last graph of a pool is gone PyTorch frees
+            # the pool, and capturing into its old handle fails an allocator assertion (seen on the GPU churn).
+            self._pool = torch.cuda.graph_pool_handle()
 
     def warm_up(self) -> None:
         """Capture every rows bucket at the first span bucket (a short context: the common case)."""
@@ -104,7 +122,7 @@ class DecodeGraphs:
             any_adapter=self.decoder.lora.rank > 0,
         )
         padding = {name: getattr(inputs, name).clone() for name in _INPUTS}  # free slots, scratch writes only
-        side = torch.cuda.Stream()
+        side = self._side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the graph: kernels chosen, workspaces allocated

@@ -125,6 +125,7 @@ def load_runner(
     *,
     backend: str,
     load_in_4bit: bool,
+    dtype: str = "auto",
     max_context: int = 4096,
     kv_slots: int = 4,
     adapter_slots: int = 8,
@@ -142,9 +143,11 @@ def load_runner(
         )
     max_context = min(max_context, position_limit(base_model) or 2048)
     if backend == "unsloth":
-        model, tokenizer = _load_unsloth(base_model, load_in_4bit=load_in_4bit, max_context=max_context)
+        model, tokenizer = _load_unsloth(
+            base_model, load_in_4bit=load_in_4bit, max_context=max_context, dtype=_torch_dtype(dtype)
+        )
     else:
-        model, tokenizer = _load_transformers(base_model)
+        model, tokenizer = _load_transformers(base_model, dtype=_torch_dtype(dtype))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return ModelRunner(
@@ -162,21 +165,27 @@ def load_runner(
     )
 
 
-def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int):
+def _torch_dtype(name: str) -> torch.dtype | None:
+    """The dtype a setting names; None for auto (each loader picks its own)."""
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _load_unsloth(base_model: str, *, load_in_4bit: bool, max_context: int, dtype: torch.dtype | None):
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=base_model, max_seq_length=max_context, dtype=None, load_in_4bit=load_in_4bit
+        model_name=base_model, max_seq_length=max_context, dtype=dtype, load_in_4bit=load_in_4bit
     )
     FastLanguageModel.for_inference(model)
     return model, tokenizer
 
 
-def _load_transformers(base_model: str):
+def _load_transformers(base_model: str, *, dtype: torch.dtype | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     # Straight onto the GPU: through host memory an 8B model takes minutes to load.
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, device_map="cuda" if cuda else None)

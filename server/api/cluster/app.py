@@ -27,6 +27,7 @@ from server.api.openai.routes import model_cards, unknown_model
 from server.api.openai.schemas import ModelCard, ModelList
 from server.cluster.catalog import Entry
 from server.cluster.forwarding import AdapterView, ForwardedRequest, requested_adapter
+from server.errors import ServeError
 from server.settings import ServerSettings
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -42,6 +43,7 @@ class Cluster(Protocol):
     async def remove(self, name: str) -> Entry | None: ...
     async def metrics(self) -> bytes: ...
     def forward(self, request: ForwardedRequest) -> AsyncIterator[dict]: ...
+    def failure(self, exc: Exception) -> ServeError: ...  # what a client is told when `forward` failed early
 
 
 @dataclass
@@ -129,7 +131,7 @@ async def _load_adapter(request: Request) -> Response:
     generation = await cluster.reserve()
     if name is not None:
         forwarded.admin_load = AdapterView(name, generation, path)
-    status, headers, body = await collect(cluster.forward(forwarded))
+    status, headers, body = await collect(cluster.forward(forwarded), cluster.failure)
     if status == 200 and name is not None:
         await cluster.publish(name, path, generation, json.loads(body))
     return replay(status, headers, body)
@@ -142,7 +144,7 @@ async def _metrics(request: Request) -> Response:
 async def _info(request: Request) -> Response:
     """A replica's /info (base model, limits), its adapter list replaced by the cluster's."""
     state = _state(request)
-    status, headers, body = await collect(state.cluster.forward(await _forwarded(request)))
+    status, headers, body = await collect(state.cluster.forward(await _forwarded(request)), state.cluster.failure)
     info = json.loads(body) if status == 200 else {}
     if "adapters" in info:  # only shown to callers who may list adapters
         info["adapters"] = [entry.name for entry in (await state.cluster.live())[1]]
@@ -152,8 +154,9 @@ async def _info(request: Request) -> Response:
 
 async def _forward(request: Request) -> Response:
     forwarded = await _forwarded(request)
-    messages = _state(request).cluster.forward(forwarded)
-    return ForwardedResponse(await first_message(messages), messages, path=forwarded.path)
+    cluster = _state(request).cluster
+    messages = cluster.forward(forwarded)
+    return ForwardedResponse(await first_message(messages, cluster.failure), messages, path=forwarded.path)
 
 
 async def _forwarded(request: Request) -> ForwardedRequest:

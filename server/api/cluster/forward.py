@@ -4,7 +4,8 @@ stream with the wire format's in-band error event, as a single server ends one t
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
@@ -13,6 +14,7 @@ from server.api.openai import errors as openai_errors
 from server.api.tgi import errors as tgi_errors
 from server.errors import ServeError, Unavailable
 
+log = logging.getLogger("loraserve.cluster")
 LOST = "the replica serving this request stopped before answering it (Ray restarts it); retry the request"
 LOST_MIDWAY = "the replica serving this request stopped midway (Ray restarts it); retry the request"
 
@@ -25,14 +27,18 @@ def error_response(path: str, exc: Exception) -> JSONResponse:
     return wire_format(path).error_response(None, exc)
 
 
-async def first_message(messages: AsyncIterator[dict]) -> dict:
-    """The replica's `http.response.start`: a failure before it becomes a plain HTTP error."""
+async def first_message(messages: AsyncIterator[dict], failure: Callable[[Exception], ServeError]) -> dict:
+    """The replica's `http.response.start`: a failure before it becomes a plain HTTP error, the one the
+    cluster names for it (`failure`: 429 for a full queue, 503 for a lost replica)."""
     try:
         return await anext(messages)
     except ServeError:
         raise
-    except Exception as exc:  # the replica died or Ray could not reach it
-        raise Unavailable(LOST, headers={"Retry-After": "1"}) from exc
+    except Exception as exc:
+        error = failure(exc)
+        if error.status != 429:  # a refusal under overload is routine; a lost replica is worth a line
+            log.warning("forwarding failed before the answer began (%d): %r", error.status, exc)
+        raise error from exc
 
 
 class ForwardedResponse(Response):
@@ -58,9 +64,11 @@ class ForwardedResponse(Response):
         return headers.get(b"content-type", b"").startswith(b"text/event-stream")
 
 
-async def collect(messages: AsyncIterator[dict]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+async def collect(
+    messages: AsyncIterator[dict], failure: Callable[[Exception], ServeError]
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """A whole non-streamed answer: status, headers, body."""
-    start = await first_message(messages)
+    start = await first_message(messages, failure)
     body = b"".join([m.get("body", b"") async for m in messages])
     return start["status"], list(start.get("headers", [])), body
 
