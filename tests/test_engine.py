@@ -524,6 +524,78 @@ def test_a_request_waiting_for_an_adapter_slot_is_not_starved_by_resident_adapte
     assert started["zh"] < started["en2"]
 
 
+EN_AGAIN = "en-again"  # EN's files under another name: a third adapter with a device slot of its own
+
+
+@pytest.fixture(scope="module")
+def two_slot_state(tiny_model_dir, trained_adapters):
+    """4 KV slots, 2 device adapter slots, 3 adapters: one of them is always off the device."""
+    from server.settings import ServerSettings
+    from server.state import ServerState
+
+    settings = ServerSettings(
+        base_model=str(tiny_model_dir),
+        backend="transformers",
+        max_running=4,
+        adapter_slots=2,
+        adapter_root=trained_adapters.root,
+        adapters={EN: EN, ZH: ZH, EN_AGAIN: EN},
+    )
+    state = ServerState(settings=settings)
+    state.load_model()
+    state.engine.start()
+    try:
+        asyncio.run(state.preload_adapters())
+    finally:
+        state.engine.stop()
+    return state
+
+
+def test_while_one_slot_drains_for_a_waiting_adapter_the_other_resident_adapters_keep_serving(two_slot_state):
+    """Both device slots are pinned (a long EN and a longer ZH request) when a request for a third adapter
+    arrives: it waits for the slot that frees first (EN's: as few requests, used less recently). A ZH
+    request after it starts at once, without waiting for any slot to drain; an EN request after it waits
+    behind it (else EN's slot might never drain)."""
+    state = two_slot_state
+    en, zh = rows_of(EN), rows_of(ZH)
+    started: dict[str, float] = {}
+    ended: dict[str, float] = {}
+
+    def endless(adapter: str, row: dict, tokens: int):
+        ids, params, key = request(state, adapter=adapter, row=row)
+        return ids, dataclasses.replace(params, max_new_tokens=tokens, stop_token_ids=()), key
+
+    async def timed(name: str, stream):
+        await anext(stream)
+        started[name] = time.monotonic()
+        result = await drain(stream)
+        ended[name] = time.monotonic()
+        return result
+
+    async def scenario(engine: Engine):
+        engine.start()
+        long_en = asyncio.ensure_future(timed("long_en", engine.generate(*endless(EN, en[0], 150))))
+        long_zh = asyncio.ensure_future(timed("long_zh", engine.generate(*endless(ZH, zh[0], 400))))
+        while len(started) < 2:  # both slots pinned
+            await asyncio.sleep(0.005)
+        third = asyncio.ensure_future(timed("third", engine.generate(*request(state, adapter=EN_AGAIN, row=en[1]))))
+        await asyncio.sleep(0.05)  # the third adapter waits for a slot
+        zh_short = asyncio.ensure_future(timed("zh_short", engine.generate(*request(state, adapter=ZH, row=zh[1]))))
+        en_short = asyncio.ensure_future(timed("en_short", engine.generate(*request(state, adapter=EN, row=en[2]))))
+        return await asyncio.gather(third, zh_short, en_short, long_en, long_zh)
+
+    engine = make_engine(state)
+    try:
+        (_, third), (_, zh_final), (_, en_final), *_ = asyncio.run(asyncio.wait_for(scenario(engine), 120))
+    finally:
+        engine.stop()
+    assert third.generated_text == en[1]["output"] and zh_final.generated_text == zh[1]["output"]
+    assert en_final.generated_text == en[2]["output"]
+    assert started["zh_short"] < ended["long_en"], "a resident adapter's request waited for a slot to drain"
+    assert ended["long_en"] <= started["third"] < ended["long_zh"], "the third adapter took EN's slot when it freed"
+    assert started["third"] <= started["en_short"], "an EN request passed the one waiting for EN's slot"
+
+
 # -- faults inside the worker -----------------------------------------------------------------------------------
 
 

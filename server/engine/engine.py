@@ -72,6 +72,7 @@ class Engine:
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events of this iteration, by listener loop
         self._failed_steps = 0  # consecutive forward passes that raised
         self._in_flight: InFlight | None = None  # the step launched last, whose tokens are not read yet
+        self._draining: str | None = None  # the adapter whose device slot the oldest blocked request waits for
 
     # -- asyncio side ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -255,12 +256,16 @@ class Engine:
 
     def _start_waiting(self) -> None:
         """Give waiting requests, oldest first, a KV slot and their adapter's device slot. A full KV
-        cache stops admission (they wait). When every adapter slot is pinned by running requests, a
-        request for another adapter waits, and so does every later adapter request: pins then drain,
-        a slot frees, and it goes first (admitting later ones for resident adapters could starve it
-        for ever). Base-model requests need no adapter slot and go on being admitted."""
+        cache stops admission (they wait). When every adapter slot is pinned by running requests, the
+        oldest request for another adapter waits for one slot to drain: the `_draining` adapter's (the
+        fewest running requests), which admits nothing new until it is free. Later requests for the other
+        resident adapters go on being admitted (holding them all back, the batch would empty while one
+        slot drains); later ones for adapters not on the device, or for the draining one, wait their
+        turn. Base-model requests need no adapter slot and go on being admitted."""
         cache, lora = self.runner.cache, self.runner.lora
         adapter_blocked = False
+        if self._draining is not None and not lora.pins.get(self._draining):
+            self._draining = None  # its slot has drained (or it left): the oldest waiting request takes it
         for seq in list(self._waiting):
             if cache.free == 0 or len(self._slots) >= self.max_running:
                 break
@@ -278,13 +283,16 @@ class Engine:
                     self._fail(seq, "the adapter was unloaded before the request started")
                     continue
                 try:
-                    slot = None if adapter_blocked else lora.acquire(seq.adapter_key)
+                    may_pass = seq.adapter_key in lora.resident and seq.adapter_key != self._draining
+                    slot = None if adapter_blocked and not may_pass else lora.acquire(seq.adapter_key)
                 except Exception as exc:  # its upload failed (e.g. a device error): this request, not every step
                     log.exception("moving adapter %s to the device failed", seq.adapter_key)
                     self._waiting.remove(seq)
                     self._fail(seq, f"the adapter could not be moved to the device: {type(exc).__name__}")
                     continue
                 if slot is None:
+                    if not adapter_blocked and self._draining is None:
+                        self._draining = lora.soonest_free()
                     adapter_blocked = True
                     continue
                 seq.lora_slot = slot

@@ -131,6 +131,12 @@ class LoraSlots:
         self.pins[key] = self.pins.get(key, 0) + 1
         return slot
 
+    def soonest_free(self) -> str | None:
+        """The resident adapter whose slot frees first if nothing new pins it: the fewest running
+        requests, the least recently used among equals (None when no adapter is resident)."""
+        order = list(self.resident)  # least recently used first
+        return min(order, key=lambda key: (self.pins.get(key, 0), order.index(key)), default=None)
+
     def release(self, key: str) -> None:
         self.pins[key] -= 1
         if not self.pins[key]:
