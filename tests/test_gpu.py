@@ -137,6 +137,7 @@ def test_4bit_base_serves_mixed_batches(tiny_model_dir, trained_adapters):
     left = [split for split in splits if split is not None]
     print(json.dumps({"rows": len(reqs), "mixed_equals_single": same, "single_equals_trained": trained, "left": left}))
     assert all(split["near_tie"] for split in left), left
+    assert len(left) <= len(reqs) // 4, f"{len(left)} of {len(reqs)} rows left their single runs"
 
 
 BF16_LOGPROB_TOLERANCE = 0.15  # nats: bf16 keeps ~3 significant digits of each logit
@@ -152,5 +153,6 @@ def _divergence(single: dict, mixed: dict) -> dict | None:
     at = min(len(a), len(b)) if at is None else at  # one run stopped (EOS) where the other went on
     before = max((abs(x["logprob"] - y["logprob"]) for x, y in zip(a[:at], b[:at])), default=0.0)
     there = abs(a[at]["logprob"] - b[at]["logprob"]) if at < min(len(a), len(b)) else None
-    near = before <= BF16_LOGPROB_TOLERANCE and there is not None and there <= BF16_LOGPROB_TOLERANCE
+    # At token 0 nothing before it was compared: a row run with another adapter could pass for a near-tie.
+    near = at > 0 and before <= BF16_LOGPROB_TOLERANCE and there is not None and there <= BF16_LOGPROB_TOLERANCE
     return {"token": at, "logprob_gap_before": round(before, 4), "logprob_gap_there": there, "near_tie": near}

@@ -5,8 +5,8 @@
 [ -f .gpu/site.tar.xz ] || [ ! -d /tmp/site/unsloth ] && { mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu/site.tar.xz; }
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ -f .gpu/ray.tar.xz ] && [ -f .gpu/raydeps.tar.xz ]; then
-  [ -d /tmp/raysite/ray ] || { mkdir -p /tmp/raysite && tar -C /tmp/raysite -xJf .gpu/ray.tar.xz \
-    && tar -C /tmp/raysite -xJf .gpu/raydeps.tar.xz; }
+  [ -f /tmp/raysite/.complete ] || { rm -rf /tmp/raysite && mkdir -p /tmp/raysite && tar -C /tmp/raysite -xJf \
+    .gpu/ray.tar.xz && tar -C /tmp/raysite -xJf .gpu/raydeps.tar.xz && touch /tmp/raysite/.complete; }
   export PYTHONPATH=/tmp/site:/tmp/raysite:$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -31,8 +31,9 @@ ACCOUNTING = (
 )
 # CUDA allocated memory is compared with the warm figure (after every version served once): the first
 # requests allocate for good (a cuBLAS workspace per stream, 32 MiB on Hopper; the sampler's buffers).
-# The graphs alive at the end may be other buckets than at warm-up (KBs of static inputs and logits);
-# anything per cycle would exceed this slack.
+# The graphs alive at the end may be other buckets than at warm-up: their static inputs and logits, KBs on
+# the tiny model's 768-token vocabulary (rows x vocab floats: widen this for a large vocabulary); a leak per
+# capture (32 MiB) or per cycle over 1,000 cycles would exceed this slack.
 DEVICE_SLACK_BYTES = 4 << 20
 
 

@@ -73,6 +73,7 @@ class Engine:
         self._failed_steps = 0  # consecutive forward passes that raised
         self._in_flight: InFlight | None = None  # the step launched last, whose tokens are not read yet
         self._draining: str | None = None  # the adapter whose device slot the oldest blocked request waits for
+        self._drained_for: Sequence | None = None  # that request
 
     # -- asyncio side ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -264,8 +265,10 @@ class Engine:
         turn. Base-model requests need no adapter slot and go on being admitted."""
         cache, lora = self.runner.cache, self.runner.lora
         adapter_blocked = False
-        if self._draining is not None and not lora.pins.get(self._draining):
-            self._draining = None  # its slot has drained (or it left): the oldest waiting request takes it
+        if self._draining is not None and (not lora.pins.get(self._draining) or self._drained_for not in self._waiting):
+            # Its slot has drained (the oldest waiting request takes it), or the request it drained for has
+            # started (another slot freed first), been cancelled or failed: choose again when one blocks.
+            self._draining = self._drained_for = None
         for seq in list(self._waiting):
             if cache.free == 0 or len(self._slots) >= self.max_running:
                 break
@@ -292,7 +295,7 @@ class Engine:
                     continue
                 if slot is None:
                     if not adapter_blocked and self._draining is None:
-                        self._draining = lora.soonest_free()
+                        self._draining, self._drained_for = lora.soonest_free(), seq
                     adapter_blocked = True
                     continue
                 seq.lora_slot = slot

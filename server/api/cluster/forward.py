@@ -69,7 +69,12 @@ async def collect(
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """A whole non-streamed answer: status, headers, body."""
     start = await first_message(messages, failure)
-    body = b"".join([m.get("body", b"") async for m in messages])
+    try:
+        body = b"".join([m.get("body", b"") async for m in messages])
+    except ServeError:
+        raise
+    except Exception as exc:  # nothing is sent yet: the client still gets a plain HTTP error
+        raise failure(exc) from exc
     return start["status"], list(start.get("headers", [])), body
 
 
