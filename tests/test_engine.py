@@ -759,6 +759,29 @@ def test_unsloth_is_never_asked_for_more_context_than_the_model_has(tiny_model_d
     assert asked["max_context"] == limit and runner.max_context == limit
 
 
+def test_the_dtype_setting_chooses_the_weights_and_kv_cache_dtype(tiny_model_dir):
+    """`DTYPE`: auto is float32 on a CPU; bfloat16 asked for is what the weights and the KV cache hold, and the
+    engine still generates (a CPU has bfloat16 matmuls)."""
+    from server.engine.runner import load_runner
+
+    auto = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False, kv_slots=2)
+    half = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False, kv_slots=2, dtype="bfloat16")
+    assert (auto.dtype, auto.cache.K[0].dtype) == (torch.float32, torch.float32)
+    assert (half.dtype, half.cache.K[0].dtype) == (torch.bfloat16, torch.bfloat16)
+    ids = half.tokenizer("The capital of France is", add_special_tokens=True).input_ids
+    engine = Engine(half, max_running=2, max_queue=2)
+
+    async def generate():
+        engine.start()
+        return await drain(engine.generate(ids, SamplingParams(max_new_tokens=8, stop_token_ids=()), None))
+
+    try:
+        _, final = asyncio.run(generate())
+    finally:
+        engine.stop()
+    assert isinstance(final, FinalEvent) and final.generated_tokens == 8
+
+
 def test_an_adapter_that_fails_to_upload_fails_its_request_not_every_step(state, monkeypatch):
     """An error moving an adapter to its device slot fails the request that needed it; left waiting,
     it would raise again at every step and fail every running request for ever."""
