@@ -34,19 +34,20 @@ def rows_of(adapter: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def state(tiny_model_dir, trained_adapters):
-    """The server's own composition root with both adapters loaded; each test builds its engines on its runner."""
+def served_state(tiny_model_dir, trained_adapters, *, adapters: dict[str, str] | None = None, **settings):
+    """The server's own composition root on the tiny model with `adapters` (default EN and ZH) loaded."""
     from server.settings import ServerSettings
     from server.state import ServerState
 
-    settings = ServerSettings(
-        base_model=str(tiny_model_dir),
-        backend="transformers",
-        adapter_root=trained_adapters.root,
-        adapters={EN: EN, ZH: ZH},
+    state = ServerState(
+        settings=ServerSettings(
+            base_model=str(tiny_model_dir),
+            backend="transformers",
+            adapter_root=trained_adapters.root,
+            adapters=adapters or {EN: EN, ZH: ZH},
+            **settings,
+        )
     )
-    state = ServerState(settings=settings)
     state.load_model()
     state.engine.start()  # registry loads attach on the worker thread
     try:
@@ -54,6 +55,12 @@ def state(tiny_model_dir, trained_adapters):
     finally:
         state.engine.stop()
     return state
+
+
+@pytest.fixture(scope="module")
+def state(tiny_model_dir, trained_adapters):
+    """Both adapters loaded; each test builds its engines on its runner."""
+    return served_state(tiny_model_dir, trained_adapters)
 
 
 def make_engine(state, **limits) -> Engine:
@@ -361,25 +368,7 @@ def test_out_of_memory_in_a_prefill_fails_only_those_requests_and_the_engine_rec
 @pytest.fixture(scope="module")
 def small_state(tiny_model_dir, trained_adapters):
     """A server with 2 KV slots and 1 device adapter slot: most requests wait, adapters take turns."""
-    from server.settings import ServerSettings
-    from server.state import ServerState
-
-    settings = ServerSettings(
-        base_model=str(tiny_model_dir),
-        backend="transformers",
-        max_running=2,
-        adapter_slots=1,
-        adapter_root=trained_adapters.root,
-        adapters={EN: EN, ZH: ZH},
-    )
-    state = ServerState(settings=settings)
-    state.load_model()
-    state.engine.start()
-    try:
-        asyncio.run(state.preload_adapters())
-    finally:
-        state.engine.stop()
-    return state
+    return served_state(tiny_model_dir, trained_adapters, max_running=2, adapter_slots=1)
 
 
 def test_full_kv_cache_and_adapter_slots_queue_requests_instead_of_failing(small_state, monkeypatch):
@@ -530,25 +519,9 @@ EN_AGAIN = "en-again"  # EN's files under another name: a third adapter with a d
 @pytest.fixture(scope="module")
 def two_slot_state(tiny_model_dir, trained_adapters):
     """4 KV slots, 2 device adapter slots, 3 adapters: one of them is always off the device."""
-    from server.settings import ServerSettings
-    from server.state import ServerState
-
-    settings = ServerSettings(
-        base_model=str(tiny_model_dir),
-        backend="transformers",
-        max_running=4,
-        adapter_slots=2,
-        adapter_root=trained_adapters.root,
-        adapters={EN: EN, ZH: ZH, EN_AGAIN: EN},
+    return served_state(
+        tiny_model_dir, trained_adapters, max_running=4, adapter_slots=2, adapters={EN: EN, ZH: ZH, EN_AGAIN: EN}
     )
-    state = ServerState(settings=settings)
-    state.load_model()
-    state.engine.start()
-    try:
-        asyncio.run(state.preload_adapters())
-    finally:
-        state.engine.stop()
-    return state
 
 
 def test_while_one_slot_drains_for_a_waiting_adapter_the_other_resident_adapters_keep_serving(two_slot_state):

@@ -61,30 +61,16 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_model_dir, trained_adapters)
         assert state.runner.tokenizer.decode(results[True][i]).startswith(rows_of(EN)[i]["output"][:10])
 
 
-def _random_adapter(shapes, rank: int, seed: int) -> dict[str, torch.Tensor]:
-    """A PEFT-style state dict of `rank` on every servable projection of the model."""
-    from contract.lora import MLP_PROJECTIONS
-
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        f"base_model.model.model.layers.{layer}.{'mlp' if proj in MLP_PROJECTIONS else 'self_attn'}.{proj}"
-        f".lora_{part}.weight": torch.randn(*((rank, i) if part == "A" else (o, rank)), generator=gen) * 0.01
-        for (layer, proj), (i, o) in shapes.items()
-        for part in "AB"
-    }
-
-
 def test_recaptures_after_relayouts_keep_device_memory_flat(tiny_model_dir):
     """A wider adapter arriving, or the widest leaving, re-lays the slots out, and the decode graphs are
     captured again. Round after round the device memory must come back to the same figure: a capture that
     leaks (each new side stream cost a cuBLAS workspace, 32 MiB on Hopper) runs a churning server out of
     memory. The first round settles workspaces and pools; the next ones must add nothing."""
-    from server.engine.decoder import projection_shapes
+    from bench.engine_bench.workload import random_adapter
     from server.engine.runner import load_runner
 
     runner = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False, kv_slots=4)
     runner.warm_up()
-    shapes = projection_shapes(runner.model)
     step = next(iter(runner.graphs._graphs.values())).inputs  # a decode step of a captured bucket
     # The engine still holds the last step's logits (a view into the graph's memory pool) when an adapter
     # load re-lays the slots out; with every graph of that pool dropped, capturing into it again failed an
@@ -93,7 +79,7 @@ def test_recaptures_after_relayouts_keep_device_memory_flat(tiny_model_dir):
 
     def one_round(seed: int) -> int:
         nonlocal held
-        runner.lora.add("wide", rank=16, scaling=1.0, state_dict=_random_adapter(shapes, 16, seed))
+        runner.lora.add("wide", rank=16, scaling=1.0, state_dict=random_adapter(runner.model, rank=16, seed=seed))
         slot = runner.lora.acquire("wide")  # on the device: the slots re-lay out for rank 16
         held = runner.forward(step)  # captured again under the new layout
         runner.lora.release("wide")

@@ -122,12 +122,11 @@ class DecodeGraphs:
             any_adapter=self.decoder.lora.rank > 0,
         )
         padding = {name: getattr(inputs, name).clone() for name in _INPUTS}  # free slots, scratch writes only
-        side = self._side
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
             for _ in range(2):  # warm-up outside the graph: kernels chosen, workspaces allocated
                 self.decoder.forward(inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self._side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self.decoder.forward(inputs)

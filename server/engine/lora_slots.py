@@ -134,8 +134,8 @@ class LoraSlots:
     def soonest_free(self) -> str | None:
         """The resident adapter whose slot frees first if nothing new pins it: the fewest running
         requests, the least recently used among equals (None when no adapter is resident)."""
-        order = list(self.resident)  # least recently used first
-        return min(order, key=lambda key: (self.pins.get(key, 0), order.index(key)), default=None)
+        # `resident` runs least recently used first, and min keeps the first of equals.
+        return min(self.resident, key=lambda key: self.pins.get(key, 0), default=None)
 
     def release(self, key: str) -> None:
         self.pins[key] -= 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
 
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
@@ -27,11 +28,12 @@ def error_response(path: str, exc: Exception) -> JSONResponse:
     return wire_format(path).error_response(None, exc)
 
 
-async def first_message(messages: AsyncIterator[dict], failure: Callable[[Exception], ServeError]) -> dict:
-    """The replica's `http.response.start`: a failure before it becomes a plain HTTP error, the one the
+@contextmanager
+def _told_as(failure: Callable[[Exception], ServeError]):
+    """While nothing is sent to the client: a forwarding failure becomes a plain HTTP error, the one the
     cluster names for it (`failure`: 429 for a full queue, 503 for a lost replica)."""
     try:
-        return await anext(messages)
+        yield
     except ServeError:
         raise
     except Exception as exc:
@@ -39,6 +41,12 @@ async def first_message(messages: AsyncIterator[dict], failure: Callable[[Except
         if error.status != 429:  # a refusal under overload is routine; a lost replica is worth a line
             log.warning("forwarding failed before the answer began (%d): %r", error.status, exc)
         raise error from exc
+
+
+async def first_message(messages: AsyncIterator[dict], failure: Callable[[Exception], ServeError]) -> dict:
+    """The replica's `http.response.start`."""
+    with _told_as(failure):
+        return await anext(messages)
 
 
 class ForwardedResponse(Response):
@@ -69,12 +77,8 @@ async def collect(
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """A whole non-streamed answer: status, headers, body."""
     start = await first_message(messages, failure)
-    try:
+    with _told_as(failure):  # nothing is sent yet: the client still gets a plain HTTP error
         body = b"".join([m.get("body", b"") async for m in messages])
-    except ServeError:
-        raise
-    except Exception as exc:  # nothing is sent yet: the client still gets a plain HTTP error
-        raise failure(exc) from exc
     return start["status"], list(start.get("headers", [])), body
 
 
