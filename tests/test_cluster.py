@@ -261,7 +261,8 @@ def test_beyond_every_replica_and_rays_queue_requests_get_429(cluster):
     """Overload: past each replica's running and queued requests (MAX_RUNNING + MAX_QUEUE) and as many
     queued again in Ray, a request is refused at once with 429 and Retry-After, as a single server refuses;
     every admitted one completes."""
-    capacity = 2 * (int(SETTINGS["MAX_RUNNING"]) + 2 * int(SETTINGS["MAX_QUEUE"]))
+    running, queue = int(SETTINGS["MAX_RUNNING"]), int(SETTINGS["MAX_QUEUE"])
+    capacity = 2 * (running + queue) + 2 * (running + 2 * queue)  # the replicas' own, then Ray's queue
     responses = post_all(cluster, "/generate", [native(None, max_new_tokens=200)] * (capacity + 14))
     codes = Counter(r.status_code for r in responses)
     others = [r.text[:200] for r in responses if r.status_code not in (200, 429)][:1]
@@ -270,6 +271,15 @@ def test_beyond_every_replica_and_rays_queue_requests_get_429(cluster):
     refused = [r for r in responses if r.status_code == 429]
     assert all(r.headers.get("retry-after") for r in refused), refused[0].headers
     assert "cluster is at capacity" in refused[0].text, refused[0].text  # Ray's refusal, not a replica's own 429
+
+
+def test_a_burst_the_replicas_can_take_is_never_refused(cluster):
+    """Ray counts a request as queued until a replica takes it: a burst into idle replicas, no larger than
+    what they take at once, must not meet Ray's bound before any of it is assigned."""
+    fits = 2 * (int(SETTINGS["MAX_RUNNING"]) + int(SETTINGS["MAX_QUEUE"]))
+    for _ in range(3):
+        responses = post_all(cluster, "/generate", [native(None, max_new_tokens=8)] * fits)
+        assert [r.status_code for r in responses] == [200] * fits, [r.text[:200] for r in responses]
 
 
 def test_listings_and_errors_answer_as_a_single_server(cluster, single):
@@ -299,14 +309,15 @@ def test_listings_and_errors_answer_as_a_single_server(cluster, single):
     assert get(cluster, "/health").json() == {"status": "ok"}
 
 
-def spread(cluster, body: dict, *, rounds: int = 4) -> list[httpx.Response]:
-    """More concurrent requests than one replica takes (4): Ray sends the rest to the other one. The answered
-    ones; a request Ray's bounded queue refuses under the burst (429) is not an answer to look at."""
+def spread(cluster, body: dict, *, rounds: int = 4, status: int = 200) -> list[httpx.Response]:
+    """More concurrent requests than one replica takes (4): Ray sends the rest to the other one. The answers
+    with `status`, until both replicas gave one; a request Ray's bounded queue refuses under the burst (429)
+    is not an answer to look at."""
     responses = []
     for _ in range(rounds):
         burst = post_all(cluster, "/generate", [body] * 10)
-        assert {r.status_code for r in burst} <= {200, 429}, [r.text[:200] for r in burst]
-        responses += [r for r in burst if r.status_code == 200]
+        assert {r.status_code for r in burst} <= {status, 429}, [r.text[:200] for r in burst]
+        responses += [r for r in burst if r.status_code == status]
         if len({r.headers.get(REPLICA) for r in responses}) == 2:
             break
     return responses
@@ -328,8 +339,8 @@ def test_a_hot_reload_reaches_every_replica_before_the_call_returns(cluster):
     assert after[0].json()["generated_text"] != before[0].json()["generated_text"]
     unloaded = httpx.delete(cluster.url + "/admin/adapters/hot", headers=admin(), timeout=TIMEOUT)
     assert unloaded.status_code == 200
-    gone = post_all(cluster, "/generate", [body] * 8)
-    assert [r.status_code for r in gone] == [404] * 8
+    gone = spread(cluster, body, status=404)
+    assert len({r.headers[REPLICA] for r in gone}) == 2, "the unload reached one replica only"
     assert "hot" not in [m["id"] for m in httpx.get(cluster.url + "/v1/models").json()["data"]]
 
 

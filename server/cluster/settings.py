@@ -39,9 +39,10 @@ class ClusterSettings(BaseSettings):
         return server.max_running + server.max_queue
 
     def max_queued_requests(self, server: ServerSettings) -> int:
-        """What Ray may hold in front of the replicas once each has its fill: as many again as their own
-        queues (requests for an adapter wait there for a replica that holds it, too). Beyond it Ray refuses
-        (BackPressureError) and the ingress answers 429 with Retry-After, as a single server does; unbounded,
-        an overload would pile up in Ray's queue with no answer. (Ray takes no 0: -1 means unbounded; with
-        MAX_QUEUE 0 one request may wait.)"""
-        return max(1, self.replicas * server.max_queue)
+        """What Ray may hold in front of the replicas. Ray counts a request as queued until a replica takes
+        it, so a burst into idle replicas counts in full before any is assigned: the bound covers what the
+        replicas take (max_ongoing_requests each) and as many again as their own queues (requests for an
+        adapter wait there for a replica that holds it, too). Beyond it Ray refuses (BackPressureError) and
+        the ingress answers 429 with Retry-After, as a single server does; unbounded, an overload would pile
+        up in Ray's queue with no answer."""
+        return self.replicas * (self.max_ongoing_requests(server) + server.max_queue)
