@@ -5,6 +5,7 @@ prints the engine's wall time per step, the GPU's busy time per step, kernels pe
 kernels that take the most GPU time. GPU busy time well under wall time means the host is in series.
 
     python -m bench.profile_step [--streams 1,8,64] [--new 48] [--top 25] [--no-cudnn-sdp]
+    python -m bench.profile_step --prefill 512      # one prompt's first token, with an adapter and without
 
 Each size's first wave (new prompt shapes: eager steps, first-time kernel plans) is timed apart.
 """
@@ -114,6 +115,38 @@ def ops(engine: Engine, streams: int, new: int, *, sampled: bool, top: int = 12)
         print(f"   {e.count / steps:7.1f} calls/step {gpu_ms:7.3f} ms/step GPU  {e.key}")
 
 
+def prefill(engine: Engine, length: int, *, top: int) -> None:
+    """Time to first token of one `length`-token prompt (one eager prefill step and the first token's
+    choice), with adapter a0 and on the base model: wall time, and the kernels that take the GPU's time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    async def first_token(adapter: str | None) -> float:
+        prompt = torch.randint(4, 700, (length,)).tolist()
+        started = time.perf_counter()
+        async for event in engine.generate(prompt, SamplingParams(max_new_tokens=1, stop_token_ids=()), adapter):
+            if isinstance(event, FinalEvent):
+                return time.perf_counter() - started
+        raise RuntimeError("no final event")
+
+    for adapter in ("a0", None):
+        walls = [asyncio.run(first_token(adapter)) for _ in range(4)][1:]  # the first: warm-up
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            asyncio.run(first_token(adapter))
+        torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        by_name: Counter = Counter()
+        for e in kernels:
+            by_name[e.name[:90]] += e.device_time
+        print(
+            f"\n== prefill {length} tokens, {'adapter a0' if adapter else 'base'}: wall p50 "
+            f"{sorted(walls)[1] * 1000:.1f} ms, GPU busy {sum(e.device_time for e in kernels) / 1000:.1f} ms, "
+            f"{len(kernels)} kernels"
+        )
+        for name, us in by_name.most_common(top):
+            print(f"   {us / 1000:7.3f} ms  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", default="1,8,64")
@@ -122,6 +155,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="kernels listed per profile")
     parser.add_argument("--greedy-only", action="store_true")
     parser.add_argument("--ops", action="store_true", help="an eager profile by operator (what launches what)")
+    parser.add_argument("--prefill", type=int, default=0, help="profile one prompt of this many tokens instead")
     parser.add_argument(
         "--prefill-chunk-tokens", type=int, default=ServerSettings.model_fields["prefill_chunk_tokens"].default
     )
@@ -153,6 +187,9 @@ def main() -> None:
 
     asyncio.run(attach_all())
     try:
+        if args.prefill:
+            prefill(engine, args.prefill, top=args.top)
+            return
         for streams in (int(s) for s in args.streams.split(",")):
             for sampled in (False,) if args.greedy_only else (False, True):
                 measure = timed if args.plain else ops if args.ops else profile

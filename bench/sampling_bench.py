@@ -1,5 +1,7 @@
 """Time the device-side token choice (server/engine/sampling.py) alone: greedy against sampled
-(temperature 1, top-p 0.95, a seed per row) at 1 / 8 / 64 rows over a Llama-3 vocabulary.
+(temperature 1, top-p 0.95, a seed per row) at 1 / 8 / 32 / 64 rows over a Llama-3 vocabulary, on
+each path the engine may take: plain torch ops, and on CUDA the Triton kernel (sampling_kernel.py).
+Also counts how often the two paths draw different tokens for the same rows.
 
     python -m bench.sampling_bench [--vocab 128256] [--device cuda]
 """
@@ -12,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from server.engine.sampling import SamplingParams, choose_on_device, row_params
+from server.engine.sampling import SamplingParams, choose_with_torch, row_params
 
 
 def rows(n: int, *, sampled: bool) -> list:
@@ -20,16 +22,25 @@ def rows(n: int, *, sampled: bool) -> list:
     return [SimpleNamespace(params=params, seed=i, generated=[], in_flight=0, prompt_ids=[1]) for i in range(n)]
 
 
-def time_choice(logits: torch.Tensor, seqs: list, *, repeats: int) -> float:
+def time_choice(choose, logits: torch.Tensor, seqs: list, *, repeats: int) -> float:
     """Median milliseconds of one choice, parameters built from the host included (as in a step)."""
     times = []
     for _ in range(repeats):
         if logits.is_cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        choose_on_device(logits, row_params(seqs, logits.device)).cpu()
+        choose(logits, row_params(seqs, logits.device)).cpu()
         times.append((time.perf_counter() - started) * 1000)
     return sorted(times)[len(times) // 2]
+
+
+def paths(device: str) -> dict:
+    found = {"torch": choose_with_torch}
+    if device.startswith("cuda"):
+        from server.engine import sampling_kernel
+
+        found["kernel"] = sampling_kernel.choose
+    return found
 
 
 def main() -> None:
@@ -38,12 +49,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
-    print(f"{'rows':>5} {'greedy ms':>10} {'sampled ms':>11} {'sampled/greedy':>15}")
-    for n in (1, 8, 64):
-        logits = torch.randn(n, args.vocab, device=args.device) * 0.5
-        greedy = time_choice(logits, rows(n, sampled=False), repeats=args.repeats)
-        sampled = time_choice(logits, rows(n, sampled=True), repeats=args.repeats)
-        print(f"{n:>5} {greedy:>10.3f} {sampled:>11.3f} {sampled / greedy:>15.2f}")
+    chooses = paths(args.device)
+    print(f"{'path':>7} {'rows':>5} {'greedy ms':>10} {'sampled ms':>11} {'sampled/greedy':>15} {'tokens differ':>14}")
+    for n in (1, 8, 32, 64):
+        logits = torch.randn(n, args.vocab, device=args.device) * 2
+        reference = choose_with_torch(logits, row_params(rows(n, sampled=True), logits.device))[0]
+        for name, choose in chooses.items():
+            greedy = time_choice(choose, logits, rows(n, sampled=False), repeats=args.repeats)
+            sampled = time_choice(choose, logits, rows(n, sampled=True), repeats=args.repeats)
+            differ = (choose(logits, row_params(rows(n, sampled=True), logits.device))[0] != reference).sum().item()
+            print(f"{name:>7} {n:>5} {greedy:>10.3f} {sampled:>11.3f} {sampled / greedy:>15.2f} {differ:>14}")
 
 
 if __name__ == "__main__":

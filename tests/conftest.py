@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,10 @@ OFFLINE_ENV = {
 # Set while conftest loads, before any test module imports huggingface_hub (it reads these at import):
 # in-process loads of the tiny model and the adapters never reach for the hub either.
 os.environ.update(OFFLINE_ENV)
+# Without a GPU, Triton kernels (server/engine/sampling_kernel.py) run in Triton's interpreter, so the CPU
+# checks their logic; it must be chosen before triton is first imported, so here.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,14 @@ Seeded draws are reproducible whatever else runs: a row's random numbers come fr
 hash of (seed, how many tokens it drew before, token id), not from a generator whose state depends
 on the batch. Drawing is the exponential race (argmax of p / E with E ~ Exp(1)), which picks token i
 with probability p_i.
+
+On CUDA the whole choice is one Triton kernel (sampling_kernel.py: the same arithmetic, thresholds
+found by search instead of a sort); the functions below are its definition and the path everywhere else.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass, field
 
@@ -24,6 +28,7 @@ _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit value (S
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 SEED_LIMIT = 2**53  # seeds drawn for clients stay exact in JavaScript
+log = logging.getLogger("loraserve.sampling")
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,31 @@ class PendingChoices:
 
 def choose_on_device(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     """[3, R] float64: token id, its log-probability, 1.0 where the row could be drawn from."""
+    kernel = _kernel() if logits.is_cuda else None
+    if kernel is not None:
+        try:
+            return kernel.choose(_penalize_repeats(logits, rows), rows)
+        except Exception:  # a kernel that fails to build must cost speed, never a request
+            log.exception("the sampling kernel failed; choosing tokens with plain torch from now on")
+            _KERNEL[0] = None
+    return choose_with_torch(logits, rows)
+
+
+_KERNEL: list = []  # [module or None] once looked up
+
+
+def _kernel():
+    if not _KERNEL:
+        try:
+            from server.engine import sampling_kernel
+        except ImportError:  # no Triton here: the torch path is the same choice
+            sampling_kernel = None
+        _KERNEL.append(sampling_kernel)
+    return _KERNEL[0]
+
+
+def choose_with_torch(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """choose_on_device's definition, in plain torch ops (every device)."""
     bad = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)  # [R]
     logits = _penalize_repeats(logits, rows)
     greedy_token = logits.argmax(dim=-1)  # [R]

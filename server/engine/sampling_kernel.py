@@ -1,0 +1,172 @@
+"""Every row's token choice as one Triton kernel: the CUDA path of sampling.choose_on_device.
+
+Eagerly the choice is some forty kernels over [R, V] tensors (a 64-bit hash, a full sort for top-p, a
+softmax, a cumsum, a scatter): at 64 rows of a 128k vocabulary that is more than a millisecond a step,
+the whole gap between sampled and greedy decoding. Here one program per row reads the row's logits a
+few times from L2 and writes three numbers; nothing of size V is ever stored.
+
+The arithmetic is sampling.py's, defined there; what differs is how top-k and top-p find their cut.
+Instead of sorting, each searches for a threshold on the logits' order: the least t for which the
+weight strictly above t is below a bound (top-k: a count under k; top-p: a mass under top_p). That
+weight only falls as t rises, so a K-ary search over the 2^32 ordered float keys settles it in eight
+passes. The tokens kept are those at or above the threshold, so ties at the cut are all kept (a sort
+keeps an arbitrary subset of them). The draw is the same exponential race, on the same counter-based
+random numbers: a seeded request draws the same tokens on either path, up to float rounding of two
+nearly equal race values.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # logits per load
+WAYS = 16  # thresholds tried per pass of a search: 2^32 keys in 8 passes
+_KEY_OF_MINUS_INF = -2139095041  # the ordered key of -inf (below every other non-NaN float)
+
+
+@triton.jit
+def _ordered(x):
+    """Float32 → int64 keys in the floats' order (negative floats' bits flipped; -0.0 is 0.0 first)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+
+
+@triton.jit
+def _exponentials(key, ids):
+    """Exp(1) draws from SplitMix64 of (row key + id × golden), as sampling._exponentials."""
+    z = key.to(tl.uint64, bitcast=True) + ids.to(tl.uint64) * 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    uniform = ((z >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(uniform)
+
+
+@triton.jit
+def _least_threshold(
+    row,
+    vocab: tl.constexpr,
+    t,
+    m_s,
+    floor,
+    lo,
+    hi,
+    bound,
+    BY_MASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WAYS: tl.constexpr,
+):
+    """The least key t in [lo, hi] with sum(w_j : key_j > t, key_j >= floor) < bound, where w_j is
+    exp(s_j - m_s) (BY_MASS) or 1. The sum at hi is 0, so the answer exists; each pass narrows
+    [lo, hi] WAYS-fold."""
+    ways = tl.arange(0, WAYS)
+    while lo < hi:
+        tries = lo + ((hi - lo) * (ways + 1)) // WAYS  # ascending; the last is hi
+        above = tl.zeros([WAYS], dtype=tl.float32)
+        for start in range(0, vocab, BLOCK):
+            ids = start + tl.arange(0, BLOCK)
+            s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
+            key = _ordered(s)
+            live = (ids < vocab) & (key >= floor)
+            if BY_MASS:
+                w = tl.where(live, tl.exp(s - m_s), 0.0)
+            else:
+                w = tl.where(live, 1.0, 0.0)
+            above += tl.sum(tl.where(key[:, None] > tries[None, :], w[:, None], 0.0), axis=0)
+        first = tl.min(tl.where(above < bound, ways, WAYS))  # the predicate holds from `first` on
+        new_hi = tl.sum(tl.where(ways == first, tries, 0))
+        below = tl.sum(tl.where(ways == first - 1, tries, 0)) + 1
+        lo = tl.where(first > 0, below, lo)
+        hi = new_hi
+    return lo
+
+
+@triton.jit
+def _choose(
+    logits, stride, temperature, t_stride, top_p, p_stride, top_k, k_stride, keys, key_stride, sample, out,
+    rows, vocab: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0)
+    row = logits + r.to(tl.int64) * stride
+    t = tl.load(temperature + r * t_stride)
+    # Pass 1: the greedy choice (first maximum), the raw and the tempered softmax's sums, NaN or +inf.
+    best = float("-inf")
+    best_id = 0
+    m = -1.0e30  # finite: (m - m_new) / t must not overflow on the first block
+    total = 0.0
+    total_s = 0.0
+    bad = 0
+    for start in range(0, vocab, BLOCK):
+        ids = start + tl.arange(0, BLOCK)
+        x = tl.load(row + ids, mask=ids < vocab, other=float("-inf"))
+        bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32))
+        block_best = tl.max(x)
+        block_id = tl.min(tl.where(x == block_best, ids, vocab))
+        if block_best > best:
+            best = block_best
+            best_id = block_id
+        m_new = tl.maximum(m, block_best)
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new))
+        total_s = total_s * tl.exp((m - m_new) / t) + tl.sum(tl.exp((x - m_new) / t))
+        m = m_new
+    token = best_id.to(tl.int64)
+    logprob = -tl.log(total)  # log_softmax at the maximum
+    if tl.load(sample + r).to(tl.int32) != 0:
+        m_s = m / t
+        hi = _ordered(m_s)
+        k = tl.load(top_k + r * k_stride)
+        floor = tl.full([], KEY_OF_MINUS_INF, tl.int64)
+        mass = total_s
+        if (k > 0) & (k < vocab):  # the k-th largest's key: the least t with fewer than k keys above it
+            floor = _least_threshold(row, vocab, t, m_s, floor, floor, hi, k.to(tl.float32), False, BLOCK, WAYS)
+            mass = 0.0
+            for start in range(0, vocab, BLOCK):
+                ids = start + tl.arange(0, BLOCK)
+                s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
+                mass += tl.sum(tl.where((ids < vocab) & (_ordered(s) >= floor), tl.exp(s - m_s), 0.0))
+        p = tl.load(top_p + r * p_stride)
+        if p < 1.0:  # the least t with less than top_p of the mass above it
+            floor = _least_threshold(row, vocab, t, m_s, floor, floor, hi, p * mass, True, BLOCK, WAYS)
+        # The race among the kept tokens: argmax of p_j / E_j, and the kept mass for the drawn one's logprob.
+        key = tl.load(keys + r * key_stride)
+        won = -1.0
+        won_id = 0
+        won_weight = 0.0
+        kept_mass = 0.0
+        for start in range(0, vocab, BLOCK):
+            ids = start + tl.arange(0, BLOCK)
+            s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
+            weight = tl.where((ids < vocab) & (_ordered(s) >= floor), tl.exp(s - m_s), 0.0)
+            kept_mass += tl.sum(weight)
+            race = tl.where(ids < vocab, weight / _exponentials(key, ids), -1.0)
+            block_won = tl.max(race)
+            block_id = tl.min(tl.where(race == block_won, ids, vocab))
+            if block_won > won:
+                won = block_won
+                won_id = block_id
+                won_weight = tl.sum(tl.where(ids == block_id, weight, 0.0))
+        token = won_id.to(tl.int64)
+        logprob = tl.log(tl.maximum(won_weight / kept_mass, 1e-30))
+    finite = (logprob == logprob) & (tl.abs(logprob) < float("inf"))
+    ok = (bad == 0) & finite
+    tl.store(out + r, token.to(tl.float64))
+    tl.store(out + rows + r, logprob.to(tl.float64))
+    tl.store(out + 2 * rows + r, ok.to(tl.float64))
+
+
+def choose(logits: torch.Tensor, rows) -> torch.Tensor:
+    """[3, R] float64 (token, logprob, ok) for logits [R, V] float32 and sampling.RowParams `rows`
+    (repetition penalty already applied)."""
+    logits = logits.contiguous()
+    count, vocab = logits.shape
+    out = torch.empty(3, count, dtype=torch.float64, device=logits.device)
+    sample = rows.sample.contiguous()
+    _choose[(count,)](
+        logits, logits.stride(0),
+        rows.temperature, rows.temperature.stride(0), rows.top_p, rows.top_p.stride(0),
+        rows.top_k, rows.top_k.stride(0), rows.key, rows.key.stride(0), sample, out, count, vocab=vocab,
+        BLOCK=BLOCK, WAYS=WAYS, KEY_OF_MINUS_INF=_KEY_OF_MINUS_INF, num_warps=8,
+    )  # fmt: skip
+    return out
