@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 
-from tests.test_engine import EN, ZH, drain, request, rows_of
+from tests.test_engine import EN, ENDLESS, ZH, drain, ids_of, request, rows_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -59,6 +59,35 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_model_dir, trained_adapters)
     assert results[True] == results[False]
     for i in range(6):
         assert state.runner.tokenizer.decode(results[True][i]).startswith(rows_of(EN)[i]["output"][:10])
+
+
+def test_seeded_sampling_on_cuda_runs_the_kernel_and_is_the_same_alone_and_batched(tiny_model_dir, trained_adapters):
+    """The sampling kernel (sampling_kernel.py) passes its first-call checks against the torch path and
+    stays on; a seeded request draws the same tokens alone and batched with others, top-k and top-p alike."""
+    from server.engine import sampling
+
+    state = served_state(tiny_model_dir, trained_adapters, cuda_graphs=True)
+    params = [dict(temperature=1.3), dict(top_p=0.9), dict(top_k=20, temperature=0.8), dict(top_p=0.5, top_k=5)]
+    reqs = [
+        request(state, inputs=ENDLESS, max_new_tokens=24, do_sample=True, seed=seed, **p)
+        for seed, p in enumerate(params * 2)
+    ] + [request(state, adapter=EN, row=rows_of(EN)[0], do_sample=True, seed=7, top_p=0.95)]
+
+    async def together():
+        return await asyncio.gather(*(drain(state.engine.generate(*r)) for r in reqs))
+
+    async def alone():
+        return [await drain(state.engine.generate(*r)) for r in reqs]
+
+    try:
+        batched, single = asyncio.run(together()), asyncio.run(alone())
+    finally:
+        state.engine.stop()
+    path = sampling._cuda_path()
+    assert path.module is not None and path.checks_left == 0, "the kernel was turned off or never used"
+    assert [ids_of(r) for r in batched] == [ids_of(r) for r in single]
+    assert len({tuple(ids_of(r)) for r in batched}) >= 4
+    assert all(t.logprob <= 0 for r in batched for t in r[0])
 
 
 def test_recaptures_after_relayouts_keep_device_memory_flat(tiny_model_dir):

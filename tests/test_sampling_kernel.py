@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.engine.sampling import SamplingParams, choose_with_torch, row_params
+from server.engine.sampling import KernelPath, SamplingParams, choose_with_torch, row_params
 
 pytest.importorskip("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,3 +107,37 @@ def test_rows_holding_nan_or_plus_infinity_fail_alone(kernel):
     want, got = compare(kernel, logits, seqs)
     assert got[2].tolist() == want[2].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert [got[0][i].item() for i in (0, 3)] == [want[0][i].item() for i in (0, 3)]
+
+
+def test_the_engine_trusts_the_kernel_after_it_chose_as_the_torch_path(kernel):
+    path = KernelPath(kernel)
+    seqs = seqs_for(SAMPLED, draws=1)
+    for call in range(KernelPath.CHECKS + 1):
+        logits = torch.randn(len(seqs), 700, generator=torch.Generator().manual_seed(call)).to(DEVICE)
+        chosen = path.choose(logits, row_params(seqs, DEVICE))
+        assert chosen is not None and path.module is kernel
+    assert path.checks_left == 0
+
+
+class Broken:
+    """A kernel that draws the wrong tokens for sampled rows, or fails outright."""
+
+    def __init__(self, *, raises: bool = False) -> None:
+        self.raises = raises
+
+    def choose(self, logits, rows):
+        if self.raises:
+            raise RuntimeError("no kernel image for this device")
+        packed = choose_with_torch(logits, rows)
+        packed[0] = torch.where(rows.sample, (packed[0] + 1) % logits.shape[1], packed[0])
+        return packed
+
+
+@pytest.mark.parametrize("module", [Broken(), Broken(raises=True)], ids=["wrong tokens", "raises"])
+def test_a_kernel_that_chooses_wrongly_or_fails_is_turned_off_and_the_torch_path_answers(module, caplog):
+    path = KernelPath(module)
+    seqs = seqs_for(SAMPLED, draws=1)
+    logits = torch.randn(len(seqs), 700, generator=torch.Generator().manual_seed(9))
+    assert path.choose(logits, row_params(seqs, logits.device)) is None
+    assert path.module is None and "choosing tokens with plain torch ops" in caplog.text
+    assert path.choose(logits, row_params(seqs, logits.device)) is None  # for good

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# A quick check of the fast path on the GPU: the GPU tests of the engine, the sampler bench, a kernel profile at
-# 1 and 64 streams, and 64 streams with 2048-token prefill chunks. Results in $OUT.
+# The fast path's check on the GPU, one device call (~9 minutes): the sampling kernel's tests compiled, the sampler
+# bench (torch path against the kernel), one 512-token prompt's prefill profiled with and without an adapter, which
+# operators launch a 1-row step's kernels, then ours alone in the engine bench, greedy and sampled (the sampled /
+# greedy ratios need no vLLM). Results in $OUT. The GPU tests are run_tests.sh; vLLM's run is run_engine_bench.sh.
 source bench/gpu/setup.sh >/dev/null
-timeout 330 python3 -m pytest -o addopts="" -m gpu tests/test_gpu_engine.py tests/test_gpu.py -k "engine or mixed or 4bit_base or compiled" -q -p no:cacheprovider -x 2>&1 | tail -15 | tee $OUT/gpu_tests.log
-timeout 60 python3 -m bench.sampling_bench 2>&1 | tail -5 | tee $OUT/sampling_bench.log
-timeout 170 python3 -m bench.profile_step --streams 1,64 --new 48 --top 14 --greedy-only 2>&1 | grep -E '^(--|==|warm|  )' > $OUT/profile.log
-timeout 100 python3 -m bench.profile_step --plain --greedy-only --streams 64 --new 128 --prefill-chunk-tokens 2048 2>&1 | grep -E '^(--|==|warm)' > $OUT/waves_2048.log
-cat $OUT/profile.log $OUT/waves_2048.log
+timeout 90 python3 -m pytest -o addopts="" tests/test_sampling_kernel.py -q -p no:cacheprovider 2>&1 | tail -4 | tee $OUT/kernel_tests.log
+timeout 60 python3 -m bench.sampling_bench 2>&1 | tail -9 | tee $OUT/sampling_bench.log
+timeout 90 python3 -m bench.profile_step --prefill 512 --top 14 2>&1 | grep -E '^(==|warm|  )' | tee $OUT/prefill.log
+timeout 90 python3 -m bench.profile_step --ops --streams 1 --new 24 --top 20 --greedy-only 2>&1 | grep -E '^(--|==|warm|  )' > $OUT/ops.log
+METHODS=ours SCENARIOS=bs1,streams8,streams32,streams64,streams8_base,ttft512,ttft512_base TAG=ours \
+  timeout 240 bash bench/gpu/run_engine_bench.sh | tail -25

@@ -131,27 +131,73 @@ class PendingChoices:
 
 def choose_on_device(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     """[3, R] float64: token id, its log-probability, 1.0 where the row could be drawn from."""
-    kernel = _kernel() if logits.is_cuda else None
-    if kernel is not None:
+    chosen = _cuda_path().choose(logits, rows) if logits.is_cuda else None
+    return choose_with_torch(logits, rows) if chosen is None else chosen
+
+
+class KernelPath:
+    """The Triton kernel (sampling_kernel.py), trusted only once it has chosen as the torch path here.
+
+    Its first CHECKS calls are also computed the torch way and compared (as a CUDA graph's first replay
+    is checked against the eager step): every row's success, every greedy row's token, the log-probability
+    of each token both chose, and all but an eighth of the sampled rows' tokens (a tie at the top-p cut
+    or two race values a rounding apart may draw differently; a wrong kernel differs nearly everywhere).
+    A failure or an error turns the kernel off for good, logged: the torch path costs speed, never a token.
+    """
+
+    CHECKS = 8
+
+    def __init__(self, module) -> None:
+        self.module = module  # None: no Triton here
+        self.checks_left = self.CHECKS
+        self.sampled = self.differing = 0
+
+    def choose(self, logits: torch.Tensor, rows: RowParams) -> torch.Tensor | None:
+        """choose_on_device's result by the kernel; None where the torch path must answer."""
+        if self.module is None:
+            return None
         try:
-            return kernel.choose(_penalize_repeats(logits, rows), rows)
-        except Exception:  # a kernel that fails to build must cost speed, never a request
-            log.exception("the sampling kernel failed; choosing tokens with plain torch from now on")
-            _KERNEL[0] = None
-    return choose_with_torch(logits, rows)
+            chosen = self.module.choose(_penalize_repeats(logits, rows), rows)
+            if self.checks_left:
+                chosen = self._checked(chosen, choose_with_torch(logits, rows), rows)
+            return chosen
+        except Exception:  # a kernel that fails to build or to run must cost speed, never a request
+            log.exception("the sampling kernel failed; choosing tokens with plain torch ops from now on")
+            self.module = None
+            return None
+
+    def _checked(self, chosen: torch.Tensor, reference: torch.Tensor, rows: RowParams) -> torch.Tensor:
+        self.checks_left -= 1
+        (tokens, logprobs, ok), (want_tokens, want_logprobs, want_ok) = chosen.tolist(), reference.tolist()
+        sampled = rows.sample.tolist()
+        same = [a == b for a, b in zip(tokens, want_tokens)]
+        self.sampled += sum(sampled)
+        self.differing += sum(1 for s, eq, good in zip(sampled, same, want_ok) if s and good and not eq)
+        faults = []
+        if ok != want_ok:
+            faults.append("rows that can be drawn from")
+        if any(not s and good and not eq for s, eq, good in zip(sampled, same, want_ok)):
+            faults.append("greedy tokens")
+        if any(eq and good and abs(a - b) > 1e-3 for eq, good, a, b in zip(same, want_ok, logprobs, want_logprobs)):
+            faults.append("log-probabilities")
+        if self.differing > max(1, self.sampled // 8):
+            faults.append(f"sampled tokens ({self.differing} of {self.sampled})")
+        if faults:
+            raise RuntimeError(f"the sampling kernel differs from the torch path in its {', '.join(faults)}")
+        return chosen
 
 
-_KERNEL: list = []  # [module or None] once looked up
+_CUDA_PATH: list[KernelPath] = []
 
 
-def _kernel():
-    if not _KERNEL:
+def _cuda_path() -> KernelPath:
+    if not _CUDA_PATH:
         try:
             from server.engine import sampling_kernel
         except ImportError:  # no Triton here: the torch path is the same choice
             sampling_kernel = None
-        _KERNEL.append(sampling_kernel)
-    return _KERNEL[0]
+        _CUDA_PATH.append(KernelPath(sampling_kernel))
+    return _CUDA_PATH[0]
 
 
 def choose_with_torch(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
