@@ -163,7 +163,10 @@ class LoraSlots:
             return base
         a = self.A[key]
         shrunk = out[:, width : width + a.shape[0]] if key in self.riding else F.linear(x, a)  # [T, P * slots * R]
-        return torch.addmm(base, torch.where(masks[len(self.groups[group])], shrunk, 0.0), self.B[key])
+        # In place: the base columns are a row-strided view of the GEMM's output, which the GEMM writes through
+        # its leading dimension; addmm would first copy them out, a copy kernel per group (4 per layer: likely
+        # most of the 126 copies in a 1-row 8B step's profile, bench/results/gpu-2026-12-01-hardening-cluster/).
+        return base.addmm_(torch.where(masks[len(self.groups[group])], shrunk, 0.0), self.B[key])
 
     # -- slot bookkeeping --------------------------------------------------------------------------
     def _free_slot(self) -> int | None:
