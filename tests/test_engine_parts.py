@@ -68,7 +68,7 @@ def test_rows_of_different_adapters_get_their_own_lora_term():
     lora.add("two", rank=4, scaling=2.0, state_dict=two)
     slots = torch.tensor([lora.acquire("one"), -1, lora.acquire("two"), lora.acquire("one")])
     x = torch.randn(4, 4)
-    out = lora.apply(0, "q_proj", x, torch.zeros(4, 6), lora.row_mask(slots))
+    out = lora.apply(0, "q_proj", x, torch.zeros(4, 6), lora.row_adapters(slots))
     torch.testing.assert_close(out[0], reference(one, x[0], "q_proj", 0.5))
     assert torch.all(out[1] == 0)  # the base-model row gets exactly nothing
     torch.testing.assert_close(out[2], reference(two, x[2], "q_proj", 2.0))
@@ -90,7 +90,7 @@ def test_least_recently_used_unpinned_adapter_is_evicted_and_comes_back():
     lora.release("c")
     x = torch.randn(1, 6)
     slot = lora.acquire("b")  # back from the host copy
-    out = lora.apply(0, "down_proj", x, torch.zeros(1, 4), lora.row_mask(torch.tensor([slot])))
+    out = lora.apply(0, "down_proj", x, torch.zeros(1, 4), lora.row_adapters(torch.tensor([slot])))
     torch.testing.assert_close(out[0], reference(adapter(2, ord("b")), x[0], "down_proj", 1.0))
     with pytest.raises(RuntimeError):
         lora.remove("b")  # pinned by a running sequence
@@ -130,7 +130,7 @@ def test_an_overflow_in_one_adapter_never_reaches_another_adapters_row():
     lora.add("huge", rank=2, scaling=1.0, state_dict=huge)
     slots = torch.tensor([lora.acquire("good"), lora.acquire("huge"), -1])
     x = torch.ones(3, 4)
-    out = lora.apply(0, "q_proj", x, torch.zeros(3, 6), lora.row_mask(slots))
+    out = lora.apply(0, "q_proj", x, torch.zeros(3, 6), lora.row_adapters(slots))
     torch.testing.assert_close(out[0], reference(good, x[0], "q_proj", 1.0))
     assert torch.all(out[2] == 0)
     assert not torch.isfinite(out[1]).all()  # the overflowing row itself: the engine fails it alone
@@ -171,7 +171,7 @@ def test_the_shrink_riding_in_the_base_gemm_gives_the_same_terms():
     assert q.weight.shape == (6 + 2 * 2, 4) and q.modules[0].weight.data_ptr() == q.weight.data_ptr()
     x = torch.randn(2, 4)
     slots = torch.tensor([lora.acquire("one"), -1])
-    out = lora.apply(0, "q_proj", x, q(x), lora.row_mask(slots))
+    out = lora.apply(0, "q_proj", x, q(x), lora.row_adapters(slots))
     base = x @ q.modules[0].weight.t()
     assert out.shape == (2, 6)
     torch.testing.assert_close(out[0], base[0] + reference(one, x[0], "q_proj", 0.5))
@@ -189,7 +189,7 @@ def test_a_relayout_that_fails_midway_leaves_the_old_layout_serving():
     assert lora.rank == 2 and "two" not in lora.host
     x = torch.randn(1, 4)
     q = projections["q_proj"]  # its weight grew before the failure: A now rides in the new storage
-    out = lora.apply(0, "q_proj", x, q(x), lora.row_mask(torch.tensor([slot])))
+    out = lora.apply(0, "q_proj", x, q(x), lora.row_adapters(torch.tensor([slot])))
     torch.testing.assert_close(out[0], x[0] @ q.modules[0].weight.t() + reference(one, x[0], "q_proj", 1.0))
 
 
@@ -203,7 +203,7 @@ def test_unloading_the_widest_adapter_gives_its_riding_rows_back():
     assert lora.rank == 2 and q.weight.shape == (6 + 2 * 2, 4)  # the spare rows are freed, not kept
     x = torch.randn(1, 4)
     slot = lora.acquire("narrow")
-    out = lora.apply(0, "q_proj", x, q(x), lora.row_mask(torch.tensor([slot])))
+    out = lora.apply(0, "q_proj", x, q(x), lora.row_adapters(torch.tensor([slot])))
     torch.testing.assert_close(out[0], x[0] @ q.modules[0].weight.t() + reference(adapter(2, 1), x[0], "q_proj", 1.0))
     lora.release("narrow")
     lora.remove("narrow")

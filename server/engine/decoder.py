@@ -99,15 +99,15 @@ class Decoder:
         k = self.kernels
         x = self.embed(self._input_ids(step))  # [T, H]: the residual stream
         cos, sin = self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1)  # [T, 1, D]
-        lora_mask = self.lora.row_mask(step.lora_slots) if step.any_adapter else None  # [T, slots * R] per width
+        lora_rows = self.lora.row_adapters(step.lora_slots) if step.any_adapter else None
         masks = self._attention_masks(step)  # the same for every layer: built once
         h = k.rms_norm(x, *_norm(self.layers[0].input_layernorm))
         for index, layer in enumerate(self.layers):
             x, h = self._attention_block(
-                index, layer, x, h, step, rope=(cos, sin), lora_mask=lora_mask, attn_masks=masks
+                index, layer, x, h, step, rope=(cos, sin), lora_rows=lora_rows, attn_masks=masks
             )
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else None
-            x, h = self._mlp_block(index, layer, x, h, lora_mask=lora_mask, next_norm=following)
+            x, h = self._mlp_block(index, layer, x, h, lora_rows=lora_rows, next_norm=following)
         last = k.rms_norm(x[step.logit_rows], *_norm(self.norm))  # [R, H]
         return self.head(last).float()  # [R, V]
 
@@ -119,9 +119,9 @@ class Decoder:
         drawn = self.cache.last_token[:n]
         return drawn if n == step.ids.shape[0] else torch.cat([drawn, step.ids[n:]])
 
-    def _attention_block(self, index: int, layer, x, h, step: Step, *, rope, lora_mask, attn_masks):
+    def _attention_block(self, index: int, layer, x, h, step: Step, *, rope, lora_rows, attn_masks):
         """Attention over h (the normed stream): the new stream and its post-attention norm."""
-        qkv = self._proj(index, "qkv", h, lora_mask)  # [T, (Hq + 2 Hkv) * D]
+        qkv = self._proj(index, "qkv", h, lora_rows)  # [T, (Hq + 2 Hkv) * D]
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         qk = self.kernels.rope(qkv[:, : q_width + kv_width].view(-1, self.heads + self.kv_heads, self.head_dim), *rope)
         q, k = qk[:, : self.heads], qk[:, self.heads :]  # [T, Hq, D], [T, Hkv, D]
@@ -131,20 +131,20 @@ class Decoder:
         V[step.write_slots, :, step.write_positions] = v
         o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
         return self.kernels.add_rms_norm(
-            x, self._proj(index, "o_proj", o, lora_mask), *_norm(layer.post_attention_layernorm)
+            x, self._proj(index, "o_proj", o, lora_rows), *_norm(layer.post_attention_layernorm)
         )
 
-    def _mlp_block(self, index: int, layer, x, h, *, lora_mask, next_norm):
+    def _mlp_block(self, index: int, layer, x, h, *, lora_rows, next_norm):
         """The MLP over h: the new stream, and its norm under the next layer's input norm (None: last layer)."""
-        gate, up = self._proj(index, "gate_up", h, lora_mask).chunk(2, dim=-1)
+        gate, up = self._proj(index, "gate_up", h, lora_rows).chunk(2, dim=-1)
         act = self.kernels.silu_mul(gate, up) if self.silu else layer.mlp.act_fn(gate) * up
-        delta = self._proj(index, "down_proj", act, lora_mask)
+        delta = self._proj(index, "down_proj", act, lora_rows)
         if next_norm is None:
             return x + delta, None
         return self.kernels.add_rms_norm(x, delta, *_norm(next_norm))
 
-    def _proj(self, index: int, group: str, x: torch.Tensor, lora_mask) -> torch.Tensor:
-        return self.lora.apply(index, group, x, self.projections[index][group](x), lora_mask)
+    def _proj(self, index: int, group: str, x: torch.Tensor, lora_rows) -> torch.Tensor:
+        return self.lora.apply(index, group, x, self.projections[index][group](x), lora_rows)
 
     def _attention_masks(self, step: Step) -> list[torch.Tensor]:
         """Additive masks (0 = attend, -inf = not): the decode rows' [n, 1, 1, span], then each chunk's

@@ -18,7 +18,8 @@ already holds x @ A[g]^T after the base columns, and the shrink costs no launch 
 gives each group's projection (an object with `ride(rows)` and `compact(rows)`, or None).
 
 whatever the mix of adapters: the number of kernel launches grows neither with the number of
-distinct adapters in the batch nor with the projections of a group. R grows to the largest rank
+distinct adapters in the batch nor with the projections of a group. On CUDA a step of a few rows
+(EXPAND_KERNEL_ROWS) expands with lora_kernel.py instead, which reads only the rows' own slots of B. R grows to the largest rank
 attached (buffers re-laid out once), and shrinks back when the widest is unloaded: an unloaded
 adapter keeps no device memory. Zeroed columns and blocks contribute exact zeros, so a row's
 result does not depend on its neighbours; `where` rather than a multiply, so that even an overflow
@@ -31,15 +32,30 @@ nothing of requests: callers pin a slot with `acquire` and unpin it with `releas
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from contract.lora import PROJECTIONS, parse_lora_key
+
+log = logging.getLogger("loraserve.lora_slots")
+# Steps of at most this many rows expand with lora_kernel.py on CUDA (reads only the rows' own slots of B);
+# larger ones with the masked GEMM over every slot, which reads all of B once however many rows share it.
+EXPAND_KERNEL_ROWS = 8
+
+
+@dataclass
+class RowAdapters:
+    """A step's adapter slot per row [T] (-1: none), and the masks when the mask path expands them."""
+
+    slots: torch.Tensor
+    masks: dict[int, torch.Tensor] | None
 
 
 @dataclass
@@ -84,6 +100,13 @@ class LoraSlots:
         self._room = room or (lambda layer, group: None)  # where a group's A may ride (its base projection)
         self.riding: set[tuple[int, str]] = set()  # groups whose A rides in the base GEMM's weight
         self.uploads = 0  # host → device copies so far (a reload counter for metrics and tests)
+        self.group_ends = {  # (layer, group) → where each of its projections' output columns end
+            (layer, group): tuple(accumulate(shapes[(layer, p)][1] for p in projs if (layer, p) in shapes))
+            for layer in self.layers
+            for group, projs in self.groups.items()
+            if any((layer, p) in shapes for p in projs)
+        }
+        self._expand = None  # lora_kernel once trusted (use_expand_kernel), else None: the masks
 
     # -- the host tier ---------------------------------------------------------------------------
     def add(self, key: str, *, rank: int, scaling: float, state_dict: dict[str, torch.Tensor]) -> None:
@@ -142,27 +165,59 @@ class LoraSlots:
         if not self.pins[key]:
             del self.pins[key]
 
-    def row_mask(self, row_slots: torch.Tensor) -> dict[int, torch.Tensor] | None:
-        """[T] slot per row (-1: no adapter) → for each group width P, [T, P * slots * R] bool, True on
-        the row's own slot's columns; None when no adapter is attached. (Callers skip it when no row
-        has an adapter.) Built once per step: every layer uses the same masks."""
+    def row_adapters(self, row_slots: torch.Tensor) -> RowAdapters | None:
+        """[T] slot per row (-1: no adapter) → what every layer's `apply` needs for these rows: the slots
+        for the expand kernel (a few rows, on CUDA), else for each group width P the [T, P * slots * R] bool
+        masks, True on the row's own slot's columns. None when no adapter is attached. (Callers skip it
+        when no row has an adapter.) Built once per step: every layer uses the same."""
         if self.rank == 0:
             return None
+        if self._expand is not None and row_slots.shape[0] <= EXPAND_KERNEL_ROWS:
+            return RowAdapters(row_slots, masks=None)
         own = self._column_slots[None, :] == row_slots[:, None]  # [T, slots * R]
-        return {width: own.repeat(1, width) for width in {len(projs) for projs in self.groups.values()}}
+        return RowAdapters(row_slots, {width: own.repeat(1, width) for width in {len(p) for p in self.groups.values()}})
+
+    def use_expand_kernel(self) -> bool:
+        """Expand small steps' rows with lora_kernel.py once it matches the mask path here on every group
+        shape of the current layout (checked again at each re-layout); else, or without Triton, the masks."""
+        self._expand = None
+        if self.rank == 0:
+            return False
+        try:
+            from server.engine import lora_kernel
+
+            shapes = {(self.slots, self.rank, ends) for ends in self.group_ends.values()}
+            trusted = all(
+                lora_kernel.matches_the_mask_path(self.device, self.dtype, slots=slots, rank=rank, ends=ends)
+                for slots, rank, ends in shapes
+            )
+        except Exception:  # no Triton, or no kernel for this device: the masks serve
+            log.exception("the LoRA expand kernel is unavailable; expanding with masks")
+            return False
+        if not trusted:
+            log.warning("the LoRA expand kernel differs from the mask path on this device; expanding with masks")
+            return False
+        self._expand = lora_kernel
+        return True
 
     def apply(
-        self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, masks: dict[int, torch.Tensor] | None
+        self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None
     ) -> torch.Tensor:
         """The base output plus the LoRA terms of `group`'s projections for every row of x [T, in]. `out` is
         the group's GEMM output [T, sum(out) + riding rows]: the base columns, then x @ A^T where A rides."""
         key = (layer, group)
         width = self.out_widths[key]
         base = out[:, :width] if out.shape[1] > width else out
-        if masks is None or self.rank == 0:
+        if rows is None or self.rank == 0:
             return base
         a = self.A[key]
         shrunk = out[:, width : width + a.shape[0]] if key in self.riding else F.linear(x, a)  # [T, P * slots * R]
+        if rows.masks is None:
+            ends = self.group_ends[key]
+            return self._expand.expand_(
+                base, shrunk, self.B[key], rows.slots, slots=self.slots, rank=self.rank, ends=ends
+            )
+        masks = rows.masks
         # In place: the base columns are a row-strided view of the GEMM's output, which the GEMM writes through
         # its leading dimension; addmm would first copy them out, a copy kernel per group (4 per layer: likely
         # most of the 126 copies in a 1-row 8B step's profile, bench/results/gpu-2026-12-01-hardening-cluster/).
@@ -228,6 +283,8 @@ class LoraSlots:
             self._compact()
         self._column_slots = torch.arange(self.slots * rank, device=self.device) // max(rank, 1)  # [slots * R]: owner
         self.layout += 1
+        if self.device.type == "cuda":
+            self.use_expand_kernel()
         for key, slot in list(self.resident.items()):
             self._upload(key, slot)
 

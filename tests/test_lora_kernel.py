@@ -1,0 +1,64 @@
+"""The LoRA expand kernel (server/engine/lora_kernel.py) against the mask path it replaces for small steps.
+
+Without a GPU it runs in Triton's interpreter (conftest sets TRITON_INTERPRET); on the GPU machine the same
+tests run it compiled. On CUDA the engine turns it on by itself (LoraSlots.use_expand_kernel at each layout);
+here the tests turn it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tests.test_engine import EN, ZH, ids_of, make_engine, request, rows_of, run_together, served_state
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize(
+    "ends, slots, rank",
+    [((8,), 2, 4), ((16, 24, 32), 3, 8), ((130, 260), 2, 5), ((300,), 1, 16)],
+    ids=["one projection", "q/k/v", "gate/up, widths off the block size", "one slot"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_row_gets_its_own_slots_terms_as_the_mask_path_gives_them(ends, slots, rank, dtype):
+    from server.engine import lora_kernel
+
+    assert lora_kernel.matches_the_mask_path(DEVICE, dtype, slots=slots, rank=rank, ends=ends)
+
+
+def test_generation_with_the_kernel_equals_generation_with_the_masks(tiny_model_dir, trained_adapters, monkeypatch):
+    """The decoder's fused groups, both adapters and a base row in one batch of small steps: the same tokens."""
+    from server.engine import lora_kernel
+
+    launches = []
+    expand = lora_kernel.expand_
+    monkeypatch.setattr(lora_kernel, "expand_", lambda *args, **kwargs: launches.append(1) or expand(*args, **kwargs))
+    state = served_state(tiny_model_dir, trained_adapters)
+    lora = state.runner.lora
+    requests = [
+        request(state, adapter=EN, row=rows_of(EN)[1], max_new_tokens=12),
+        request(state, adapter=ZH, row=rows_of(ZH)[1], max_new_tokens=12),
+        request(state, inputs="hello hello", max_new_tokens=12),
+    ]
+    assert lora.row_adapters(torch.tensor([0, 1, -1])).masks is not None  # a CPU expands with masks by default
+    with_masks = asyncio.run(run_together(make_engine(state), requests))
+    assert lora.use_expand_kernel()
+    assert lora.row_adapters(torch.tensor([0, 1, -1])).masks is None
+    with_kernel = asyncio.run(run_together(make_engine(state), requests))
+    assert [ids_of(r) for r in with_kernel] == [ids_of(r) for r in with_masks]
+    assert len(launches) >= 4 * 2 * 10  # every group of both layers, in each decode step
+    assert ids_of(with_kernel[0]) != ids_of(with_kernel[2])  # the adapters changed something
+
+
+def test_a_kernel_that_differs_from_the_mask_path_is_not_used(tiny_model_dir, trained_adapters, monkeypatch, caplog):
+    from server.engine import lora_kernel
+
+    state = served_state(tiny_model_dir, trained_adapters)
+    monkeypatch.setattr(lora_kernel, "matches_the_mask_path", lambda *args, **kwargs: False)
+    assert not state.runner.lora.use_expand_kernel()
+    assert state.runner.lora.row_adapters(torch.tensor([0])).masks is not None
+    assert "expanding with masks" in caplog.text
