@@ -37,17 +37,21 @@ def test_generation_with_the_kernel_equals_generation_with_the_masks(tiny_model_
     launches = []
     expand = lora_kernel.expand_
     monkeypatch.setattr(lora_kernel, "expand_", lambda *args, **kwargs: launches.append(1) or expand(*args, **kwargs))
-    state = served_state(tiny_model_dir, trained_adapters)
+    state = served_state(tiny_model_dir, trained_adapters, dtype="float32")  # on a GPU too: no bf16 rounding
     lora = state.runner.lora
     requests = [
         request(state, adapter=EN, row=rows_of(EN)[1], max_new_tokens=12),
         request(state, adapter=ZH, row=rows_of(ZH)[1], max_new_tokens=12),
         request(state, inputs="hello hello", max_new_tokens=12),
     ]
-    assert lora.row_adapters(torch.tensor([0, 1, -1])).masks is not None  # a CPU expands with masks by default
+    lora.use_expand_kernel(enabled=False)
+    assert lora.row_adapters(torch.tensor([0, 1, -1])).masks is not None
+    launches.clear()
     with_masks = asyncio.run(run_together(make_engine(state), requests))
+    assert not launches
     assert lora.use_expand_kernel()
     assert lora.row_adapters(torch.tensor([0, 1, -1])).masks is None
+    launches.clear()  # (its check ran the kernel too)
     with_kernel = asyncio.run(run_together(make_engine(state), requests))
     assert [ids_of(r) for r in with_kernel] == [ids_of(r) for r in with_masks]
     assert len(launches) >= 4 * 2 * 10  # every group of both layers, in each decode step

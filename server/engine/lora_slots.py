@@ -17,13 +17,15 @@ Where the group's base weight is fused (projections.py), A[g] rides in it: the b
 already holds x @ A[g]^T after the base columns, and the shrink costs no launch of its own. `room`
 gives each group's projection (an object with `ride(rows)` and `compact(rows)`, or None).
 
-whatever the mix of adapters: the number of kernel launches grows neither with the number of
+Whatever the mix of adapters, the number of kernel launches grows neither with the number of
 distinct adapters in the batch nor with the projections of a group. On CUDA a step of a few rows
-(EXPAND_KERNEL_ROWS) expands with lora_kernel.py instead, which reads only the rows' own slots of B. R grows to the largest rank
-attached (buffers re-laid out once), and shrinks back when the widest is unloaded: an unloaded
-adapter keeps no device memory. Zeroed columns and blocks contribute exact zeros, so a row's
-result does not depend on its neighbours; `where` rather than a multiply, so that even an overflow
-in another adapter's columns (inf * 0 = NaN) stays out of a row. Non-finite weights are refused at load.
+(EXPAND_KERNEL_ROWS) expands with lora_kernel.py instead, which reads only the rows' own slots of B.
+
+R grows to the largest rank attached (buffers re-laid out once), and shrinks back when the widest
+is unloaded: an unloaded adapter keeps no device memory. Zeroed columns and blocks contribute exact
+zeros, so a row's result does not depend on its neighbours; `where` rather than a multiply, so that
+even an overflow in another adapter's columns (inf * 0 = NaN) stays out of a row. Non-finite weights
+are refused at load.
 
 A resident adapter that no running sequence uses may be evicted (least recently used first) when
 another needs its slot; its host copy stays, so it comes back with one copy. This module knows
@@ -177,11 +179,11 @@ class LoraSlots:
         own = self._column_slots[None, :] == row_slots[:, None]  # [T, slots * R]
         return RowAdapters(row_slots, {width: own.repeat(1, width) for width in {len(p) for p in self.groups.values()}})
 
-    def use_expand_kernel(self) -> bool:
+    def use_expand_kernel(self, enabled: bool = True) -> bool:
         """Expand small steps' rows with lora_kernel.py once it matches the mask path here on every group
         shape of the current layout (checked again at each re-layout); else, or without Triton, the masks."""
         self._expand = None
-        if self.rank == 0:
+        if self.rank == 0 or not enabled:
             return False
         try:
             from server.engine import lora_kernel
