@@ -14,6 +14,7 @@ causally over its own slot. The projections, norms and MLP run once over all T t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache
-from server.engine.lora_slots import LoraSlots
+from server.engine.lora_slots import EXPAND_KERNEL_ROWS, LoraSlots
 from server.engine.projections import layer_projections
 
+log = logging.getLogger("loraserve.decoder")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Not cuDNN: it builds a plan for every new attention shape, and a step's shapes change with its mix of
@@ -88,6 +90,31 @@ class Decoder:
         self.cos, self.sin = rope_tables(
             config, length=cache.max_len + 1, device=cache.K[0].device, dtype=cache.K[0].dtype
         )  # [max_len + 1, D]
+        self.qkv_kernel = None  # qkv_kernel.py once trusted here (use_qkv_kernel): small steps' q/k/v epilogue
+        if cache.K[0].is_cuda:
+            self.use_qkv_kernel()
+
+    def use_qkv_kernel(self, enabled: bool = True) -> bool:
+        """Run the q/k/v epilogue of steps of at most EXPAND_KERNEL_ROWS tokens (LoRA terms, RoPE, cache
+        writes) as one kernel, once it matches the unfused ops here; else, or without Triton, unfused."""
+        self.qkv_kernel = None
+        if not enabled:
+            return False
+        try:
+            from server.engine import qkv_kernel
+
+            shape = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
+            trusted = qkv_kernel.supports(self.head_dim) and qkv_kernel.matches_the_unfused_path(
+                self.cos.device, self.cos.dtype, **shape
+            )
+        except Exception:  # no Triton, or no kernel for this device
+            log.exception("the q/k/v kernel is unavailable; running RoPE and the cache writes unfused")
+            return False
+        if not trusted:
+            log.warning("the q/k/v kernel is not used here (head size, or it differs from the unfused ops)")
+            return False
+        self.qkv_kernel = qkv_kernel
+        return True
 
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
@@ -98,14 +125,14 @@ class Decoder:
     def _forward(self, step: Step) -> torch.Tensor:
         k = self.kernels
         x = self.embed(self._input_ids(step))  # [T, H]: the residual stream
-        cos, sin = self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1)  # [T, 1, D]
+        fused_qkv = self.qkv_kernel is not None and step.ids.shape[0] <= EXPAND_KERNEL_ROWS
+        # [T, 1, D] each; the fused q/k/v kernel reads the tables itself
+        rope = None if fused_qkv else (self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1))
         lora_rows = self.lora.row_adapters(step.lora_slots) if step.any_adapter else None
         masks = self._attention_masks(step)  # the same for every layer: built once
         h = k.rms_norm(x, *_norm(self.layers[0].input_layernorm))
         for index, layer in enumerate(self.layers):
-            x, h = self._attention_block(
-                index, layer, x, h, step, rope=(cos, sin), lora_rows=lora_rows, attn_masks=masks
-            )
+            x, h = self._attention_block(index, layer, x, h, step, rope=rope, lora_rows=lora_rows, attn_masks=masks)
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else None
             x, h = self._mlp_block(index, layer, x, h, lora_rows=lora_rows, next_norm=following)
         last = k.rms_norm(x[step.logit_rows], *_norm(self.norm))  # [R, H]
@@ -120,18 +147,42 @@ class Decoder:
         return drawn if n == step.ids.shape[0] else torch.cat([drawn, step.ids[n:]])
 
     def _attention_block(self, index: int, layer, x, h, step: Step, *, rope, lora_rows, attn_masks):
-        """Attention over h (the normed stream): the new stream and its post-attention norm."""
+        """Attention over h (the normed stream): the new stream and its post-attention norm. `rope` None:
+        the fused q/k/v kernel applies it."""
+        K, V = self.cache.K[index], self.cache.V[index]
+        q = self._fused_qkv(index, h, step, lora_rows) if rope is None else self._qkv(index, h, step, rope, lora_rows)
+        o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
+        return self.kernels.add_rms_norm(
+            x, self._proj(index, "o_proj", o, lora_rows), *_norm(layer.post_attention_layernorm)
+        )
+
+    def _qkv(self, index: int, h, step: Step, rope, lora_rows) -> torch.Tensor:
+        """q [T, Hq, D] rotated; k (rotated) and v written into the cache at the tokens' cells."""
         qkv = self._proj(index, "qkv", h, lora_rows)  # [T, (Hq + 2 Hkv) * D]
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         qk = self.kernels.rope(qkv[:, : q_width + kv_width].view(-1, self.heads + self.kv_heads, self.head_dim), *rope)
         q, k = qk[:, : self.heads], qk[:, self.heads :]  # [T, Hq, D], [T, Hkv, D]
         v = qkv[:, q_width + kv_width :].view(-1, self.kv_heads, self.head_dim)
-        K, V = self.cache.K[index], self.cache.V[index]
-        K[step.write_slots, :, step.write_positions] = k
-        V[step.write_slots, :, step.write_positions] = v
-        o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
-        return self.kernels.add_rms_norm(
-            x, self._proj(index, "o_proj", o, lora_rows), *_norm(layer.post_attention_layernorm)
+        self.cache.K[index][step.write_slots, :, step.write_positions] = k
+        self.cache.V[index][step.write_slots, :, step.write_positions] = v
+        return q
+
+    def _fused_qkv(self, index: int, h, step: Step, lora_rows) -> torch.Tensor:
+        """_qkv's result and cache writes, after the GEMM in one kernel (qkv_kernel.py)."""
+        out = self.projections[index]["qkv"](h)
+        base, terms = self.lora.operands(index, "qkv", h, out, lora_rows)
+        return self.qkv_kernel.qkv_epilogue(
+            base,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            cos=self.cos,
+            sin=self.sin,
+            positions=step.positions,
+            K=self.cache.K[index],
+            V=self.cache.V[index],
+            write_slots=step.write_slots,
+            write_positions=step.write_positions,
+            lora=terms,
         )
 
     def _mlp_block(self, index: int, layer, x, h, *, lora_rows, next_norm):

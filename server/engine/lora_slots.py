@@ -207,23 +207,29 @@ class LoraSlots:
     ) -> torch.Tensor:
         """The base output plus the LoRA terms of `group`'s projections for every row of x [T, in]. `out` is
         the group's GEMM output [T, sum(out) + riding rows]: the base columns, then x @ A^T where A rides."""
+        base, terms = self.operands(layer, group, x, out, rows)
+        if terms is None:
+            return base
+        shrunk, b, row_slots, _, _ = terms
+        if rows.masks is None:
+            ends = self.group_ends[(layer, group)]
+            return self._expand.expand_(base, shrunk, b, row_slots, slots=self.slots, rank=self.rank, ends=ends)
+        # In place: the base columns are a row-strided view of the GEMM's output, which the GEMM writes through
+        # its leading dimension; addmm would first copy them out, a copy kernel per group (4 per layer: likely
+        # most of the 126 copies in a 1-row 8B step's profile, bench/results/gpu-2026-12-01-hardening-cluster/).
+        return base.addmm_(torch.where(rows.masks[len(self.groups[group])], shrunk, 0.0), b)
+
+    def operands(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None):
+        """(base columns of `out`, LoRA terms) for a kernel that adds them itself (qkv_kernel.py): the terms
+        are (shrunk [T, P * slots * R], B, row slots [T], slots, R), or None when no row has an adapter."""
         key = (layer, group)
         width = self.out_widths[key]
         base = out[:, :width] if out.shape[1] > width else out
         if rows is None or self.rank == 0:
-            return base
+            return base, None
         a = self.A[key]
         shrunk = out[:, width : width + a.shape[0]] if key in self.riding else F.linear(x, a)  # [T, P * slots * R]
-        if rows.masks is None:
-            ends = self.group_ends[key]
-            return self._expand.expand_(
-                base, shrunk, self.B[key], rows.slots, slots=self.slots, rank=self.rank, ends=ends
-            )
-        masks = rows.masks
-        # In place: the base columns are a row-strided view of the GEMM's output, which the GEMM writes through
-        # its leading dimension; addmm would first copy them out, a copy kernel per group (4 per layer: likely
-        # most of the 126 copies in a 1-row 8B step's profile, bench/results/gpu-2026-12-01-hardening-cluster/).
-        return base.addmm_(torch.where(masks[len(self.groups[group])], shrunk, 0.0), self.B[key])
+        return base, (shrunk, self.B[key], rows.slots, self.slots, self.rank)
 
     # -- slot bookkeeping --------------------------------------------------------------------------
     def _free_slot(self) -> int | None:
