@@ -20,11 +20,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.mark.parametrize(
     "ends, slots, rank",
-    [((8,), 2, 4), ((16, 24, 32), 3, 8), ((130, 260), 2, 5), ((300,), 1, 16)],
-    ids=["one projection", "q/k/v", "gate/up, widths off the block size", "one slot"],
+    [((8,), 2, 4), ((16, 24, 32), 3, 8), ((130, 260), 2, 5), ((300,), 1, 16), ((64, 100), 2, 4)],
+    ids=["one projection", "q/k/v", "gate/up, widths off the block size", "one slot", "two unequal projections"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_row_gets_its_own_slots_terms_as_the_mask_path_gives_them(ends, slots, rank, dtype):
+    """And for a gate/up pair, silu(gate) * up of them (the check covers both kernels)."""
     from server.engine import lora_kernel
 
     assert lora_kernel.matches_the_mask_path(DEVICE, dtype, slots=slots, rank=rank, ends=ends)
@@ -35,8 +36,11 @@ def test_generation_with_the_kernel_equals_generation_with_the_masks(tiny_model_
     from server.engine import lora_kernel
 
     launches = []
-    expand = lora_kernel.expand_
-    monkeypatch.setattr(lora_kernel, "expand_", lambda *args, **kwargs: launches.append(1) or expand(*args, **kwargs))
+    for name in ("expand_", "expand_gated"):
+        kernel = getattr(lora_kernel, name)
+        monkeypatch.setattr(
+            lora_kernel, name, lambda *a, kernel=kernel, **k: launches.append(kernel) or kernel(*a, **k)
+        )
     state = served_state(tiny_model_dir, trained_adapters, dtype="float32")  # on a GPU too: no bf16 rounding
     lora = state.runner.lora
     requests = [
@@ -55,6 +59,7 @@ def test_generation_with_the_kernel_equals_generation_with_the_masks(tiny_model_
     with_kernel = asyncio.run(run_together(make_engine(state), requests))
     assert [ids_of(r) for r in with_kernel] == [ids_of(r) for r in with_masks]
     assert len(launches) >= 4 * 2 * 10  # every group of both layers, in each decode step
+    assert len({id(kernel) for kernel in launches}) == 2  # gate/up by expand_gated, the others by expand_
     assert ids_of(with_kernel[0]) != ids_of(with_kernel[2])  # the adapters changed something
 
 

@@ -187,8 +187,11 @@ class Decoder:
 
     def _mlp_block(self, index: int, layer, x, h, *, lora_rows, next_norm):
         """The MLP over h: the new stream, and its norm under the next layer's input norm (None: last layer)."""
-        gate, up = self._proj(index, "gate_up", h, lora_rows).chunk(2, dim=-1)
-        act = self.kernels.silu_mul(gate, up) if self.silu else layer.mlp.act_fn(gate) * up
+        out = self.projections[index]["gate_up"](h)
+        act = self.lora.gated(index, "gate_up", h, out, lora_rows) if self.silu else None  # one launch, or None
+        if act is None:
+            gate, up = self.lora.apply(index, "gate_up", h, out, lora_rows).chunk(2, dim=-1)
+            act = self.kernels.silu_mul(gate, up) if self.silu else layer.mlp.act_fn(gate) * up
         delta = self._proj(index, "down_proj", act, lora_rows)
         if next_norm is None:
             return x + delta, None

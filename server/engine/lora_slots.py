@@ -219,6 +219,17 @@ class LoraSlots:
         # most of the 126 copies in a 1-row 8B step's profile, bench/results/gpu-2026-12-01-hardening-cluster/).
         return base.addmm_(torch.where(rows.masks[len(self.groups[group])], shrunk, 0.0), b)
 
+    def gated(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None):
+        """silu(gate) * up of a gate/up group with its LoRA terms, in one launch of the expand kernel (a small
+        step on CUDA); None where the caller applies the terms and multiplies itself."""
+        if rows is None or rows.masks is not None:
+            return None
+        base, terms = self.operands(layer, group, x, out, rows)
+        if terms is None:
+            return None
+        shrunk, b, row_slots, slots, rank = terms
+        return self._expand.expand_gated(base, shrunk, b, row_slots, slots=slots, rank=rank)
+
     def operands(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None):
         """(base columns of `out`, LoRA terms) for a kernel that adds them itself (qkv_kernel.py): the terms
         are (shrunk [T, P * slots * R], B, row slots [T], slots, R), or None when no row has an adapter."""
