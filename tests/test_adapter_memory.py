@@ -45,7 +45,7 @@ def test_unloading_the_widest_adapter_shrinks_the_device_slots():
     assert lora.rank == 2
     slot = lora.acquire("r0")  # the one left still answers exactly
     x = torch.randn(3, 4)
-    out = lora.apply(0, "q_proj", x, torch.zeros(3, 6), lora.row_mask(torch.tensor([slot] * 3)))
+    out = lora.apply(0, "q_proj", x, torch.zeros(3, 6), lora.row_adapters(torch.tensor([slot] * 3)))
     torch.testing.assert_close(out, reference(adapter(2, 0), x, "q_proj", 1.0))
 
 
@@ -54,6 +54,6 @@ def test_no_adapter_left_means_no_device_slots():
     upload(lora, "r0")
     lora.remove("r0")
     assert (lora.device_bytes, lora.host_bytes, lora.rank) == (0, 0, 0)
-    assert lora.row_mask(torch.tensor([-1, -1])) is None  # base-model rows skip LoRA again
+    assert lora.row_adapters(torch.tensor([-1, -1])) is None  # base-model rows skip LoRA again
     lora.add("again", rank=2, scaling=1.0, state_dict=adapter(2, 5))  # and it grows back on the next load
     assert lora.device_bytes == slots_with(2).device_bytes
