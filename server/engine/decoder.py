@@ -152,9 +152,7 @@ class Decoder:
         K, V = self.cache.K[index], self.cache.V[index]
         q = self._fused_qkv(index, h, step, lora_rows) if rope is None else self._qkv(index, h, step, rope, lora_rows)
         o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
-        return self.kernels.add_rms_norm(
-            x, self._proj(index, "o_proj", o, lora_rows), *_norm(layer.post_attention_layernorm)
-        )
+        return self._into_residual(index, "o_proj", o, x, lora_rows, _norm(layer.post_attention_layernorm))
 
     def _qkv(self, index: int, h, step: Step, rope, lora_rows) -> torch.Tensor:
         """q [T, Hq, D] rotated; k (rotated) and v written into the cache at the tokens' cells."""
@@ -192,10 +190,18 @@ class Decoder:
         if act is None:
             gate, up = self.lora.apply(index, "gate_up", h, out, lora_rows).chunk(2, dim=-1)
             act = self.kernels.silu_mul(gate, up) if self.silu else layer.mlp.act_fn(gate) * up
-        delta = self._proj(index, "down_proj", act, lora_rows)
         if next_norm is None:
-            return x + delta, None
-        return self.kernels.add_rms_norm(x, delta, *_norm(next_norm))
+            return x + self._proj(index, "down_proj", act, lora_rows), None
+        return self._into_residual(index, "down_proj", act, x, lora_rows, _norm(next_norm))
+
+    def _into_residual(self, index: int, group: str, inputs, x, lora_rows, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x plus the group's output, and its norm: one launch after the GEMM where
+        the LoRA expand kernel serves the step, else the expand and fused.add_rms_norm."""
+        out = self.projections[index][group](inputs)
+        fused = self.lora.residual_norm(index, group, inputs, out, lora_rows, residual=x, norm=norm)
+        if fused is not None:
+            return fused
+        return self.kernels.add_rms_norm(x, self.lora.apply(index, group, inputs, out, lora_rows), *norm)
 
     def _proj(self, index: int, group: str, x: torch.Tensor, lora_rows) -> torch.Tensor:
         return self.lora.apply(index, group, x, self.projections[index][group](x), lora_rows)

@@ -230,6 +230,22 @@ class LoraSlots:
         shrunk, b, row_slots, slots, rank = terms
         return self._expand.expand_gated(base, shrunk, b, row_slots, slots=slots, rank=rank)
 
+    def residual_norm(
+        self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None, *, residual, norm
+    ):
+        """fused.add_rms_norm(residual, this group's output with its LoRA terms, *norm) in one launch of the
+        expand kernel (a small step on CUDA); None where the caller applies the terms and adds itself."""
+        if rows is None or rows.masks is not None:
+            return None
+        base, terms = self.operands(layer, group, x, out, rows)
+        if terms is None:
+            return None
+        shrunk, b, row_slots, slots, rank = terms
+        weight, eps = norm
+        return self._expand.expand_residual_norm(
+            base, shrunk, b, row_slots, slots=slots, rank=rank, residual=residual, weight=weight, eps=eps
+        )
+
     def operands(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None):
         """(base columns of `out`, LoRA terms) for a kernel that adds them itself (qkv_kernel.py): the terms
         are (shrunk [T, P * slots * R], B, row slots [T], slots, R), or None when no row has an adapter."""
