@@ -20,6 +20,7 @@ import torch
 from contract.backend import choose_backend
 from contract.base_config import position_limit
 from contract.lora import AdapterConfig, lora_scaling
+from server.engine import sampling
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.decoder import Decoder, Step, check_architecture, projection_shapes
 from server.engine.faults import FaultPlan
@@ -97,6 +98,8 @@ class ModelRunner:
         kernels) now, so that no request waits for it. Other spans are captured when first needed."""
         if self.graphs:
             self.graphs.warm_up()
+        if self.device.type == "cuda":
+            sampling.warm_up(self.model.get_output_embeddings().weight.shape[0], self.device)
 
     @property
     def device_allocated_bytes(self) -> int:

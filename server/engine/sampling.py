@@ -101,6 +101,23 @@ def row_params(seqs: list, device) -> RowParams:
     )
 
 
+@dataclass
+class _WarmUpRow:
+    params: SamplingParams
+    seed: int = 0
+    prompt_ids: tuple[int, ...] = (0,)
+    generated: tuple[int, ...] = ()
+    in_flight: int = 0
+
+
+def warm_up(vocab: int, device) -> None:
+    """Choose once, greedy and sampled, so that the CUDA kernel is built (and checked) before a request
+    waits for it."""
+    rows = [_WarmUpRow(SamplingParams(1)), _WarmUpRow(SamplingParams(1, do_sample=True, top_p=0.9, top_k=5))]
+    logits = torch.randn(len(rows), vocab, device=device)
+    choose_on_device(logits, row_params(rows, torch.device(device))).cpu()
+
+
 def choose_tokens(logits: torch.Tensor, seqs: list) -> PendingChoices:
     """Launch the choice of each row's next token for seqs[i] from logits [R, V] float32; the result
     comes back to the host without blocking the device (`PendingChoices.result`)."""
