@@ -38,7 +38,12 @@ KERNELS = {
     "sampling": (
         sampling_kernel._choose,
         SAMPLING,
-        dict(vocab=128256, BLOCK=sampling_kernel.BLOCK, WAYS=16, KEY_OF_MINUS_INF=sampling_kernel._KEY_OF_MINUS_INF),
+        dict(
+            vocab=128256,
+            BLOCK=sampling_kernel.BLOCK,
+            WAYS=sampling_kernel.WAYS,
+            KEY_OF_MINUS_INF=sampling_kernel._KEY_OF_MINUS_INF,
+        ),
     ),
     "lora expand": (
         lora_kernel._expand,

@@ -8,11 +8,12 @@ few times from L2 and writes three numbers; nothing of size V is ever stored.
 The arithmetic is sampling.py's, defined there; what differs is how top-k and top-p find their cut.
 Instead of sorting, each searches for a threshold on the logits' order: the least t for which the
 weight strictly above t is below a bound (top-k: a count under k; top-p: a mass under top_p). That
-weight only falls as t rises, so a K-ary search over the 2^32 ordered float keys settles it in eight
-passes. The tokens kept are those at or above the threshold, so ties at the cut are all kept (a sort
-keeps an arbitrary subset of them). The draw is the same exponential race, on the same counter-based
-random numbers: a seeded request draws the same tokens on either path, up to float rounding of two
-nearly equal race values.
+weight only falls as t rises, so an 8-way search over the 2^32 ordered float keys settles it in
+eleven passes. Eight ways, because a pass is bound by its compares per element, not by its reads,
+and a row is one SM's work. The tokens kept are those at or above the threshold, so ties at the cut
+are all kept (a sort keeps an arbitrary subset of them). The draw is the same exponential race, on
+the same counter-based random numbers: a seeded request draws the same tokens on either path, up to
+float rounding of two nearly equal race values.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024  # logits per load
-WAYS = 16  # thresholds tried per pass of a search: 2^32 keys in 8 passes
+BLOCK = 2048  # logits per load: [BLOCK, WAYS] compares per step of a search
+WAYS = 8  # thresholds tried per pass of a search: 2^32 keys in 11 passes
 _KEY_OF_MINUS_INF = -2139095041  # the ordered key of -inf (below every other non-NaN float)
 
 
