@@ -74,3 +74,15 @@ def test_a_kernel_that_differs_from_the_mask_path_is_not_used(tiny_model_dir, tr
     assert not state.runner.lora.use_expand_kernel()
     assert state.runner.lora.row_adapters(torch.tensor([0])).masks is not None
     assert "expanding with masks" in caplog.text
+
+
+def test_slots_wider_than_the_kernels_hold_expand_with_masks():
+    from server.engine.lora_slots import KERNEL_MAX_RANK, LoraSlots
+    from tests.test_engine_parts import SHAPES, adapter
+
+    lora = LoraSlots(SHAPES, slots=2, device=DEVICE, dtype=torch.float32)
+    lora.add("narrow", rank=8, scaling=1.0, state_dict=adapter(8, 1))
+    assert lora.use_expand_kernel() and lora.row_adapters(torch.tensor([0], device=DEVICE)).masks is None
+    lora.add("wide", rank=2 * KERNEL_MAX_RANK, scaling=1.0, state_dict=adapter(2 * KERNEL_MAX_RANK, 2))
+    assert not lora.use_expand_kernel()  # (a re-layout on CUDA calls it itself)
+    assert lora.row_adapters(torch.tensor([0], device=DEVICE)).masks is not None

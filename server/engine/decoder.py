@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache
-from server.engine.lora_slots import EXPAND_KERNEL_ROWS, LoraSlots
+from server.engine.lora_slots import EXPAND_KERNEL_ROWS, KERNEL_MAX_RANK, LoraSlots
 from server.engine.projections import layer_projections
 
 log = logging.getLogger("loraserve.decoder")
@@ -125,7 +125,11 @@ class Decoder:
     def _forward(self, step: Step) -> torch.Tensor:
         k = self.kernels
         x = self.embed(self._input_ids(step))  # [T, H]: the residual stream
-        fused_qkv = self.qkv_kernel is not None and step.ids.shape[0] <= EXPAND_KERNEL_ROWS
+        fused_qkv = (
+            self.qkv_kernel is not None
+            and step.ids.shape[0] <= EXPAND_KERNEL_ROWS
+            and self.lora.rank <= KERNEL_MAX_RANK
+        )
         # [T, 1, D] each; the fused q/k/v kernel reads the tables itself
         rope = None if fused_qkv else (self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1))
         lora_rows = self.lora.row_adapters(step.lora_slots) if step.any_adapter else None

@@ -50,6 +50,8 @@ log = logging.getLogger("loraserve.lora_slots")
 # Steps of at most this many rows expand with lora_kernel.py on CUDA (reads only the rows' own slots of B);
 # larger ones with the masked GEMM over every slot, which reads all of B once however many rows share it.
 EXPAND_KERNEL_ROWS = 8
+# Wider slots than this expand with the masks: the kernels hold a [R, block] tile of B in registers.
+KERNEL_MAX_RANK = 64
 
 
 @dataclass
@@ -183,7 +185,7 @@ class LoraSlots:
         """Expand small steps' rows with lora_kernel.py once it matches the mask path here on every group
         shape of the current layout (checked again at each re-layout); else, or without Triton, the masks."""
         self._expand = None
-        if self.rank == 0 or not enabled:
+        if self.rank == 0 or self.rank > KERNEL_MAX_RANK or not enabled:
             return False
         try:
             from server.engine import lora_kernel

@@ -89,7 +89,8 @@ def qkv_epilogue(
         qkv, qkv.stride(0), shrunk, shrunk.stride(0), b, b.stride(0), row_slots, cos, sin, positions,
         q, K, V, K.stride(0), K.stride(1), K.stride(2), write_slots, write_positions,
         Q_HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
-        SLOTS=slots, RANK=rank, RANK_PAD=triton.next_power_of_2(rank), LORA=lora is not None, num_warps=1,
+        SLOTS=slots, RANK=rank, RANK_PAD=triton.next_power_of_2(rank), LORA=lora is not None,
+        num_warps=4 if lora is not None else 1,  # the LoRA terms hold a [R, D / 2] tile of B
     )  # fmt: skip
     return q
 
