@@ -69,14 +69,14 @@ def test_a_sampled_rows_draws_follow_its_distribution(kernel):
     top-p-renormalized probability says."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0]])
     params = SamplingParams(8, do_sample=True, top_p=0.9)
-    seqs = [SimpleNamespace(params=params, seed=s, prompt_ids=[1], generated=[], in_flight=0) for s in range(250)]
+    seqs = [SimpleNamespace(params=params, seed=s, prompt_ids=[1], generated=[], in_flight=0) for s in range(150)]
     batch = logits.expand(len(seqs), -1).contiguous().to(DEVICE)
     tokens = kernel.choose(batch, row_params(seqs, DEVICE))[0].cpu()
     probs = torch.softmax(logits[0], 0)
     kept = probs[:4] / probs[:4].sum()  # mass above token 3 is 0.87 < 0.9, above token 4 is 0.97
     counts = torch.bincount(tokens.long(), minlength=6).double() / len(seqs)
     assert counts[4:].sum() == 0
-    assert (counts[:4] - kept).abs().max() < 0.1, (counts, kept)  # 3 standard errors at 250 draws
+    assert (counts[:4] - kept).abs().max() < 0.12, (counts, kept)  # 3 standard errors at 150 draws
 
 
 def test_ties_and_infinities_choose_as_the_torch_path(kernel):
