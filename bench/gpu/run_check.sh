@@ -2,9 +2,9 @@
 # The fast path's check on the GPU, one device call (under 10 minutes): the Triton kernels' tests compiled (sampling,
 # LoRA expand, q/k/v), the sampler bench (torch path against the kernel), one 512-token prompt's prefill profiled with
 # and without an adapter, then ours alone in the engine bench, greedy and sampled (the sampled / greedy ratios need no
-# vLLM). PROFILE=1 adds the kernels per step at 1 and 64 rows, OPS=1 which
-# operators launch a 1-row step's kernels (each over a minute: with both, the bench may not finish in one call). Results in $OUT. The GPU tests are run_tests.sh;
-# vLLM's run is run_engine_bench.sh.
+# vLLM). PROFILE=1 adds the kernels per step at 1 and 64 rows; OPS=1 which operators launch a 1-row step's kernels.
+# Each takes over a minute: with both, the bench may not finish in the call. Results in $OUT. The GPU tests are
+# run_tests.sh; vLLM's run is run_engine_bench.sh.
 source bench/gpu/setup.sh >/dev/null
 timeout 200 python3 -m pytest -o addopts="" tests/test_sampling_kernel.py tests/test_lora_kernel.py tests/test_qkv_kernel.py -q -p no:cacheprovider 2>&1 | tail -6 | tee $OUT/kernel_tests.log
 timeout 60 python3 -m bench.sampling_bench 2>&1 | tail -9 | tee $OUT/sampling_bench.log
