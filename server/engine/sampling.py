@@ -195,7 +195,9 @@ class KernelPath:
             faults.append("rows that can be drawn from")
         if any(not s and good and not eq for s, eq, good in zip(sampled, same, want_ok)):
             faults.append("greedy tokens")
-        if any(eq and good and abs(a - b) > 1e-3 for eq, good, a, b in zip(same, want_ok, logprobs, want_logprobs)):
+        # Loose: a tie at the top-p cut, which the kernel keeps whole, changes the kept mass a little (bf16
+        # logits of a 128k vocabulary tie in groups of a hundred); a wrong kernel is off by far more.
+        if any(eq and good and abs(a - b) > 1e-2 for eq, good, a, b in zip(same, want_ok, logprobs, want_logprobs)):
             faults.append("log-probabilities")
         if self.differing > max(1, self.sampled // 8):
             faults.append(f"sampled tokens ({self.differing} of {self.sampled})")
