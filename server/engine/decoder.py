@@ -14,7 +14,6 @@ causally over its own slot. The projections, norms and MLP run once over all T t
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +25,8 @@ from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache
 from server.engine.lora_slots import EXPAND_KERNEL_ROWS, KERNEL_MAX_RANK, LoraSlots
 from server.engine.projections import layer_projections
+from server.engine.trust import passes
 
-log = logging.getLogger("loraserve.decoder")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Not cuDNN: it builds a plan for every new attention shape, and a step's shapes change with its mix of
@@ -100,19 +99,18 @@ class Decoder:
         self.qkv_kernel = None
         if not enabled:
             return False
-        try:
+
+        def check() -> bool:
             from server.engine import qkv_kernel
 
             shape = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
-            trusted = qkv_kernel.supports(self.head_dim) and qkv_kernel.matches_the_unfused_path(
-                self.cos.device, self.cos.dtype, **shape
-            )
-        except Exception:  # no Triton, or no kernel for this device
-            log.exception("the q/k/v kernel is unavailable; running RoPE and the cache writes unfused")
+            supported = qkv_kernel.supports(self.head_dim)  # else it does not apply here
+            return supported and qkv_kernel.matches_the_unfused_path(self.cos.device, self.cos.dtype, **shape)
+
+        if not passes(check, kernel="q/k/v", instead="running RoPE and the cache writes unfused"):
             return False
-        if not trusted:
-            log.warning("the q/k/v kernel is not used here (head size, or it differs from the unfused ops)")
-            return False
+        from server.engine import qkv_kernel
+
         self.qkv_kernel = qkv_kernel
         return True
 

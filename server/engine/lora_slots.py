@@ -34,7 +34,6 @@ nothing of requests: callers pin a slot with `acquire` and unpin it with `releas
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from contract.lora import PROJECTIONS, parse_lora_key
+from server.engine.trust import passes
 
-log = logging.getLogger("loraserve.lora_slots")
 # Steps of at most this many rows expand with lora_kernel.py on CUDA (reads only the rows' own slots of B);
 # larger ones with the masked GEMM over every slot, which reads all of B once however many rows share it.
 EXPAND_KERNEL_ROWS = 8
@@ -187,20 +186,20 @@ class LoraSlots:
         self._expand = None
         if self.rank == 0 or self.rank > KERNEL_MAX_RANK or not enabled:
             return False
-        try:
+
+        def check() -> bool:
             from server.engine import lora_kernel
 
             shapes = {(self.slots, self.rank, ends) for ends in self.group_ends.values()}
-            trusted = all(
+            return all(
                 lora_kernel.matches_the_mask_path(self.device, self.dtype, slots=slots, rank=rank, ends=ends)
                 for slots, rank, ends in shapes
             )
-        except Exception:  # no Triton, or no kernel for this device: the masks serve
-            log.exception("the LoRA expand kernel is unavailable; expanding with masks")
+
+        if not passes(check, kernel="LoRA expand", instead="expanding with masks"):
             return False
-        if not trusted:
-            log.warning("the LoRA expand kernel differs from the mask path on this device; expanding with masks")
-            return False
+        from server.engine import lora_kernel
+
         self._expand = lora_kernel
         return True
 
@@ -224,12 +223,10 @@ class LoraSlots:
     def gated(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None):
         """silu(gate) * up of a gate/up group with its LoRA terms, in one launch of the expand kernel (a small
         step on CUDA); None where the caller applies the terms and multiplies itself."""
-        if rows is None or rows.masks is not None:
+        found = self._kernel_operands(layer, group, x, out, rows)
+        if found is None:
             return None
-        base, terms = self.operands(layer, group, x, out, rows)
-        if terms is None:
-            return None
-        shrunk, b, row_slots, slots, rank = terms
+        base, (shrunk, b, row_slots, slots, rank) = found
         return self._expand.expand_gated(base, shrunk, b, row_slots, slots=slots, rank=rank)
 
     def residual_norm(
@@ -237,16 +234,21 @@ class LoraSlots:
     ):
         """fused.add_rms_norm(residual, this group's output with its LoRA terms, *norm) in one launch of the
         expand kernel (a small step on CUDA); None where the caller applies the terms and adds itself."""
-        if rows is None or rows.masks is not None:
+        found = self._kernel_operands(layer, group, x, out, rows)
+        if found is None:
             return None
-        base, terms = self.operands(layer, group, x, out, rows)
-        if terms is None:
-            return None
-        shrunk, b, row_slots, slots, rank = terms
+        base, (shrunk, b, row_slots, slots, rank) = found
         weight, eps = norm
         return self._expand.expand_residual_norm(
             base, shrunk, b, row_slots, slots=slots, rank=rank, residual=residual, weight=weight, eps=eps
         )
+
+    def _kernel_operands(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None):
+        """operands() where the expand kernel serves this step and some row has an adapter, else None."""
+        if rows is None or rows.masks is not None:
+            return None
+        base, terms = self.operands(layer, group, x, out, rows)
+        return None if terms is None else (base, terms)
 
     def operands(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None):
         """(base columns of `out`, LoRA terms) for a kernel that adds them itself (qkv_kernel.py): the terms
