@@ -3,7 +3,10 @@
 each path the engine may take: plain torch ops, and on CUDA the Triton kernel (sampling_kernel.py).
 Also counts how often the two paths draw different tokens for the same rows.
 
-    python -m bench.sampling_bench [--vocab 128256] [--device cuda]
+    python -m bench.sampling_bench [--vocab 128256] [--device cuda] [--kernel-configs 2048x8x8,1024x8x4]
+
+--kernel-configs times the kernel at other launch shapes too (BLOCK x WAYS x NUM_WARPS of
+sampling_kernel.py), to choose its constants on a new GPU.
 """
 
 from __future__ import annotations
@@ -34,13 +37,29 @@ def time_choice(choose, logits: torch.Tensor, seqs: list, *, repeats: int) -> fl
     return sorted(times)[len(times) // 2]
 
 
-def paths(device: str) -> dict:
+def paths(device: str, configs: list[str]) -> dict:
     found = {"torch": choose_with_torch}
     if device.startswith("cuda"):
         from server.engine import sampling_kernel
 
         found["kernel"] = sampling_kernel.choose
+        for config in configs:
+            found[config] = with_constants(sampling_kernel, *map(int, config.split("x")))
     return found
+
+
+def with_constants(module, block: int, ways: int, warps: int):
+    """module.choose run with BLOCK, WAYS and NUM_WARPS set to these for the call."""
+
+    def choose(logits, rows):
+        saved = module.BLOCK, module.WAYS, module.NUM_WARPS
+        module.BLOCK, module.WAYS, module.NUM_WARPS = block, ways, warps
+        try:
+            return module.choose(logits, rows)
+        finally:
+            module.BLOCK, module.WAYS, module.NUM_WARPS = saved
+
+    return choose
 
 
 def main() -> None:
@@ -48,9 +67,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--kernel-configs", default="", help="BLOCKxWAYSxNUM_WARPS,... beside the defaults")
     args = parser.parse_args()
-    chooses = paths(args.device)
-    print(f"{'path':>7} {'rows':>5} {'greedy ms':>10} {'sampled ms':>11} {'sampled/greedy':>15} {'tokens differ':>14}")
+    chooses = paths(args.device, [c for c in args.kernel_configs.split(",") if c])
+    print(f"{'path':>11} {'rows':>5} {'greedy ms':>10} {'sampled ms':>11} {'sampled/greedy':>15} {'tokens differ':>14}")
     for n in (1, 8, 32, 64):
         logits = torch.randn(n, args.vocab, device=args.device) * 2
         reference = choose_with_torch(logits, row_params(rows(n, sampled=True), logits.device))[0]
@@ -58,7 +78,7 @@ def main() -> None:
             greedy = time_choice(choose, logits, rows(n, sampled=False), repeats=args.repeats)
             sampled = time_choice(choose, logits, rows(n, sampled=True), repeats=args.repeats)
             differ = (choose(logits, row_params(rows(n, sampled=True), logits.device))[0] != reference).sum().item()
-            print(f"{name:>7} {n:>5} {greedy:>10.3f} {sampled:>11.3f} {sampled / greedy:>15.2f} {differ:>14}")
+            print(f"{name:>11} {n:>5} {greedy:>10.3f} {sampled:>11.3f} {sampled / greedy:>15.2f} {differ:>14}")
 
 
 if __name__ == "__main__":

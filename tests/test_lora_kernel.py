@@ -42,26 +42,28 @@ def test_generation_with_the_kernel_equals_generation_with_the_masks(tiny_model_
         monkeypatch.setattr(
             lora_kernel, name, lambda *a, kernel=kernel, **k: launches.append(kernel) or kernel(*a, **k)
         )
-    state = served_state(tiny_model_dir, trained_adapters, dtype="float32")  # on a GPU too: no bf16 rounding
+    # fp32 on a GPU too (no bf16 rounding), and eager: a graph's replay would not pass through Python
+    state = served_state(tiny_model_dir, trained_adapters, dtype="float32", cuda_graphs=False)
     lora = state.runner.lora
+    state.runner.decoder.use_qkv_kernel(enabled=False)  # so that expand_ serves q/k/v, on a GPU as here
     requests = [
         request(state, adapter=EN, row=rows_of(EN)[1], max_new_tokens=12),
         request(state, adapter=ZH, row=rows_of(ZH)[1], max_new_tokens=12),
         request(state, inputs="hello hello", max_new_tokens=12),
     ]
     lora.use_expand_kernel(enabled=False)
-    assert lora.row_adapters(torch.tensor([0, 1, -1])).masks is not None
+    assert lora.row_adapters(torch.tensor([0, 1, -1], device=DEVICE)).masks is not None
     launches.clear()
     with_masks = asyncio.run(run_together(make_engine(state), requests))
     assert not launches
     assert lora.use_expand_kernel()
-    assert lora.row_adapters(torch.tensor([0, 1, -1])).masks is None
+    assert lora.row_adapters(torch.tensor([0, 1, -1], device=DEVICE)).masks is None
     launches.clear()  # (its check ran the kernel too)
     with_kernel = asyncio.run(run_together(make_engine(state), requests))
     assert [ids_of(r) for r in with_kernel] == [ids_of(r) for r in with_masks]
     assert len(launches) >= 4 * 2 * 10  # every group of both layers, in each decode step
     # gate/up by expand_gated, o_proj and down_proj by expand_residual_norm (the last layer's down_proj, with
-    # no norm after it, by expand_), q/k/v by expand_ (the q/k/v kernel is off on a CPU)
+    # no norm after it, by expand_), q/k/v by expand_ (the q/k/v kernel is off here)
     assert len({id(kernel) for kernel in launches}) == 3
     assert ids_of(with_kernel[0]) != ids_of(with_kernel[2])  # the adapters changed something
 
@@ -69,10 +71,10 @@ def test_generation_with_the_kernel_equals_generation_with_the_masks(tiny_model_
 def test_a_kernel_that_differs_from_the_mask_path_is_not_used(tiny_model_dir, trained_adapters, monkeypatch, caplog):
     from server.engine import lora_kernel
 
-    state = served_state(tiny_model_dir, trained_adapters)
+    state = served_state(tiny_model_dir, trained_adapters, cuda_graphs=False)
     monkeypatch.setattr(lora_kernel, "matches_the_mask_path", lambda *args, **kwargs: False)
     assert not state.runner.lora.use_expand_kernel()
-    assert state.runner.lora.row_adapters(torch.tensor([0])).masks is not None
+    assert state.runner.lora.row_adapters(torch.tensor([0], device=DEVICE)).masks is not None
     assert "expanding with masks" in caplog.text
 
 

@@ -24,6 +24,7 @@ import triton.language as tl
 
 BLOCK = 2048  # logits per load: [BLOCK, WAYS] compares per step of a search
 WAYS = 8  # thresholds tried per pass of a search: 2^32 keys in 11 passes
+NUM_WARPS = 8  # a row's program: BLOCK × WAYS running sums over its threads
 _KEY_OF_MINUS_INF = -2139095041  # the ordered key of -inf (below every other non-NaN float)
 
 
@@ -65,7 +66,7 @@ def _least_threshold(
     ways = tl.arange(0, WAYS)
     while lo < hi:
         tries = lo + ((hi - lo) * (ways + 1)) // WAYS  # ascending; the last is hi
-        above = tl.zeros([WAYS], dtype=tl.float32)
+        above = tl.zeros([BLOCK, WAYS], dtype=tl.float32)  # per lane: summed across lanes once, after the pass
         for start in range(0, vocab, BLOCK):
             ids = start + tl.arange(0, BLOCK)
             s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
@@ -75,7 +76,8 @@ def _least_threshold(
                 w = tl.where(live, tl.exp(s - m_s), 0.0)
             else:
                 w = tl.where(live, 1.0, 0.0)
-            above += tl.sum(tl.where(key[:, None] > tries[None, :], w[:, None], 0.0), axis=0)
+            above += tl.where(key[:, None] > tries[None, :], w[:, None], 0.0)
+        above = tl.sum(above, axis=0)
         first = tl.min(tl.where(above < bound, ways, WAYS))  # the predicate holds from `first` on
         new_hi = tl.sum(tl.where(ways == first, tries, 0))
         below = tl.sum(tl.where(ways == first - 1, tries, 0)) + 1
@@ -93,25 +95,32 @@ def _choose(
     row = logits + r.to(tl.int64) * stride
     t = tl.load(temperature + r * t_stride)
     # Pass 1: the greedy choice (first maximum), the raw and the tempered softmax's sums, NaN or +inf.
-    best = float("-inf")
-    best_id = 0
-    m = -1.0e30  # finite: (m - m_new) / t must not overflow on the first block
-    total = 0.0
-    total_s = 0.0
-    bad = 0
+    # Each lane (an offset within BLOCK) keeps its own running results; lanes are combined once at the end,
+    # not after every block: a reduction across the program's threads costs more than the block's loads.
+    lane = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_id = tl.zeros([BLOCK], dtype=tl.int32)
+    m = tl.full([BLOCK], -1.0e30, tl.float32)  # finite: (m - m_new) / t must not overflow on the first block
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    total_s = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, vocab, BLOCK):
-        ids = start + tl.arange(0, BLOCK)
+        ids = start + lane
         x = tl.load(row + ids, mask=ids < vocab, other=float("-inf"))
-        bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32))
-        block_best = tl.max(x)
-        block_id = tl.min(tl.where(x == block_best, ids, vocab))
-        if block_best > best:
-            best = block_best
-            best_id = block_id
-        m_new = tl.maximum(m, block_best)
-        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new))
-        total_s = total_s * tl.exp((m - m_new) / t) + tl.sum(tl.exp((x - m_new) / t))
+        bad += ((x != x) | (x == float("inf"))).to(tl.int32)
+        best_id = tl.where(x > best, ids, best_id)  # strictly: each lane keeps its first maximum
+        best = tl.maximum(best, x)
+        m_new = tl.maximum(m, x)
+        total = total * tl.exp(m - m_new) + tl.exp(x - m_new)
+        total_s = total_s * tl.exp((m - m_new) / t) + tl.exp((x - m_new) / t)
         m = m_new
+    row_best = tl.max(best)
+    best_id = tl.min(tl.where(best == row_best, best_id, vocab))  # the first maximum of the row
+    row_m = tl.max(m)
+    total_s = tl.sum(total_s * tl.exp((m - row_m) / t))
+    total = tl.sum(total * tl.exp(m - row_m))
+    m = row_m
+    bad = tl.sum(bad)
     token = best_id.to(tl.int64)
     logprob = -tl.log(total)  # log_softmax at the maximum
     if tl.load(sample + r).to(tl.int32) != 0:
@@ -122,32 +131,35 @@ def _choose(
         mass = total_s
         if (k > 0) & (k < vocab):  # the k-th largest's key: the least t with fewer than k keys above it
             floor = _least_threshold(row, vocab, t, m_s, floor, floor, hi, k.to(tl.float32), False, BLOCK, WAYS)
-            mass = 0.0
+            lane_mass = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, vocab, BLOCK):
                 ids = start + tl.arange(0, BLOCK)
                 s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
-                mass += tl.sum(tl.where((ids < vocab) & (_ordered(s) >= floor), tl.exp(s - m_s), 0.0))
+                lane_mass += tl.where((ids < vocab) & (_ordered(s) >= floor), tl.exp(s - m_s), 0.0)
+            mass = tl.sum(lane_mass)
         p = tl.load(top_p + r * p_stride)
         if p < 1.0:  # the least t with less than top_p of the mass above it
             floor = _least_threshold(row, vocab, t, m_s, floor, floor, hi, p * mass, True, BLOCK, WAYS)
         # The race among the kept tokens: argmax of p_j / E_j, and the kept mass for the drawn one's logprob.
         key = tl.load(keys + r * key_stride)
-        won = -1.0
-        won_id = 0
-        won_weight = 0.0
-        kept_mass = 0.0
+        won = tl.full([BLOCK], -1.0, tl.float32)  # per lane: its best race value, that token and its weight
+        won_ids = tl.zeros([BLOCK], dtype=tl.int32)
+        won_weights = tl.zeros([BLOCK], dtype=tl.float32)
+        lane_kept = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, vocab, BLOCK):
             ids = start + tl.arange(0, BLOCK)
             s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
             weight = tl.where((ids < vocab) & (_ordered(s) >= floor), tl.exp(s - m_s), 0.0)
-            kept_mass += tl.sum(weight)
+            lane_kept += weight
             race = tl.where(ids < vocab, weight / _exponentials(key, ids), -1.0)
-            block_won = tl.max(race)
-            block_id = tl.min(tl.where(race == block_won, ids, vocab))
-            if block_won > won:
-                won = block_won
-                won_id = block_id
-                won_weight = tl.sum(tl.where(ids == block_id, weight, 0.0))
+            wins = race > won  # strictly: each lane keeps its first maximum
+            won_ids = tl.where(wins, ids, won_ids)
+            won_weights = tl.where(wins, weight, won_weights)
+            won = tl.maximum(won, race)
+        winner = won == tl.max(won)
+        won_id = tl.min(tl.where(winner, won_ids, vocab))  # the first maximum of the row
+        won_weight = tl.sum(tl.where(winner & (won_ids == won_id), won_weights, 0.0))  # one lane holds it
+        kept_mass = tl.sum(lane_kept)
         token = won_id.to(tl.int64)
         logprob = tl.log(tl.maximum(won_weight / kept_mass, 1e-30))
     finite = (logprob == logprob) & (tl.abs(logprob) < float("inf"))
@@ -168,6 +180,6 @@ def choose(logits: torch.Tensor, rows) -> torch.Tensor:
         logits, logits.stride(0),
         rows.temperature, rows.temperature.stride(0), rows.top_p, rows.top_p.stride(0),
         rows.top_k, rows.top_k.stride(0), rows.key, rows.key.stride(0), sample, out, count, vocab=vocab,
-        BLOCK=BLOCK, WAYS=WAYS, KEY_OF_MINUS_INF=_KEY_OF_MINUS_INF, num_warps=8,
+        BLOCK=BLOCK, WAYS=WAYS, KEY_OF_MINUS_INF=_KEY_OF_MINUS_INF, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
