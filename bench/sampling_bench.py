@@ -3,9 +3,9 @@
 each path the engine may take: plain torch ops, and on CUDA the Triton kernel (sampling_kernel.py).
 Also counts how often the two paths draw different tokens for the same rows.
 
-    python -m bench.sampling_bench [--vocab 128256] [--device cuda] [--kernel-configs 2048x8x8,1024x8x4]
+    python -m bench.sampling_bench [--vocab 128256] [--device cuda] [--kernel-configs 1024x4x2,2048x8x1]
 
---kernel-configs times the kernel at other launch shapes too (BLOCK x WAYS x NUM_WARPS of
+--kernel-configs times the kernel at other launch shapes too (BLOCK x NUM_WARPS x PROGRAMS_PER_SM of
 sampling_kernel.py), to choose its constants on a new GPU.
 """
 
@@ -48,16 +48,16 @@ def paths(device: str, configs: list[str]) -> dict:
     return found
 
 
-def with_constants(module, block: int, ways: int, warps: int):
-    """module.choose run with BLOCK, WAYS and NUM_WARPS set to these for the call."""
+def with_constants(module, block: int, warps: int, per_sm: int):
+    """module.choose run with BLOCK, NUM_WARPS and PROGRAMS_PER_SM set to these for the call."""
 
     def choose(logits, rows):
-        saved = module.BLOCK, module.WAYS, module.NUM_WARPS
-        module.BLOCK, module.WAYS, module.NUM_WARPS = block, ways, warps
+        saved = module.BLOCK, module.NUM_WARPS, module.PROGRAMS_PER_SM
+        module.BLOCK, module.NUM_WARPS, module.PROGRAMS_PER_SM = block, warps, per_sm
         try:
             return module.choose(logits, rows)
         finally:
-            module.BLOCK, module.WAYS, module.NUM_WARPS = saved
+            module.BLOCK, module.NUM_WARPS, module.PROGRAMS_PER_SM = saved
 
     return choose
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--kernel-configs", default="", help="BLOCKxWAYSxNUM_WARPS,... beside the defaults")
+    parser.add_argument("--kernel-configs", default="", help="BLOCKxNUM_WARPSxPROGRAMS_PER_SM,... beside the defaults")
     args = parser.parse_args()
     chooses = paths(args.device, [c for c in args.kernel_configs.split(",") if c])
     print(f"{'path':>11} {'rows':>5} {'greedy ms':>10} {'sampled ms':>11} {'sampled/greedy':>15} {'tokens differ':>14}")

@@ -30,20 +30,45 @@ QKV = dict(
     cache_slot_stride="i32", cache_head_stride="i32", cache_pos_stride="i32", write_slots="*i64",
     write_positions="*i64",
 )  # fmt: skip
-SAMPLING = dict(
-    logits="*fp32", stride="i32", temperature="*fp32", t_stride="i32", top_p="*fp32", p_stride="i32", top_k="*i64",
-    k_stride="i32", keys="*i64", key_stride="i32", sample="*i1", out="*fp64", rows="i32",
+SAMPLING = dict(logits="*fp32", stride="i32", temperature="*fp32", t_stride="i32", stats="*fp32")
+RUNTIME = dict(vocab="i32", span="i32", splits="i32")
+SAMPLING_CONSTANTS = dict(
+    WAYS=sampling_kernel.WAYS,
+    MAX_SPLITS=sampling_kernel.MAX_SPLITS,
+    KEY_OF_MINUS_INF=sampling_kernel._KEY_OF_MINUS_INF,
+)
+SEARCH = dict(
+    **SAMPLING, **RUNTIME, state="*i64", part="*fp32", prior="*i64", prior_part="*fp32", l_stride="i32",
+    prior_limit="*i64", pl_stride="i32", rows="i32", index="i32",
+)  # fmt: skip
+RACE = dict(
+    **SAMPLING, **RUNTIME, keys="*i64", key_stride="i32", sample="*i1", top_k="*i64", k_stride="i32", top_p="*fp32",
+    p_stride="i32", k_state="*i64", k_part="*fp32", p_state="*i64", p_part="*fp32", race="*fp32",
 )  # fmt: skip
 KERNELS = {
-    "sampling": (
-        sampling_kernel._choose,
-        SAMPLING,
-        dict(
-            vocab=128256,
-            BLOCK=sampling_kernel.BLOCK,
-            WAYS=sampling_kernel.WAYS,
-            KEY_OF_MINUS_INF=sampling_kernel._KEY_OF_MINUS_INF,
-        ),
+    "sampling: statistics": (
+        sampling_kernel._stats, dict(SAMPLING, **RUNTIME), dict(BLOCK=sampling_kernel.BLOCK)
+    ),
+    "sampling: top-k pass": (
+        sampling_kernel._search_pass,
+        dict(SEARCH, limit="*i64"),
+        dict(SAMPLING_CONSTANTS, BY_MASS=False, HAS_PRIOR=False, BLOCK=sampling_kernel.BLOCK),
+    ),
+    "sampling: top-p pass after top-k": (
+        sampling_kernel._search_pass,
+        dict(SEARCH, limit="*fp32"),
+        dict(SAMPLING_CONSTANTS, BY_MASS=True, HAS_PRIOR=True, BLOCK=sampling_kernel.BLOCK),
+    ),
+    "sampling: race": (
+        sampling_kernel._race,
+        RACE,
+        dict(SAMPLING_CONSTANTS, HAS_TOP_K=True, HAS_TOP_P=True, BLOCK=sampling_kernel.BLOCK),
+    ),
+    "sampling: finish": (
+        sampling_kernel._finish,
+        dict(temperature="*fp32", t_stride="i32", stats="*fp32", sample="*i1", race="*fp32", out="*fp64", rows="i32",
+             vocab="i32", splits="i32"),
+        dict(ANY_SAMPLE=True, MAX_SPLITS=sampling_kernel.MAX_SPLITS),
     ),
     "lora expand": (
         lora_kernel._expand,
@@ -54,11 +79,6 @@ KERNELS = {
         lora_kernel._gated,
         dict(LORA, act="*bf16", row_slots="*i64", half="i32"),
         dict(LORA_8B, BLOCK_N=lora_kernel.BLOCK_N),
-    ),
-    "lora residual + norm": (
-        lora_kernel._residual_norm,
-        dict(LORA, x="*bf16", x_stride="i32", weight="*bf16", x_new="*bf16", h="*bf16", row_slots="*i64", eps="fp32"),
-        dict(LORA_8B, width=4096, BLOCK_N=512),
     ),
     "q/k/v": (qkv_kernel._qkv, QKV, dict(LORA_8B, Q_HEADS=32, KV_HEADS=8, HALF=64, LORA=True)),
     "q/k/v, no adapter": (qkv_kernel._qkv, QKV, dict(LORA_8B, Q_HEADS=32, KV_HEADS=8, HALF=64, LORA=False)),

@@ -25,8 +25,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_row_gets_its_own_slots_terms_as_the_mask_path_gives_them(ends, slots, rank, dtype):
-    """And then silu(gate) * up of them for a gate/up pair, the residual add and RMSNorm for one projection
-    (the check covers all three kernels)."""
+    """And then silu(gate) * up of them for a gate/up pair (the check covers both kernels)."""
     from server.engine import lora_kernel
 
     assert lora_kernel.matches_the_mask_path(DEVICE, dtype, slots=slots, rank=rank, ends=ends)
@@ -37,7 +36,7 @@ def test_generation_with_the_kernel_equals_generation_with_the_masks(tiny_model_
     from server.engine import lora_kernel
 
     launches = []
-    for name in ("expand_", "expand_gated", "expand_residual_norm"):
+    for name in ("expand_", "expand_gated"):
         kernel = getattr(lora_kernel, name)
         monkeypatch.setattr(
             lora_kernel, name, lambda *a, kernel=kernel, **k: launches.append(kernel) or kernel(*a, **k)
@@ -62,9 +61,8 @@ def test_generation_with_the_kernel_equals_generation_with_the_masks(tiny_model_
     with_kernel = asyncio.run(run_together(make_engine(state), requests))
     assert [ids_of(r) for r in with_kernel] == [ids_of(r) for r in with_masks]
     assert len(launches) >= 4 * 2 * 10  # every group of both layers, in each decode step
-    # gate/up by expand_gated, o_proj and down_proj by expand_residual_norm (the last layer's down_proj, with
-    # no norm after it, by expand_), q/k/v by expand_ (the q/k/v kernel is off here)
-    assert len({id(kernel) for kernel in launches}) == 3
+    # gate/up by expand_gated; q/k/v, o_proj and down_proj by expand_ (the q/k/v kernel is off here)
+    assert len({id(kernel) for kernel in launches}) == 2
     assert ids_of(with_kernel[0]) != ids_of(with_kernel[2])  # the adapters changed something
 
 

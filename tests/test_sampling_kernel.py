@@ -64,6 +64,23 @@ def test_every_row_draws_the_torch_paths_token_and_logprob(kernel, vocab):
     assert got[2].tolist() == want[2].tolist() == [1.0] * len(seqs)
 
 
+def test_a_row_split_over_many_programs_chooses_as_the_torch_path(kernel):
+    """On a GPU each row is split over programs that sum partial results: a tie at the top and a top-p cut
+    across their spans, banned tokens in one span, every cut kind."""
+    vocab = 4 * kernel.BLOCK + 37  # 5 programs a row
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(8)) * 3
+    logits[0, kernel.BLOCK - 3 : kernel.BLOCK + 3] = 9.0  # tied at the top, across two programs' spans
+    logits[0, 2 * kernel.BLOCK : 3 * kernel.BLOCK] = float("-inf")  # one program's span banned
+    seqs = seqs_for(SAMPLED, draws=1)
+    logits = logits.expand(len(seqs), -1).contiguous().to(DEVICE)
+    rows = row_params(seqs, DEVICE)
+    assert kernel.splits(len(seqs), vocab, programs=len(seqs) * 64) == (5, kernel.BLOCK)
+    want, got = choose_with_torch(logits, rows).cpu(), kernel.choose(logits, rows, programs=len(seqs) * 64).cpu()
+    assert got[0].tolist() == want[0].tolist()
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert got[2].tolist() == want[2].tolist() == [1.0] * len(seqs)
+
+
 def test_a_sampled_rows_draws_follow_its_distribution(kernel):
     """Not only the same tokens as the torch path: over many seeds, each token about as often as its
     top-p-renormalized probability says."""

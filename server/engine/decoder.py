@@ -197,13 +197,8 @@ class Decoder:
         return self._into_residual(index, "down_proj", act, x, lora_rows, _norm(next_norm))
 
     def _into_residual(self, index: int, group: str, inputs, x, lora_rows, norm) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream x plus the group's output, and its norm: one launch after the GEMM where
-        the LoRA expand kernel serves the step, else the expand and fused.add_rms_norm."""
-        out = self.projections[index][group](inputs)
-        fused = self.lora.residual_norm(index, group, inputs, out, lora_rows, residual=x, norm=norm)
-        if fused is not None:
-            return fused
-        return self.kernels.add_rms_norm(x, self.lora.apply(index, group, inputs, out, lora_rows), *norm)
+        """The residual stream x plus the group's output (LoRA terms included), and its norm."""
+        return self.kernels.add_rms_norm(x, self._proj(index, group, inputs, lora_rows), *norm)
 
     def _proj(self, index: int, group: str, x: torch.Tensor, lora_rows) -> torch.Tensor:
         return self.lora.apply(index, group, x, self.projections[index][group](x), lora_rows)

@@ -11,8 +11,11 @@ nothing added), and adds its R products to the base output in place:
 where p(c) is the group's projection that owns column c (q, k or v; gate or up). The arithmetic is the
 mask path's (float32 sums of the same products, one rounding); only the order of the sums differs.
 For the gate/up group, `expand_gated` goes on to silu(gate) * up in the same launch (the decoder's
-silu_mul, without rounding gate and up in between); for o_proj and down_proj, `expand_residual_norm`
-goes on to the residual add and the next RMSNorm (fused.add_rms_norm's arithmetic and roundings).
+silu_mul, without rounding gate and up in between).
+
+The residual add and RMSNorm after o_proj and down_proj stay fused.add_rms_norm's own launch: fused
+here they took one program per row (the norm needs the whole row), so one SM read each row's slot of B,
+25 µs a call against a few for this grid (bench/results/gpu-2026-12-01-fast-path-3/profile.log).
 """
 
 from __future__ import annotations
@@ -92,58 +95,6 @@ def expand_(
     return out
 
 
-@triton.jit
-def _residual_norm(
-    shrunk, shrunk_stride, b, b_stride, out, out_stride, x, x_stride, weight, x_new, h, row_slots, eps,
-    width: tl.constexpr, SLOTS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """One row: delta = base + terms (rounded, as the expand writes it), x_new = x + delta (rounded), then
-    fused.rms_norm of x_new: float32 statistics, cast, times the weight. `width` (the hidden size) is a
-    constant: one compile per model, and the interpreter needs loop bounds it knows."""
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(row_slots + t)
-    squares = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start in range(0, width, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        live = cols < width
-        delta = tl.load(out + t * out_stride + cols, mask=live, other=0.0).to(tl.float32)
-        if slot >= 0:
-            zero = tl.zeros([BLOCK_N], dtype=tl.int64)
-            delta += _terms(shrunk + t * shrunk_stride, b, b_stride, cols, live, zero, slot, SLOTS, RANK, RANK_PAD)
-        delta = delta.to(x_new.dtype.element_ty).to(tl.float32)
-        summed = (tl.load(x + t * x_stride + cols, mask=live, other=0.0).to(tl.float32) + delta).to(
-            x_new.dtype.element_ty
-        )
-        tl.store(x_new + t * width + cols, summed, mask=live)
-        squares += tl.where(live, summed.to(tl.float32) * summed.to(tl.float32), 0.0)
-    scale = 1.0 / tl.sqrt(tl.sum(squares) / width + eps)
-    for start in range(0, width, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        live = cols < width
-        normed = (tl.load(x_new + t * width + cols, mask=live, other=0.0).to(tl.float32) * scale).to(h.dtype.element_ty)
-        w = tl.load(weight + cols, mask=live, other=0.0).to(tl.float32)
-        tl.store(h + t * width + cols, (w * normed.to(tl.float32)).to(h.dtype.element_ty), mask=live)
-
-
-def expand_residual_norm(
-    out: torch.Tensor, shrunk: torch.Tensor, b: torch.Tensor, row_slots: torch.Tensor, *, slots: int, rank: int,
-    residual: torch.Tensor, weight: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """fused.add_rms_norm(residual, out + each row's LoRA terms, weight, eps) in one launch: the new
-    residual stream and its norm, for a single-projection group (o_proj, down_proj); `out` is only read."""
-    count, width = out.shape
-    assert out.stride(1) == 1 and shrunk.stride(1) == 1 and b.stride(1) == 1 and residual.stride(1) == 1
-    assert weight.is_contiguous() and weight.dtype == residual.dtype == out.dtype
-    x_new = torch.empty(count, width, device=out.device, dtype=out.dtype)
-    h = torch.empty_like(x_new)
-    _residual_norm[(count,)](
-        shrunk, shrunk.stride(0), b, b.stride(0), out, out.stride(0), residual, residual.stride(0), weight, x_new, h,
-        row_slots, eps, width=width,
-        SLOTS=slots, RANK=rank, RANK_PAD=triton.next_power_of_2(rank), BLOCK_N=512, num_warps=4,
-    )  # fmt: skip
-    return x_new, h
-
-
 def expand_gated(
     out: torch.Tensor, shrunk: torch.Tensor, b: torch.Tensor, row_slots: torch.Tensor, *, slots: int, rank: int
 ) -> torch.Tensor:
@@ -185,14 +136,4 @@ def matches_the_mask_path(device, dtype, *, slots: int, rank: int, ends: tuple[i
         gated = expand_gated(base, shrunk, b, row_slots, slots=slots, rank=rank).float()
         gate, up = want[:, : ends[0]], want[:, ends[0] :]
         return bool(torch.allclose(gated, torch.nn.functional.silu(gate) * up, rtol=tolerance, atol=tolerance))
-    if len(ends) == 1:  # o_proj or down_proj, into the residual stream and the next norm
-        from server.engine.fused import add_rms_norm
-
-        residual = torch.randn(in_rows, width, generator=gen, device=device).to(dtype)
-        weight = (1 + torch.randn(width, generator=gen, device=device) / 4).to(dtype)
-        got = expand_residual_norm(
-            base, shrunk, b, row_slots, slots=slots, rank=rank, residual=residual, weight=weight, eps=1e-5
-        )
-        wanted = add_rms_norm(residual, want.to(dtype), weight, 1e-5)
-        return all(torch.allclose(g.float(), w.float(), rtol=tolerance, atol=tolerance) for g, w in zip(got, wanted))
     return True

@@ -229,20 +229,6 @@ class LoraSlots:
         base, (shrunk, b, row_slots, slots, rank) = found
         return self._expand.expand_gated(base, shrunk, b, row_slots, slots=slots, rank=rank)
 
-    def residual_norm(
-        self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None, *, residual, norm
-    ):
-        """fused.add_rms_norm(residual, this group's output with its LoRA terms, *norm) in one launch of the
-        expand kernel (a small step on CUDA); None where the caller applies the terms and adds itself."""
-        found = self._kernel_operands(layer, group, x, out, rows)
-        if found is None:
-            return None
-        base, (shrunk, b, row_slots, slots, rank) = found
-        weight, eps = norm
-        return self._expand.expand_residual_norm(
-            base, shrunk, b, row_slots, slots=slots, rank=rank, residual=residual, weight=weight, eps=eps
-        )
-
     def _kernel_operands(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters | None):
         """operands() where the expand kernel serves this step and some row has an adapter, else None."""
         if rows is None or rows.masks is not None:

@@ -61,6 +61,8 @@ class RowParams:
     key: torch.Tensor  # [R, 1] long: hash of (seed, draws so far)
     any_sample: bool
     any_warp: bool  # some sampled row has top-k or top-p
+    any_top_k: bool  # some sampled row has top-k
+    any_top_p: bool  # some sampled row has top-p
     seen: torch.Tensor | None  # [R, L] ids seen (prompt + generated), padded with a row's own ids; None: no penalty
 
 
@@ -97,6 +99,8 @@ def row_params(seqs: list, device) -> RowParams:
         key=ints[:, 1:2],
         any_sample=any(p.do_sample for p in params),
         any_warp=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
+        any_top_k=any(p.do_sample and p.top_k > 0 for p in params),
+        any_top_p=any(p.do_sample and p.top_p < 1.0 for p in params),
         seen=_seen_ids(seqs, device) if penalized else None,
     )
 
@@ -111,11 +115,13 @@ class _WarmUpRow:
 
 
 def warm_up(vocab: int, device) -> None:
-    """Choose once, greedy and sampled, so that the CUDA kernel is built (and checked) before a request
-    waits for it."""
-    rows = [_WarmUpRow(SamplingParams(1)), _WarmUpRow(SamplingParams(1, do_sample=True, top_p=0.9, top_k=5))]
-    logits = torch.randn(len(rows), vocab, device=device)
-    choose_on_device(logits, row_params(rows, torch.device(device))).cpu()
+    """Choose with each mix of cuts the kernels compile for (greedy only; sampling with top-p, top-k, both,
+    neither), so that they are built (and checked) before a request waits for one."""
+    greedy = _WarmUpRow(SamplingParams(1))
+    for cuts in ({}, {"top_p": 0.9}, {"top_k": 5}, {"top_p": 0.9, "top_k": 5}, None):
+        rows = [greedy] if cuts is None else [greedy, _WarmUpRow(SamplingParams(1, do_sample=True, **cuts))]
+        logits = torch.randn(len(rows), vocab, device=device)
+        choose_on_device(logits, row_params(rows, torch.device(device))).cpu()
 
 
 def choose_tokens(logits: torch.Tensor, seqs: list) -> PendingChoices:

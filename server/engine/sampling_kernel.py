@@ -1,19 +1,25 @@
-"""Every row's token choice as one Triton kernel: the CUDA path of sampling.choose_on_device.
+"""Every row's token choice as a few Triton launches: the CUDA path of sampling.choose_on_device.
 
 Eagerly the choice is some forty kernels over [R, V] tensors (a 64-bit hash, a full sort for top-p, a
 softmax, a cumsum, a scatter): at 64 rows of a 128k vocabulary that is more than a millisecond a step,
-the whole gap between sampled and greedy decoding. Here one program per row reads the row's logits a
-few times from L2 and writes three numbers; nothing of size V is ever stored.
+the whole gap between sampled and greedy decoding. Here nothing of size V is ever stored: each launch
+reads the logits from L2 and writes a few numbers per program.
 
 The arithmetic is sampling.py's, defined there; what differs is how top-k and top-p find their cut.
 Instead of sorting, each searches for a threshold on the logits' order: the least t for which the
 weight strictly above t is below a bound (top-k: a count under k; top-p: a mass under top_p). That
-weight only falls as t rises, so an 8-way search over the 2^32 ordered float keys settles it in
-eleven passes. Eight ways, because a pass is bound by its compares per element, not by its reads,
-and a row is one SM's work. The tokens kept are those at or above the threshold, so ties at the cut
-are all kept (a sort keeps an arbitrary subset of them). The draw is the same exponential race, on
-the same counter-based random numbers: a seeded request draws the same tokens on either path, up to
-float rounding of two nearly equal race values.
+weight only falls as t rises, so a 16-way search over the 2^32 ordered float keys settles it in eight
+passes. The tokens kept are those at or above the threshold, so ties at the cut are all kept (a sort
+keeps an arbitrary subset of them). The draw is the same exponential race, on the same counter-based
+random numbers: a seeded request draws the same tokens on either path, up to float rounding of two
+nearly equal race values.
+
+Each row is split over several programs (`splits`), so that even one row keeps the GPU's SMs busy: one
+program per row read 128k logits a dozen times from one SM, a millisecond a step whatever the batch
+(bench/results/gpu-2026-12-01-fast-path-3/sampling_bench.log). A pass's programs write partial sums; the
+next launch's programs each add up their row's partials (in a fixed order, so every program agrees) and
+narrow the search themselves, and the first program of a row records the narrowed range for the launch
+after. Launches on one stream run in order, so that is all the synchronization it needs.
 """
 
 from __future__ import annotations
@@ -22,10 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048  # logits per load: [BLOCK, WAYS] compares per step of a search
-WAYS = 8  # thresholds tried per pass of a search: 2^32 keys in 11 passes
-NUM_WARPS = 8  # a row's program: BLOCK × WAYS running sums over its threads
+BLOCK = 1024  # logits per load within a program's span
+WAYS = 16  # thresholds tried per pass of a search
+PASSES = 8  # 16^8 = 2^32: enough to narrow any range of float keys to one
+MAX_SPLITS = 256  # programs per row at most (partials are summed as one vector of this length)
+PROGRAMS_PER_SM = 2  # how many programs the launch aims at: rows × splits ≈ this × the SMs
+NUM_WARPS = 4
 _KEY_OF_MINUS_INF = -2139095041  # the ordered key of -inf (below every other non-NaN float)
+_STATS = 6  # per program of the first launch: max, its first id, softmax max, raw sum, tempered sum, bad
+_RACE = 4  # per program of the race: best race value, its id, its weight, the kept mass
 
 
 @triton.jit
@@ -46,57 +57,15 @@ def _exponentials(key, ids):
     return -tl.log(uniform)
 
 
-@triton.jit
-def _least_threshold(
-    row,
-    vocab: tl.constexpr,
-    t,
-    m_s,
-    floor,
-    lo,
-    hi,
-    bound,
-    BY_MASS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    WAYS: tl.constexpr,
-):
-    """The least key t in [lo, hi] with sum(w_j : key_j > t, key_j >= floor) < bound, where w_j is
-    exp(s_j - m_s) (BY_MASS) or 1. The sum at hi is 0, so the answer exists; each pass narrows
-    [lo, hi] WAYS-fold."""
-    ways = tl.arange(0, WAYS)
-    while lo < hi:
-        tries = lo + ((hi - lo) * (ways + 1)) // WAYS  # ascending; the last is hi
-        above = tl.zeros([BLOCK, WAYS], dtype=tl.float32)  # per lane: summed across lanes once, after the pass
-        for start in range(0, vocab, BLOCK):
-            ids = start + tl.arange(0, BLOCK)
-            s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
-            key = _ordered(s)
-            live = (ids < vocab) & (key >= floor)
-            if BY_MASS:
-                w = tl.where(live, tl.exp(s - m_s), 0.0)
-            else:
-                w = tl.where(live, 1.0, 0.0)
-            above += tl.where(key[:, None] > tries[None, :], w[:, None], 0.0)
-        above = tl.sum(above, axis=0)
-        first = tl.min(tl.where(above < bound, ways, WAYS))  # the predicate holds from `first` on
-        new_hi = tl.sum(tl.where(ways == first, tries, 0))
-        below = tl.sum(tl.where(ways == first - 1, tries, 0)) + 1
-        lo = tl.where(first > 0, below, lo)
-        hi = new_hi
-    return lo
-
-
-@triton.jit
-def _choose(
-    logits, stride, temperature, t_stride, top_p, p_stride, top_k, k_stride, keys, key_stride, sample, out,
-    rows, vocab: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
-):  # fmt: skip
+@triton.jit(do_not_specialize=["vocab", "span", "splits"])
+def _stats(logits, stride, temperature, t_stride, stats, vocab, span, splits, BLOCK: tl.constexpr):
+    """Launch 1, every row: the greedy choice (first maximum) of this program's span, the raw and the
+    tempered softmax sums relative to the span's maximum, and whether it holds NaN or +inf."""
     r = tl.program_id(0)
+    s = tl.program_id(1)
     row = logits + r.to(tl.int64) * stride
     t = tl.load(temperature + r * t_stride)
-    # Pass 1: the greedy choice (first maximum), the raw and the tempered softmax's sums, NaN or +inf.
-    # Each lane (an offset within BLOCK) keeps its own running results; lanes are combined once at the end,
-    # not after every block: a reduction across the program's threads costs more than the block's loads.
+    # Each lane (an offset within BLOCK) keeps its own running results; lanes are combined once at the end.
     lane = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_id = tl.zeros([BLOCK], dtype=tl.int32)
@@ -104,9 +73,11 @@ def _choose(
     total = tl.zeros([BLOCK], dtype=tl.float32)
     total_s = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, vocab, BLOCK):
+    start = s * span
+    end = tl.minimum(start + span, vocab)
+    while start < end:
         ids = start + lane
-        x = tl.load(row + ids, mask=ids < vocab, other=float("-inf"))
+        x = tl.load(row + ids, mask=ids < end, other=float("-inf"))
         bad += ((x != x) | (x == float("inf"))).to(tl.int32)
         best_id = tl.where(x > best, ids, best_id)  # strictly: each lane keeps its first maximum
         best = tl.maximum(best, x)
@@ -114,54 +85,200 @@ def _choose(
         total = total * tl.exp(m - m_new) + tl.exp(x - m_new)
         total_s = total_s * tl.exp((m - m_new) / t) + tl.exp((x - m_new) / t)
         m = m_new
+        start += BLOCK
+    span_best = tl.max(best)
+    span_m = tl.max(m)
+    out = stats + (r * splits + s) * 6
+    tl.store(out, span_best)
+    tl.store(out + 1, tl.min(tl.where(best == span_best, best_id, vocab)).to(tl.float32))  # exact below 2^24
+    tl.store(out + 2, span_m)
+    tl.store(out + 3, tl.sum(total * tl.exp(m - span_m)))
+    tl.store(out + 4, tl.sum(total_s * tl.exp((m - span_m) / t)))
+    tl.store(out + 5, tl.sum(bad).to(tl.float32))
+
+
+@triton.jit
+def _row_stats(stats, r, t, vocab, splits, MAX_SPLITS: tl.constexpr):
+    """A row's first-launch results combined over its programs: (max, its first id, softmax max, raw sum,
+    tempered sum, bad), each as one number, in the same order in every program that asks."""
+    s = tl.arange(0, MAX_SPLITS)
+    live = s < splits
+    at = stats + (r * splits + s) * 6
+    best = tl.load(at, mask=live, other=float("-inf"))
     row_best = tl.max(best)
-    best_id = tl.min(tl.where(best == row_best, best_id, vocab))  # the first maximum of the row
+    best_id = tl.min(tl.where(live & (best == row_best), tl.load(at + 1, mask=live, other=0.0), vocab))
+    m = tl.load(at + 2, mask=live, other=-1.0e30)
     row_m = tl.max(m)
-    total_s = tl.sum(total_s * tl.exp((m - row_m) / t))
-    total = tl.sum(total * tl.exp(m - row_m))
-    m = row_m
-    bad = tl.sum(bad)
-    token = best_id.to(tl.int64)
-    logprob = -tl.log(total)  # log_softmax at the maximum
-    if tl.load(sample + r).to(tl.int32) != 0:
-        m_s = m / t
-        hi = _ordered(m_s)
-        k = tl.load(top_k + r * k_stride)
+    total = tl.sum(tl.where(live, tl.load(at + 3, mask=live, other=0.0) * tl.exp(m - row_m), 0.0))
+    total_s = tl.sum(tl.where(live, tl.load(at + 4, mask=live, other=0.0) * tl.exp((m - row_m) / t), 0.0))
+    bad = tl.sum(tl.load(at + 5, mask=live, other=0.0))
+    return row_best, best_id, row_m, total, total_s, bad
+
+
+@triton.jit
+def _narrowed(lo, hi, part, r, bound_of, splits, BY_MASS: tl.constexpr, WAYS: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """[lo, hi] after the pass whose per-program sums `part` ([rows, splits, WAYS + 1]: the weight above
+    each try, then the live weight) counted this row: the least try at which the weight above falls below
+    the bound (top-p: bound_of × the live mass; top-k: bound_of itself), and the try before it."""
+    ways = tl.arange(0, WAYS)
+    s = tl.arange(0, MAX_SPLITS)
+    at = part + (r * splits + s)[:, None] * (WAYS + 1) + ways[None, :]
+    above = tl.sum(tl.load(at, mask=(s < splits)[:, None], other=0.0), axis=0)  # [WAYS]
+    if BY_MASS:
+        live = tl.sum(tl.load(part + (r * splits + s) * (WAYS + 1) + WAYS, mask=s < splits, other=0.0))
+        bound = bound_of * live
+    else:
+        bound = bound_of
+    tries = lo + ((hi - lo) * (ways + 1)) // WAYS  # ascending; the last is hi
+    first = tl.min(tl.where(above < bound, ways, WAYS))  # the predicate holds from `first` on
+    new_hi = tl.sum(tl.where(ways == first, tries, 0))
+    new_lo = tl.where(first > 0, tl.sum(tl.where(ways == first - 1, tries, 0)) + 1, lo)
+    return tl.where(lo < hi, new_lo, lo), tl.where(lo < hi, new_hi, hi)
+
+
+@triton.jit(do_not_specialize=["vocab", "span", "splits", "rows", "index"])
+def _search_pass(
+    logits, stride, temperature, t_stride, stats, limit, l_stride, state, part, prior, prior_part, prior_limit,
+    pl_stride, vocab, span, splits, rows, index,
+    BY_MASS: tl.constexpr, HAS_PRIOR: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
+):  # fmt: skip
+    """Pass `index` of a threshold search (top-k by count, or top-p by mass, BY_MASS): narrow the row's
+    range by the previous pass's sums (pass 0: set it up), then sum this span's weight above each try.
+
+    state [PASSES, rows, 3] int64: (lo, hi, floor) at the start of each pass; `limit` is k or top_p. A row
+    not searched (greedy, no such cut) has lo = hi = floor and adds nothing. `prior`/`prior_part`: the
+    top-k search's last pass, whose cut is the floor of a top-p search that follows one (HAS_PRIOR), and
+    its k (`prior_limit`)."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    t = tl.load(temperature + r * t_stride)
+    bound_of = tl.load(limit + r * l_stride).to(tl.float32)
+    row_state = state + (index * rows + r) * 3
+    if index == 0:
+        _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
         floor = tl.full([], KEY_OF_MINUS_INF, tl.int64)
-        mass = total_s
-        if (k > 0) & (k < vocab):  # the k-th largest's key: the least t with fewer than k keys above it
-            floor = _least_threshold(row, vocab, t, m_s, floor, floor, hi, k.to(tl.float32), False, BLOCK, WAYS)
-            lane_mass = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, vocab, BLOCK):
-                ids = start + tl.arange(0, BLOCK)
-                s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
-                lane_mass += tl.where((ids < vocab) & (_ordered(s) >= floor), tl.exp(s - m_s), 0.0)
-            mass = tl.sum(lane_mass)
+        if HAS_PRIOR:  # the top-k cut: the prior search's range after its last pass
+            at = prior + r * 3
+            k = tl.load(prior_limit + r * pl_stride).to(tl.float32)
+            floor, _ = _narrowed(tl.load(at), tl.load(at + 1), prior_part, r, k, splits, False, WAYS, MAX_SPLITS)
+        if BY_MASS:
+            active = bound_of < 1.0
+        else:
+            active = (bound_of > 0.0) & (bound_of < vocab)
+        lo = floor
+        hi = tl.where(active, _ordered(m / t), floor)
+    else:
+        before = state + ((index - 1) * rows + r) * 3
+        floor = tl.load(before + 2)
+        last = part + (index - 1) * rows * splits * (WAYS + 1)
+        lo, hi = _narrowed(tl.load(before), tl.load(before + 1), last, r, bound_of, splits, BY_MASS, WAYS, MAX_SPLITS)
+    if s == 0:
+        tl.store(row_state, lo)
+        tl.store(row_state + 1, hi)
+        tl.store(row_state + 2, floor)
+    m_s = 0.0
+    if BY_MASS:
+        _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
+        m_s = m / t
+    ways = tl.arange(0, WAYS)
+    tries = lo + ((hi - lo) * (ways + 1)) // WAYS
+    above = tl.zeros([BLOCK, WAYS], dtype=tl.float32)  # per lane: summed across lanes once, after the span
+    live_weight = tl.zeros([BLOCK], dtype=tl.float32)
+    start = s * span
+    end = tl.where(lo < hi, tl.minimum(start + span, vocab), start)  # a settled range needs no sums
+    while start < end:
+        ids = start + tl.arange(0, BLOCK)
+        x = tl.load(logits + r.to(tl.int64) * stride + ids, mask=ids < end, other=float("-inf"))
+        key = _ordered(x / t)
+        live = (ids < end) & (key >= floor)
+        if BY_MASS:
+            w = tl.where(live, tl.exp(x / t - m_s), 0.0)
+        else:
+            w = tl.where(live, 1.0, 0.0)
+        above += tl.where(key[:, None] > tries[None, :], w[:, None], 0.0)
+        live_weight += w
+        start += BLOCK
+    out = part + ((index * rows + r) * splits + s) * (WAYS + 1)
+    tl.store(out + ways, tl.sum(above, axis=0))
+    tl.store(out + WAYS, tl.sum(live_weight))
+
+
+@triton.jit(do_not_specialize=["vocab", "span", "splits"])
+def _race(
+    logits, stride, temperature, t_stride, stats, keys, key_stride, sample, top_k, k_stride, top_p, p_stride,
+    k_state, k_part, p_state, p_part, race, vocab, span, splits,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
+):  # fmt: skip
+    """The exponential race among the kept tokens of this span, for sampled rows: the best p_j / E_j,
+    its id and weight, and the span's kept mass. The cut is the last search's range after its last pass
+    (state and sums of that pass: `p_state`/`p_part`, or the top-k search's where no top-p ran)."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    out = race + (r * splits + s) * 4
+    t = tl.load(temperature + r * t_stride)
+    floor = tl.full([], KEY_OF_MINUS_INF, tl.int64)
+    if HAS_TOP_P:
+        at = p_state + r * 3
         p = tl.load(top_p + r * p_stride)
-        if p < 1.0:  # the least t with less than top_p of the mass above it
-            floor = _least_threshold(row, vocab, t, m_s, floor, floor, hi, p * mass, True, BLOCK, WAYS)
-        # The race among the kept tokens: argmax of p_j / E_j, and the kept mass for the drawn one's logprob.
-        key = tl.load(keys + r * key_stride)
-        won = tl.full([BLOCK], -1.0, tl.float32)  # per lane: its best race value, that token and its weight
-        won_ids = tl.zeros([BLOCK], dtype=tl.int32)
-        won_weights = tl.zeros([BLOCK], dtype=tl.float32)
-        lane_kept = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, vocab, BLOCK):
-            ids = start + tl.arange(0, BLOCK)
-            s = tl.load(row + ids, mask=ids < vocab, other=float("-inf")) / t
-            weight = tl.where((ids < vocab) & (_ordered(s) >= floor), tl.exp(s - m_s), 0.0)
-            lane_kept += weight
-            race = tl.where(ids < vocab, weight / _exponentials(key, ids), -1.0)
-            wins = race > won  # strictly: each lane keeps its first maximum
-            won_ids = tl.where(wins, ids, won_ids)
-            won_weights = tl.where(wins, weight, won_weights)
-            won = tl.maximum(won, race)
-        winner = won == tl.max(won)
-        won_id = tl.min(tl.where(winner, won_ids, vocab))  # the first maximum of the row
-        won_weight = tl.sum(tl.where(winner & (won_ids == won_id), won_weights, 0.0))  # one lane holds it
-        kept_mass = tl.sum(lane_kept)
-        token = won_id.to(tl.int64)
-        logprob = tl.log(tl.maximum(won_weight / kept_mass, 1e-30))
+        floor, _ = _narrowed(tl.load(at), tl.load(at + 1), p_part, r, p, splits, True, WAYS, MAX_SPLITS)
+    elif HAS_TOP_K:
+        at = k_state + r * 3
+        k = tl.load(top_k + r * k_stride).to(tl.float32)
+        floor, _ = _narrowed(tl.load(at), tl.load(at + 1), k_part, r, k, splits, False, WAYS, MAX_SPLITS)
+    _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
+    m_s = m / t
+    key = tl.load(keys + r * key_stride)
+    won = tl.full([BLOCK], -1.0, tl.float32)  # per lane: its best race value, that token and its weight
+    won_ids = tl.zeros([BLOCK], dtype=tl.int32)
+    won_weights = tl.zeros([BLOCK], dtype=tl.float32)
+    kept = tl.zeros([BLOCK], dtype=tl.float32)
+    start = s * span
+    end = tl.where(tl.load(sample + r).to(tl.int32) != 0, tl.minimum(start + span, vocab), start)
+    while start < end:
+        ids = start + tl.arange(0, BLOCK)
+        x = tl.load(logits + r.to(tl.int64) * stride + ids, mask=ids < end, other=float("-inf"))
+        weight = tl.where((ids < end) & (_ordered(x / t) >= floor), tl.exp(x / t - m_s), 0.0)
+        kept += weight
+        value = tl.where(ids < end, weight / _exponentials(key, ids), -1.0)
+        wins = value > won  # strictly: each lane keeps its first maximum
+        won_ids = tl.where(wins, ids, won_ids)
+        won_weights = tl.where(wins, weight, won_weights)
+        won = tl.maximum(won, value)
+        start += BLOCK
+    best = tl.max(won)
+    winner = won == best
+    won_id = tl.min(tl.where(winner, won_ids, vocab))
+    tl.store(out, best)
+    tl.store(out + 1, won_id.to(tl.float32))
+    tl.store(out + 2, tl.sum(tl.where(winner & (won_ids == won_id), won_weights, 0.0)))  # one lane holds it
+    tl.store(out + 3, tl.sum(kept))
+
+
+@triton.jit(do_not_specialize=["rows", "vocab", "splits"])
+def _finish(
+    temperature, t_stride, stats, sample, race, out, rows, vocab, splits,
+    ANY_SAMPLE: tl.constexpr, MAX_SPLITS: tl.constexpr,
+):  # fmt: skip
+    """One program per row: its token, log-probability and ok flag from the launches before."""
+    r = tl.program_id(0)
+    t = tl.load(temperature + r * t_stride)
+    best, best_id, m, total, _, bad = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
+    token = best_id
+    logprob = -tl.log(total)  # log_softmax at the maximum
+    if ANY_SAMPLE:
+        if tl.load(sample + r).to(tl.int32) != 0:
+            s = tl.arange(0, MAX_SPLITS)
+            live = s < splits
+            at = race + (r * splits + s) * 4
+            won = tl.load(at, mask=live, other=-2.0)
+            winner = live & (won == tl.max(won))
+            ids = tl.load(at + 1, mask=live, other=0.0)
+            token = tl.min(tl.where(winner, ids, vocab))
+            weight = tl.sum(tl.where(winner & (ids == token), tl.load(at + 2, mask=live, other=0.0), 0.0))
+            kept_mass = tl.sum(tl.load(at + 3, mask=live, other=0.0))
+            logprob = tl.log(tl.maximum(weight / kept_mass, 1e-30))
     finite = (logprob == logprob) & (tl.abs(logprob) < float("inf"))
     ok = (bad == 0) & finite
     tl.store(out + r, token.to(tl.float64))
@@ -169,17 +286,71 @@ def _choose(
     tl.store(out + 2 * rows + r, ok.to(tl.float64))
 
 
-def choose(logits: torch.Tensor, rows) -> torch.Tensor:
+def splits(rows: int, vocab: int, programs: int) -> tuple[int, int]:
+    """(programs per row, logits per program: a multiple of BLOCK) for about `programs` in all."""
+    blocks = triton.cdiv(vocab, BLOCK)
+    per_row = max(1, min(MAX_SPLITS, programs // max(rows, 1), blocks))
+    span = triton.cdiv(blocks, per_row) * BLOCK
+    return triton.cdiv(vocab, span), span
+
+
+def _programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter: a few programs per row, as on a GPU, but few to run one by one
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose(logits: torch.Tensor, rows, *, programs: int | None = None) -> torch.Tensor:
     """[3, R] float64 (token, logprob, ok) for logits [R, V] float32 and sampling.RowParams `rows`
-    (repetition penalty already applied)."""
+    (repetition penalty already applied). `programs`: how many programs to aim at (default: the GPU's)."""
     logits = logits.contiguous()
     count, vocab = logits.shape
+    per_row, span = splits(count, vocab, programs or _programs(logits.device))
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    stats = torch.empty(count, per_row, _STATS, **f32)
     out = torch.empty(3, count, dtype=torch.float64, device=logits.device)
-    sample = rows.sample.contiguous()
-    _choose[(count,)](
-        logits, logits.stride(0),
-        rows.temperature, rows.temperature.stride(0), rows.top_p, rows.top_p.stride(0),
-        rows.top_k, rows.top_k.stride(0), rows.key, rows.key.stride(0), sample, out, count, vocab=vocab,
-        BLOCK=BLOCK, WAYS=WAYS, KEY_OF_MINUS_INF=_KEY_OF_MINUS_INF, num_warps=NUM_WARPS,
+    temperature, sample = rows.temperature, rows.sample.contiguous()
+    common = (logits, logits.stride(0), temperature, temperature.stride(0), stats)
+    _stats[(count, per_row)](*common, vocab, span, per_row, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    race = stats  # unread where no row samples
+    if rows.any_sample:
+        consts = dict(WAYS=WAYS, MAX_SPLITS=MAX_SPLITS, KEY_OF_MINUS_INF=_KEY_OF_MINUS_INF)
+        k_state = k_part = p_state = p_part = None
+        if rows.any_top_k:
+            k_state, k_part = _search(common, rows.top_k, vocab, span, per_row, count, by_mass=False, consts=consts)
+        if rows.any_top_p:
+            prior = None if k_state is None else (k_state[-1], k_part[-1], rows.top_k)
+            p_state, p_part = _search(
+                common, rows.top_p, vocab, span, per_row, count, by_mass=True, consts=consts, prior=prior
+            )
+        race = torch.empty(count, per_row, _RACE, **f32)
+        last = {
+            "k": (k_state[-1], k_part[-1]) if k_state is not None else (stats, stats),
+            "p": (p_state[-1], p_part[-1]) if p_state is not None else (stats, stats),
+        }
+        _race[(count, per_row)](
+            *common, rows.key, rows.key.stride(0), sample, rows.top_k, rows.top_k.stride(0), rows.top_p,
+            rows.top_p.stride(0), *last["k"], *last["p"],
+            race, vocab, span, per_row, HAS_TOP_K=k_state is not None, HAS_TOP_P=p_state is not None, BLOCK=BLOCK,
+            num_warps=NUM_WARPS, **consts,
+        )  # fmt: skip
+    _finish[(count,)](
+        temperature, temperature.stride(0), stats, sample, race, out, count, vocab, per_row,
+        ANY_SAMPLE=rows.any_sample, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
+
+
+def _search(common, limit, vocab, span, per_row, count, *, by_mass: bool, consts: dict, prior=None):
+    """The PASSES launches of one threshold search: (state [PASSES, R, 3], sums [PASSES, R, S, WAYS + 1])."""
+    device = limit.device
+    state = torch.empty(PASSES, count, 3, dtype=torch.int64, device=device)
+    part = torch.empty(PASSES, count, per_row, WAYS + 1, dtype=torch.float32, device=device)
+    prior_state, prior_part, prior_limit = prior if prior is not None else (state[0], part[0], limit)
+    for index in range(PASSES):
+        _search_pass[(count, per_row)](
+            *common, limit, limit.stride(0), state, part, prior_state, prior_part, prior_limit, prior_limit.stride(0),
+            vocab, span, per_row, count,
+            index, BY_MASS=by_mass, HAS_PRIOR=prior is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, **consts,
+        )  # fmt: skip
+    return state, part
