@@ -6,6 +6,11 @@ kernels that take the most GPU time. GPU busy time well under wall time means th
 
     python -m bench.profile_step [--streams 1,8,64] [--new 48] [--top 25] [--no-cudnn-sdp]
     python -m bench.profile_step --prefill 512      # one prompt's first token, with an adapter and without
+    python -m bench.profile_step --prefill 64 --model tiny   # the same on the CPU (phases only, no kernels)
+
+With --prefill, each first token is also split into host-side phases: submit → first forward call (admission),
+the host's time inside forward calls (launching kernels: the device runs behind it), inside the token choice,
+waiting for the chosen ids, from the last of those to the client's event (delivery), and the rest.
 
 Each size's first wave (new prompt shapes: eager steps, first-time kernel plans) is timed apart.
 """
@@ -21,7 +26,7 @@ from collections import Counter
 
 import torch
 
-from bench.engine_bench.workload import random_adapter, random_llama3_8b
+from bench.engine_bench.workload import load_model, model_dtype, random_adapter, random_llama3_8b
 from contract.lora import PROJECTIONS, AdapterConfig
 from server.engine.engine import Engine
 from server.engine.events import FinalEvent
@@ -115,22 +120,83 @@ def ops(engine: Engine, streams: int, new: int, *, sampled: bool, top: int = 12)
         print(f"   {e.count / steps:7.1f} calls/step {gpu_ms:7.3f} ms/step GPU  {e.key}")
 
 
+class Phases:
+    """Host clocks around the engine's calls while one request runs to its first token (see the module's
+    docstring): patched onto the runner, the engine module's choose_tokens and PendingChoices.result."""
+
+    def __init__(self, engine: Engine) -> None:
+        import server.engine.engine as engine_module
+        from server.engine.sampling import PendingChoices
+
+        self.spent: Counter = Counter()
+        self.first_forward = self.last_result = None
+        self._undo = []
+        self._wrap(engine.runner, "forward", "forward")
+        self._wrap(engine_module, "choose_tokens", "choose")
+        self._wrap(PendingChoices, "result", "wait for ids")
+
+    def _wrap(self, owner, name: str, phase: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            self.first_forward = self.first_forward or (started if phase == "forward" else None)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.spent[phase] += time.perf_counter() - started
+                if phase == "wait for ids":
+                    self.last_result = time.perf_counter()
+
+        setattr(owner, name, timed)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def undo(self) -> None:
+        for step in self._undo:
+            step()
+
+    def line(self, started: float, ended: float) -> str:
+        ms = {k: v * 1000 for k, v in self.spent.items()}
+        admission = ((self.first_forward or ended) - started) * 1000
+        delivery = (ended - (self.last_result or ended)) * 1000
+        rest = (ended - started) * 1000 - admission - delivery - sum(ms.values())  # planning, events, the GIL
+        return (
+            f"admission {admission:.1f} ms, forward (host) {ms.get('forward', 0):.1f}, choice (host) "
+            f"{ms.get('choose', 0):.1f}, wait for ids {ms.get('wait for ids', 0):.1f}, delivery {delivery:.1f}, "
+            f"rest {rest:.1f}"
+        )
+
+
 def prefill(engine: Engine, length: int, *, top: int) -> None:
     """Time to first token of one `length`-token prompt (one eager prefill step and the first token's
-    choice), with adapter a0 and on the base model: wall time, and the kernels that take the GPU's time."""
+    choice), with adapter a0 and on the base model: wall time, its host phases (Phases), and on CUDA the
+    kernels that take the GPU's time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    async def first_token(adapter: str | None) -> float:
+    async def first_token(adapter: str | None, phases: Phases | None = None) -> float:
         prompt = torch.randint(4, 700, (length,)).tolist()
         started = time.perf_counter()
         async for event in engine.generate(prompt, SamplingParams(max_new_tokens=1, stop_token_ids=()), adapter):
             if isinstance(event, FinalEvent):
-                return time.perf_counter() - started
+                ended = time.perf_counter()
+                if phases is not None:
+                    print(f"   phases: {phases.line(started, ended)}")
+                return ended - started
         raise RuntimeError("no final event")
 
     for adapter in ("a0", None):
+        print(f"\n== prefill {length} tokens, {'adapter a0' if adapter else 'base'}")
         walls = [asyncio.run(first_token(adapter)) for _ in range(4)][1:]  # the first: warm-up
+        for _ in range(2):
+            phases = Phases(engine)
+            try:
+                asyncio.run(first_token(adapter, phases))
+            finally:
+                phases.undo()
+        print(f"   wall p50 {sorted(walls)[1] * 1000:.1f} ms (of 3)")
+        if not torch.cuda.is_available():
+            continue
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             asyncio.run(first_token(adapter))
         torch.cuda.synchronize()
@@ -138,13 +204,14 @@ def prefill(engine: Engine, length: int, *, top: int) -> None:
         by_name: Counter = Counter()
         for e in kernels:
             by_name[e.name[:90]] += e.device_time
-        print(
-            f"\n== prefill {length} tokens, {'adapter a0' if adapter else 'base'}: wall p50 "
-            f"{sorted(walls)[1] * 1000:.1f} ms, GPU busy {sum(e.device_time for e in kernels) / 1000:.1f} ms, "
-            f"{len(kernels)} kernels"
-        )
+        print(f"   GPU busy {sum(e.device_time for e in kernels) / 1000:.1f} ms, {len(kernels)} kernels")
         for name, us in by_name.most_common(top):
             print(f"   {us / 1000:7.3f} ms  {name}")
+
+
+def tiny_model(spec: str):
+    model, tokenizer, _ = load_model(spec, model_dtype())
+    return model, tokenizer
 
 
 def main() -> None:
@@ -160,11 +227,12 @@ def main() -> None:
         "--prefill-chunk-tokens", type=int, default=ServerSettings.model_fields["prefill_chunk_tokens"].default
     )
     parser.add_argument("--no-cudnn-sdp", action="store_true", help="keep SDPA off cuDNN (a plan per new shape)")
+    parser.add_argument("--model", default="llama3-8b-random", help="or tiny (the CPU's random Llama)")
     args = parser.parse_args()
     if args.no_cudnn_sdp:
         torch.backends.cuda.enable_cudnn_sdp(False)
     sys.setswitchinterval(ServerSettings.model_fields["gil_switch_seconds"].default)  # as the server runs
-    model, tokenizer = random_llama3_8b()
+    model, tokenizer = random_llama3_8b() if args.model == "llama3-8b-random" else tiny_model(args.model)
     runner = ModelRunner(
         model,
         tokenizer,

@@ -248,3 +248,27 @@ def test_engine_bench_vllm_child_with_a_fake_vllm(tmp_path):
         length = {"max_tokens": OUTPUT_LEN, "min_tokens": OUTPUT_LEN, "ignore_eos": True}
         for row, params in enumerate(call["params"]):
             assert params in ({**length, "temperature": 0}, {**length, "temperature": 1.0, "top_p": 0.95, "seed": row})
+
+
+def test_profile_step_splits_a_first_token_into_host_phases_that_add_up(tmp_path):
+    """bench/profile_step.py --prefill on the CPU's tiny model: each first token's phases, which must
+    account for its wall time (the rest is small and never negative beyond clock noise)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.profile_step", "--prefill", "24", "--model", "tiny"],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if "phases:" in line]
+    assert len(lines) == 4  # two requests, with an adapter and without
+    for line in lines:
+        values = dict(
+            (part.rsplit(" ", 1)[0].strip(), float(part.rsplit(" ", 1)[1].removesuffix(" ms")))
+            for part in line.split("phases:")[1].replace(" ms,", ",").split(",")
+        )
+        assert values["forward (host)"] > 0 and values["admission"] >= 0 and values["delivery"] >= 0
+        assert values["rest"] > -0.5, line

@@ -39,36 +39,29 @@ SAMPLING_CONSTANTS = dict(
 )
 SEARCH = dict(
     **SAMPLING, **RUNTIME, state="*i64", part="*fp32", prior="*i64", prior_part="*fp32", l_stride="i32",
-    prior_limit="*i64", pl_stride="i32", rows="i32", index="i32",
+    prior_limit="*i64", pl_stride="i32", rows="i32", index="i32", by_mass="i32", has_prior="i32",
 )  # fmt: skip
 RACE = dict(
     **SAMPLING, **RUNTIME, keys="*i64", key_stride="i32", sample="*i1", top_k="*i64", k_stride="i32", top_p="*fp32",
-    p_stride="i32", k_state="*i64", k_part="*fp32", p_state="*i64", p_part="*fp32", race="*fp32",
+    p_stride="i32", k_state="*i64", k_part="*fp32", p_state="*i64", p_part="*fp32", race="*fp32", has_top_k="i32",
+    has_top_p="i32",
 )  # fmt: skip
 KERNELS = {
     "sampling: statistics": (
         sampling_kernel._stats, dict(SAMPLING, **RUNTIME), dict(BLOCK=sampling_kernel.BLOCK)
     ),
     "sampling: top-k pass": (
-        sampling_kernel._search_pass,
-        dict(SEARCH, limit="*i64"),
-        dict(SAMPLING_CONSTANTS, BY_MASS=False, HAS_PRIOR=False, BLOCK=sampling_kernel.BLOCK),
+        sampling_kernel._search_pass, dict(SEARCH, limit="*i64"), dict(SAMPLING_CONSTANTS, BLOCK=sampling_kernel.BLOCK)
     ),
-    "sampling: top-p pass after top-k": (
-        sampling_kernel._search_pass,
-        dict(SEARCH, limit="*fp32"),
-        dict(SAMPLING_CONSTANTS, BY_MASS=True, HAS_PRIOR=True, BLOCK=sampling_kernel.BLOCK),
+    "sampling: top-p pass": (
+        sampling_kernel._search_pass, dict(SEARCH, limit="*fp32"), dict(SAMPLING_CONSTANTS, BLOCK=sampling_kernel.BLOCK)
     ),
-    "sampling: race": (
-        sampling_kernel._race,
-        RACE,
-        dict(SAMPLING_CONSTANTS, HAS_TOP_K=True, HAS_TOP_P=True, BLOCK=sampling_kernel.BLOCK),
-    ),
+    "sampling: race": (sampling_kernel._race, RACE, dict(SAMPLING_CONSTANTS, BLOCK=sampling_kernel.BLOCK)),
     "sampling: finish": (
         sampling_kernel._finish,
         dict(temperature="*fp32", t_stride="i32", stats="*fp32", sample="*i1", race="*fp32", out="*fp64", rows="i32",
              vocab="i32", splits="i32"),
-        dict(ANY_SAMPLE=True, MAX_SPLITS=sampling_kernel.MAX_SPLITS),
+        dict(MAX_SPLITS=sampling_kernel.MAX_SPLITS),
     ),
     "lora expand": (
         lora_kernel._expand,

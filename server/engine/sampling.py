@@ -115,8 +115,8 @@ class _WarmUpRow:
 
 
 def warm_up(vocab: int, device) -> None:
-    """Choose with each mix of cuts the kernels compile for (greedy only; sampling with top-p, top-k, both,
-    neither), so that they are built (and checked) before a request waits for one."""
+    """Choose with each mix of cuts (greedy only; sampling with top-p, top-k, both, neither), so that the
+    CUDA kernels are built before a request waits for one, and checked on each path."""
     greedy = _WarmUpRow(SamplingParams(1))
     for cuts in ({}, {"top_p": 0.9}, {"top_k": 5}, {"top_p": 0.9, "top_k": 5}, None):
         rows = [greedy] if cuts is None else [greedy, _WarmUpRow(SamplingParams(1, do_sample=True, **cuts))]

@@ -116,7 +116,7 @@ def _row_stats(stats, r, t, vocab, splits, MAX_SPLITS: tl.constexpr):
 
 
 @triton.jit
-def _narrowed(lo, hi, part, r, bound_of, splits, BY_MASS: tl.constexpr, WAYS: tl.constexpr, MAX_SPLITS: tl.constexpr):
+def _narrowed(lo, hi, part, r, bound_of, splits, by_mass, WAYS: tl.constexpr, MAX_SPLITS: tl.constexpr):
     """[lo, hi] after the pass whose per-program sums `part` ([rows, splits, WAYS + 1]: the weight above
     each try, then the live weight) counted this row: the least try at which the weight above falls below
     the bound (top-p: bound_of × the live mass; top-k: bound_of itself), and the try before it."""
@@ -124,11 +124,8 @@ def _narrowed(lo, hi, part, r, bound_of, splits, BY_MASS: tl.constexpr, WAYS: tl
     s = tl.arange(0, MAX_SPLITS)
     at = part + (r * splits + s)[:, None] * (WAYS + 1) + ways[None, :]
     above = tl.sum(tl.load(at, mask=(s < splits)[:, None], other=0.0), axis=0)  # [WAYS]
-    if BY_MASS:
-        live = tl.sum(tl.load(part + (r * splits + s) * (WAYS + 1) + WAYS, mask=s < splits, other=0.0))
-        bound = bound_of * live
-    else:
-        bound = bound_of
+    live = tl.sum(tl.load(part + (r * splits + s) * (WAYS + 1) + WAYS, mask=s < splits, other=0.0))
+    bound = tl.where(by_mass != 0, bound_of * live, bound_of)
     tries = lo + ((hi - lo) * (ways + 1)) // WAYS  # ascending; the last is hi
     first = tl.min(tl.where(above < bound, ways, WAYS))  # the predicate holds from `first` on
     new_hi = tl.sum(tl.where(ways == first, tries, 0))
@@ -136,20 +133,20 @@ def _narrowed(lo, hi, part, r, bound_of, splits, BY_MASS: tl.constexpr, WAYS: tl
     return tl.where(lo < hi, new_lo, lo), tl.where(lo < hi, new_hi, hi)
 
 
-@triton.jit(do_not_specialize=["vocab", "span", "splits", "rows", "index"])
+@triton.jit(do_not_specialize=["vocab", "span", "splits", "rows", "index", "by_mass", "has_prior"])
 def _search_pass(
     logits, stride, temperature, t_stride, stats, limit, l_stride, state, part, prior, prior_part, prior_limit,
-    pl_stride, vocab, span, splits, rows, index,
-    BY_MASS: tl.constexpr, HAS_PRIOR: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr,
-    MAX_SPLITS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
+    pl_stride, vocab, span, splits, rows, index, by_mass, has_prior,
+    BLOCK: tl.constexpr, WAYS: tl.constexpr, MAX_SPLITS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
 ):  # fmt: skip
-    """Pass `index` of a threshold search (top-k by count, or top-p by mass, BY_MASS): narrow the row's
+    """Pass `index` of a threshold search (top-k by count, or top-p by mass: by_mass): narrow the row's
     range by the previous pass's sums (pass 0: set it up), then sum this span's weight above each try.
 
     state [PASSES, rows, 3] int64: (lo, hi, floor) at the start of each pass; `limit` is k or top_p. A row
     not searched (greedy, no such cut) has lo = hi = floor and adds nothing. `prior`/`prior_part`: the
-    top-k search's last pass, whose cut is the floor of a top-p search that follows one (HAS_PRIOR), and
-    its k (`prior_limit`)."""
+    top-k search's last pass, whose cut is the floor of a top-p search that follows one (has_prior), and
+    its k (`prior_limit`). The flags are runtime arguments, not constants: each constant's value would be
+    one more compile at start-up."""
     r = tl.program_id(0)
     s = tl.program_id(1)
     t = tl.load(temperature + r * t_stride)
@@ -158,29 +155,24 @@ def _search_pass(
     if index == 0:
         _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
         floor = tl.full([], KEY_OF_MINUS_INF, tl.int64)
-        if HAS_PRIOR:  # the top-k cut: the prior search's range after its last pass
+        if has_prior != 0:  # the top-k cut: the prior search's range after its last pass
             at = prior + r * 3
             k = tl.load(prior_limit + r * pl_stride).to(tl.float32)
-            floor, _ = _narrowed(tl.load(at), tl.load(at + 1), prior_part, r, k, splits, False, WAYS, MAX_SPLITS)
-        if BY_MASS:
-            active = bound_of < 1.0
-        else:
-            active = (bound_of > 0.0) & (bound_of < vocab)
+            floor, _hi = _narrowed(tl.load(at), tl.load(at + 1), prior_part, r, k, splits, 0, WAYS, MAX_SPLITS)
+        active = tl.where(by_mass != 0, bound_of < 1.0, (bound_of > 0.0) & (bound_of < vocab))
         lo = floor
         hi = tl.where(active, _ordered(m / t), floor)
     else:
         before = state + ((index - 1) * rows + r) * 3
         floor = tl.load(before + 2)
         last = part + (index - 1) * rows * splits * (WAYS + 1)
-        lo, hi = _narrowed(tl.load(before), tl.load(before + 1), last, r, bound_of, splits, BY_MASS, WAYS, MAX_SPLITS)
+        lo, hi = _narrowed(tl.load(before), tl.load(before + 1), last, r, bound_of, splits, by_mass, WAYS, MAX_SPLITS)
     if s == 0:
         tl.store(row_state, lo)
         tl.store(row_state + 1, hi)
         tl.store(row_state + 2, floor)
-    m_s = 0.0
-    if BY_MASS:
-        _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
-        m_s = m / t
+    _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
+    m_s = m / t
     ways = tl.arange(0, WAYS)
     tries = lo + ((hi - lo) * (ways + 1)) // WAYS
     above = tl.zeros([BLOCK, WAYS], dtype=tl.float32)  # per lane: summed across lanes once, after the span
@@ -192,10 +184,7 @@ def _search_pass(
         x = tl.load(logits + r.to(tl.int64) * stride + ids, mask=ids < end, other=float("-inf"))
         key = _ordered(x / t)
         live = (ids < end) & (key >= floor)
-        if BY_MASS:
-            w = tl.where(live, tl.exp(x / t - m_s), 0.0)
-        else:
-            w = tl.where(live, 1.0, 0.0)
+        w = tl.where(live, tl.where(by_mass != 0, tl.exp(x / t - m_s), 1.0), 0.0)  # top-k counts
         above += tl.where(key[:, None] > tries[None, :], w[:, None], 0.0)
         live_weight += w
         start += BLOCK
@@ -204,12 +193,11 @@ def _search_pass(
     tl.store(out + WAYS, tl.sum(live_weight))
 
 
-@triton.jit(do_not_specialize=["vocab", "span", "splits"])
+@triton.jit(do_not_specialize=["vocab", "span", "splits", "has_top_k", "has_top_p"])
 def _race(
     logits, stride, temperature, t_stride, stats, keys, key_stride, sample, top_k, k_stride, top_p, p_stride,
-    k_state, k_part, p_state, p_part, race, vocab, span, splits,
-    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr,
-    MAX_SPLITS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
+    k_state, k_part, p_state, p_part, race, vocab, span, splits, has_top_k, has_top_p,
+    BLOCK: tl.constexpr, WAYS: tl.constexpr, MAX_SPLITS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
 ):  # fmt: skip
     """The exponential race among the kept tokens of this span, for sampled rows: the best p_j / E_j,
     its id and weight, and the span's kept mass. The cut is the last search's range after its last pass
@@ -219,14 +207,14 @@ def _race(
     out = race + (r * splits + s) * 4
     t = tl.load(temperature + r * t_stride)
     floor = tl.full([], KEY_OF_MINUS_INF, tl.int64)
-    if HAS_TOP_P:
+    if has_top_p != 0:
         at = p_state + r * 3
         p = tl.load(top_p + r * p_stride)
-        floor, _ = _narrowed(tl.load(at), tl.load(at + 1), p_part, r, p, splits, True, WAYS, MAX_SPLITS)
-    elif HAS_TOP_K:
+        floor, _hi = _narrowed(tl.load(at), tl.load(at + 1), p_part, r, p, splits, 1, WAYS, MAX_SPLITS)
+    elif has_top_k != 0:
         at = k_state + r * 3
         k = tl.load(top_k + r * k_stride).to(tl.float32)
-        floor, _ = _narrowed(tl.load(at), tl.load(at + 1), k_part, r, k, splits, False, WAYS, MAX_SPLITS)
+        floor, _hi = _narrowed(tl.load(at), tl.load(at + 1), k_part, r, k, splits, 0, WAYS, MAX_SPLITS)
     _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
     m_s = m / t
     key = tl.load(keys + r * key_stride)
@@ -258,8 +246,7 @@ def _race(
 
 @triton.jit(do_not_specialize=["rows", "vocab", "splits"])
 def _finish(
-    temperature, t_stride, stats, sample, race, out, rows, vocab, splits,
-    ANY_SAMPLE: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    temperature, t_stride, stats, sample, race, out, rows, vocab, splits, MAX_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """One program per row: its token, log-probability and ok flag from the launches before."""
     r = tl.program_id(0)
@@ -267,18 +254,17 @@ def _finish(
     best, best_id, m, total, _, bad = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
     token = best_id
     logprob = -tl.log(total)  # log_softmax at the maximum
-    if ANY_SAMPLE:
-        if tl.load(sample + r).to(tl.int32) != 0:
-            s = tl.arange(0, MAX_SPLITS)
-            live = s < splits
-            at = race + (r * splits + s) * 4
-            won = tl.load(at, mask=live, other=-2.0)
-            winner = live & (won == tl.max(won))
-            ids = tl.load(at + 1, mask=live, other=0.0)
-            token = tl.min(tl.where(winner, ids, vocab))
-            weight = tl.sum(tl.where(winner & (ids == token), tl.load(at + 2, mask=live, other=0.0), 0.0))
-            kept_mass = tl.sum(tl.load(at + 3, mask=live, other=0.0))
-            logprob = tl.log(tl.maximum(weight / kept_mass, 1e-30))
+    if tl.load(sample + r).to(tl.int32) != 0:  # (`race` is only read for sampled rows)
+        s = tl.arange(0, MAX_SPLITS)
+        live = s < splits
+        at = race + (r * splits + s) * 4
+        won = tl.load(at, mask=live, other=-2.0)
+        winner = live & (won == tl.max(won))
+        ids = tl.load(at + 1, mask=live, other=0.0)
+        token = tl.min(tl.where(winner, ids, vocab))
+        weight = tl.sum(tl.where(winner & (ids == token), tl.load(at + 2, mask=live, other=0.0), 0.0))
+        kept_mass = tl.sum(tl.load(at + 3, mask=live, other=0.0))
+        logprob = tl.log(tl.maximum(weight / kept_mass, 1e-30))
     finite = (logprob == logprob) & (tl.abs(logprob) < float("inf"))
     ok = (bad == 0) & finite
     tl.store(out + r, token.to(tl.float64))
@@ -317,12 +303,10 @@ def choose(logits: torch.Tensor, rows, *, programs: int | None = None) -> torch.
         consts = dict(WAYS=WAYS, MAX_SPLITS=MAX_SPLITS, KEY_OF_MINUS_INF=_KEY_OF_MINUS_INF)
         k_state = k_part = p_state = p_part = None
         if rows.any_top_k:
-            k_state, k_part = _search(common, rows.top_k, vocab, span, per_row, count, by_mass=False, consts=consts)
+            k_state, k_part = _search(common, rows.top_k, rows, span, per_row, by_mass=False, consts=consts)
         if rows.any_top_p:
-            prior = None if k_state is None else (k_state[-1], k_part[-1], rows.top_k)
-            p_state, p_part = _search(
-                common, rows.top_p, vocab, span, per_row, count, by_mass=True, consts=consts, prior=prior
-            )
+            prior = None if k_state is None else (k_state[-1], k_part[-1])
+            p_state, p_part = _search(common, rows.top_p, rows, span, per_row, by_mass=True, consts=consts, prior=prior)
         race = torch.empty(count, per_row, _RACE, **f32)
         last = {
             "k": (k_state[-1], k_part[-1]) if k_state is not None else (stats, stats),
@@ -331,26 +315,28 @@ def choose(logits: torch.Tensor, rows, *, programs: int | None = None) -> torch.
         _race[(count, per_row)](
             *common, rows.key, rows.key.stride(0), sample, rows.top_k, rows.top_k.stride(0), rows.top_p,
             rows.top_p.stride(0), *last["k"], *last["p"],
-            race, vocab, span, per_row, HAS_TOP_K=k_state is not None, HAS_TOP_P=p_state is not None, BLOCK=BLOCK,
+            race, vocab, span, per_row, int(k_state is not None), int(p_state is not None), BLOCK=BLOCK,
             num_warps=NUM_WARPS, **consts,
         )  # fmt: skip
     _finish[(count,)](
         temperature, temperature.stride(0), stats, sample, race, out, count, vocab, per_row,
-        ANY_SAMPLE=rows.any_sample, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
+        MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
 
-def _search(common, limit, vocab, span, per_row, count, *, by_mass: bool, consts: dict, prior=None):
-    """The PASSES launches of one threshold search: (state [PASSES, R, 3], sums [PASSES, R, S, WAYS + 1])."""
-    device = limit.device
-    state = torch.empty(PASSES, count, 3, dtype=torch.int64, device=device)
-    part = torch.empty(PASSES, count, per_row, WAYS + 1, dtype=torch.float32, device=device)
-    prior_state, prior_part, prior_limit = prior if prior is not None else (state[0], part[0], limit)
+def _search(common, limit, rows, span, per_row, *, by_mass: bool, consts: dict, prior=None):
+    """The PASSES launches of one threshold search over `limit` (rows.top_k or rows.top_p): (state
+    [PASSES, R, 3], sums [PASSES, R, S, WAYS + 1]). `prior`: the top-k search's last (state, sums)."""
+    logits = common[0]
+    count, vocab = logits.shape
+    state = torch.empty(PASSES, count, 3, dtype=torch.int64, device=logits.device)
+    part = torch.empty(PASSES, count, per_row, WAYS + 1, dtype=torch.float32, device=logits.device)
+    prior_state, prior_part = prior if prior is not None else (state[0], part[0])  # (unread without a prior)
     for index in range(PASSES):
         _search_pass[(count, per_row)](
-            *common, limit, limit.stride(0), state, part, prior_state, prior_part, prior_limit, prior_limit.stride(0),
-            vocab, span, per_row, count,
-            index, BY_MASS=by_mass, HAS_PRIOR=prior is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, **consts,
+            *common, limit, limit.stride(0), state, part, prior_state, prior_part, rows.top_k, rows.top_k.stride(0),
+            vocab, span, per_row, count, index, int(by_mass), int(prior is not None), BLOCK=BLOCK,
+            num_warps=NUM_WARPS, **consts,
         )  # fmt: skip
     return state, part
