@@ -78,13 +78,64 @@ KERNELS = {
 }
 
 
+TYPES = {torch_dtype: name for torch_dtype, name in (("float32", "*fp32"), ("int64", "*i64"), ("bool", "*i1"),
+                                                       ("float64", "*fp64"))}  # fmt: skip
+
+
+class Recorder:
+    """Stands in for a kernel: records each launch's argument types and constants instead of running."""
+
+    def __init__(self, kernel, name: str, seen: dict) -> None:
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **constants):
+            names = list(inspect.signature(self.kernel.fn).parameters)
+            types = {n: _type_of(a) for n, a in zip(names, args)}
+            constants = {k: v for k, v in constants.items() if k in names}
+            self.seen[(self.name, repr(sorted(types.items())), repr(sorted(constants.items())))] = (
+                self.kernel, types, constants
+            )
+
+        return launch
+
+
+def _type_of(arg) -> str:
+    if hasattr(arg, "dtype"):
+        return TYPES[str(arg.dtype).removeprefix("torch.")]
+    return "fp32" if isinstance(arg, float) else "i32"
+
+
+def sampler_launches() -> dict[str, tuple]:
+    """What sampling_kernel.choose really launches for each mix of rows (greedy only; sampled with no cut,
+    top-p, top-k, both), with the argument types it really passes: a stand-in of the wrong type in a branch
+    no row takes still has to compile."""
+    import torch
+
+    from server.engine.sampling import SamplingParams, row_params
+
+    seen: dict = {}
+    kernels = {name: getattr(sampling_kernel, name) for name in ("_stats", "_search_pass", "_race", "_finish")}
+    for name, kernel in kernels.items():
+        setattr(sampling_kernel, name, Recorder(kernel, name, seen))
+    try:
+        for cuts in (None, {}, {"top_p": 0.9}, {"top_k": 5}, {"top_p": 0.9, "top_k": 5}):
+            params = [SamplingParams(1)] + ([] if cuts is None else [SamplingParams(1, do_sample=True, **cuts)])
+            rows = [type("Row", (), dict(params=p, seed=1, prompt_ids=(0,), generated=(), in_flight=0)) for p in params]
+            sampling_kernel.choose(torch.zeros(len(rows), 4096), row_params(rows, torch.device("cpu")))
+    finally:
+        for name, kernel in kernels.items():
+            setattr(sampling_kernel, name, kernel)
+    return {f"launched {name} #{i}": value for i, ((name, _, _), value) in enumerate(seen.items())}
+
+
 def compile_all() -> dict[str, str]:
     """name → "ok" or the compiler's error, each kernel compiled for sm_90 (in a process without the interpreter)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     results = {}
-    for name, (kernel, types, constants) in KERNELS.items():
+    for name, (kernel, types, constants) in {**KERNELS, **sampler_launches()}.items():
         names = list(inspect.signature(kernel.fn).parameters)
         if set(names) != set(types) | set(constants):
             results[name] = f"the kernel's arguments changed ({names}): update this table"
@@ -112,6 +163,12 @@ def compiled() -> dict[str, str]:
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_the_kernel_compiles_to_a_hopper_cubin(compiled, name):
     assert compiled[name] == "ok"
+
+
+def test_every_launch_of_the_sampler_compiles_with_the_types_it_is_given(compiled):
+    launched = {name: result for name, result in compiled.items() if name.startswith("launched ")}
+    assert {name.split(" ")[1] for name in launched} == {"_stats", "_search_pass", "_race", "_finish"}
+    assert all(result == "ok" for result in launched.values()), launched
 
 
 if __name__ == "__main__":

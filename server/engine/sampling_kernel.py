@@ -35,7 +35,7 @@ MAX_SPLITS = 256  # programs per row at most (partials are summed as one vector 
 PROGRAMS_PER_SM = 2  # how many programs the launch aims at: rows × splits ≈ this × the SMs
 NUM_WARPS = 4
 _KEY_OF_MINUS_INF = -2139095041  # the ordered key of -inf (below every other non-NaN float)
-_STATS = 6  # per program of the first launch: max, its first id, softmax max, raw sum, tempered sum, bad
+_STATS = 5  # per program of the first launch: max, its first id, softmax max, softmax sum, bad (the kernels' layout)
 _RACE = 4  # per program of the race: best race value, its id, its weight, the kept mass
 
 
@@ -59,19 +59,18 @@ def _exponentials(key, ids):
 
 @triton.jit(do_not_specialize=["vocab", "span", "splits"])
 def _stats(logits, stride, temperature, t_stride, stats, vocab, span, splits, BLOCK: tl.constexpr):
-    """Launch 1, every row: the greedy choice (first maximum) of this program's span, the raw and the
-    tempered softmax sums relative to the span's maximum, and whether it holds NaN or +inf."""
+    """Launch 1, every row: the greedy choice (first maximum) of this program's span, the softmax sum
+    relative to the span's maximum, and whether it holds NaN or +inf. (`temperature` is unread here: the
+    launches share their first arguments.)"""
     r = tl.program_id(0)
     s = tl.program_id(1)
     row = logits + r.to(tl.int64) * stride
-    t = tl.load(temperature + r * t_stride)
     # Each lane (an offset within BLOCK) keeps its own running results; lanes are combined once at the end.
     lane = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_id = tl.zeros([BLOCK], dtype=tl.int32)
-    m = tl.full([BLOCK], -1.0e30, tl.float32)  # finite: (m - m_new) / t must not overflow on the first block
+    m = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)  # finite: exp(m - m_new) of an all -inf lane is 0
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    total_s = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     start = s * span
     end = tl.minimum(start + span, vocab)
@@ -83,36 +82,33 @@ def _stats(logits, stride, temperature, t_stride, stats, vocab, span, splits, BL
         best = tl.maximum(best, x)
         m_new = tl.maximum(m, x)
         total = total * tl.exp(m - m_new) + tl.exp(x - m_new)
-        total_s = total_s * tl.exp((m - m_new) / t) + tl.exp((x - m_new) / t)
         m = m_new
         start += BLOCK
     span_best = tl.max(best)
     span_m = tl.max(m)
-    out = stats + (r * splits + s) * 6
+    out = stats + (r * splits + s) * 5
     tl.store(out, span_best)
     tl.store(out + 1, tl.min(tl.where(best == span_best, best_id, vocab)).to(tl.float32))  # exact below 2^24
     tl.store(out + 2, span_m)
     tl.store(out + 3, tl.sum(total * tl.exp(m - span_m)))
-    tl.store(out + 4, tl.sum(total_s * tl.exp((m - span_m) / t)))
-    tl.store(out + 5, tl.sum(bad).to(tl.float32))
+    tl.store(out + 4, tl.sum(bad).to(tl.float32))
 
 
 @triton.jit
-def _row_stats(stats, r, t, vocab, splits, MAX_SPLITS: tl.constexpr):
-    """A row's first-launch results combined over its programs: (max, its first id, softmax max, raw sum,
-    tempered sum, bad), each as one number, in the same order in every program that asks."""
+def _row_stats(stats, r, vocab, splits, MAX_SPLITS: tl.constexpr):
+    """A row's first-launch results combined over its programs: (max, its first id, softmax max, softmax
+    sum, bad), each as one number, in the same order in every program that asks."""
     s = tl.arange(0, MAX_SPLITS)
     live = s < splits
-    at = stats + (r * splits + s) * 6
+    at = stats + (r * splits + s) * 5
     best = tl.load(at, mask=live, other=float("-inf"))
     row_best = tl.max(best)
     best_id = tl.min(tl.where(live & (best == row_best), tl.load(at + 1, mask=live, other=0.0), vocab))
-    m = tl.load(at + 2, mask=live, other=-1.0e30)
+    m = tl.load(at + 2, mask=live, other=-3.4028234663852886e38)
     row_m = tl.max(m)
     total = tl.sum(tl.where(live, tl.load(at + 3, mask=live, other=0.0) * tl.exp(m - row_m), 0.0))
-    total_s = tl.sum(tl.where(live, tl.load(at + 4, mask=live, other=0.0) * tl.exp((m - row_m) / t), 0.0))
-    bad = tl.sum(tl.load(at + 5, mask=live, other=0.0))
-    return row_best, best_id, row_m, total, total_s, bad
+    bad = tl.sum(tl.load(at + 4, mask=live, other=0.0))
+    return row_best, best_id, row_m, total, bad
 
 
 @triton.jit
@@ -153,7 +149,7 @@ def _search_pass(
     bound_of = tl.load(limit + r * l_stride).to(tl.float32)
     row_state = state + (index * rows + r) * 3
     if index == 0:
-        _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
+        _, _, m, _, _ = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
         floor = tl.full([], KEY_OF_MINUS_INF, tl.int64)
         if has_prior != 0:  # the top-k cut: the prior search's range after its last pass
             at = prior + r * 3
@@ -171,7 +167,7 @@ def _search_pass(
         tl.store(row_state, lo)
         tl.store(row_state + 1, hi)
         tl.store(row_state + 2, floor)
-    _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
+    _, _, m, _, _ = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
     m_s = m / t
     ways = tl.arange(0, WAYS)
     tries = lo + ((hi - lo) * (ways + 1)) // WAYS
@@ -215,7 +211,7 @@ def _race(
         at = k_state + r * 3
         k = tl.load(top_k + r * k_stride).to(tl.float32)
         floor, _hi = _narrowed(tl.load(at), tl.load(at + 1), k_part, r, k, splits, 0, WAYS, MAX_SPLITS)
-    _, _, m, _, _, _ = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
+    _, _, m, _, _ = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
     m_s = m / t
     key = tl.load(keys + r * key_stride)
     won = tl.full([BLOCK], -1.0, tl.float32)  # per lane: its best race value, that token and its weight
@@ -251,7 +247,7 @@ def _finish(
     """One program per row: its token, log-probability and ok flag from the launches before."""
     r = tl.program_id(0)
     t = tl.load(temperature + r * t_stride)
-    best, best_id, m, total, _, bad = _row_stats(stats, r, t, vocab, splits, MAX_SPLITS)
+    best, best_id, m, total, bad = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
     token = best_id
     logprob = -tl.log(total)  # log_softmax at the maximum
     if tl.load(sample + r).to(tl.int32) != 0:  # (`race` is only read for sampled rows)
@@ -267,7 +263,7 @@ def _finish(
         logprob = tl.log(tl.maximum(weight / kept_mass, 1e-30))
     finite = (logprob == logprob) & (tl.abs(logprob) < float("inf"))
     ok = (bad == 0) & finite
-    tl.store(out + r, token.to(tl.float64))
+    tl.store(out + r, tl.minimum(tl.maximum(token, 0), vocab - 1).to(tl.float64))  # in range even when not ok
     tl.store(out + rows + r, logprob.to(tl.float64))
     tl.store(out + 2 * rows + r, ok.to(tl.float64))
 
@@ -308,9 +304,12 @@ def choose(logits: torch.Tensor, rows, *, programs: int | None = None) -> torch.
             prior = None if k_state is None else (k_state[-1], k_part[-1])
             p_state, p_part = _search(common, rows.top_p, rows, span, per_row, by_mass=True, consts=consts, prior=prior)
         race = torch.empty(count, per_row, _RACE, **f32)
+        # A search that did not run is read by no row, but both branches of _race are compiled: its
+        # stand-in must have the types of a real one (int64 state, float32 sums).
+        unused = (torch.zeros(count, 3, dtype=torch.int64, device=logits.device), stats)
         last = {
-            "k": (k_state[-1], k_part[-1]) if k_state is not None else (stats, stats),
-            "p": (p_state[-1], p_part[-1]) if p_state is not None else (stats, stats),
+            "k": (k_state[-1], k_part[-1]) if k_state is not None else unused,
+            "p": (p_state[-1], p_part[-1]) if p_state is not None else unused,
         }
         _race[(count, per_row)](
             *common, rows.key, rows.key.stride(0), sample, rows.top_k, rows.top_k.stride(0), rows.top_p,
