@@ -47,20 +47,21 @@ RACE = dict(
     has_top_p="i32",
 )  # fmt: skip
 KERNELS = {
-    "sampling: statistics": (
-        sampling_kernel._stats, dict(SAMPLING, **RUNTIME), dict(BLOCK=sampling_kernel.BLOCK)
-    ),
+    "sampling: statistics": (sampling_kernel._stats, dict(SAMPLING, **RUNTIME), dict(BLOCK=sampling_kernel.BLOCK)),
     "sampling: top-k pass": (
-        sampling_kernel._search_pass, dict(SEARCH, limit="*i64"), dict(SAMPLING_CONSTANTS, BLOCK=sampling_kernel.BLOCK)
+        sampling_kernel._search_pass,
+        dict(SEARCH, limit="*i64"),
+        dict(SAMPLING_CONSTANTS, BLOCK=sampling_kernel.BLOCK),
     ),
     "sampling: top-p pass": (
-        sampling_kernel._search_pass, dict(SEARCH, limit="*fp32"), dict(SAMPLING_CONSTANTS, BLOCK=sampling_kernel.BLOCK)
+        sampling_kernel._search_pass,
+        dict(SEARCH, limit="*fp32"),
+        dict(SAMPLING_CONSTANTS, BLOCK=sampling_kernel.BLOCK),
     ),
     "sampling: race": (sampling_kernel._race, RACE, dict(SAMPLING_CONSTANTS, BLOCK=sampling_kernel.BLOCK)),
     "sampling: finish": (
         sampling_kernel._finish,
-        dict(temperature="*fp32", t_stride="i32", stats="*fp32", sample="*i1", race="*fp32", out="*fp64", rows="i32",
-             vocab="i32", splits="i32"),
+        dict(stats="*fp32", sample="*i1", race="*fp32", out="*fp64", rows="i32", vocab="i32", splits="i32"),
         dict(MAX_SPLITS=sampling_kernel.MAX_SPLITS),
     ),
     "lora expand": (
@@ -94,7 +95,9 @@ class Recorder:
             types = {n: _type_of(a) for n, a in zip(names, args)}
             constants = {k: v for k, v in constants.items() if k in names}
             self.seen[(self.name, repr(sorted(types.items())), repr(sorted(constants.items())))] = (
-                self.kernel, types, constants
+                self.kernel,
+                types,
+                constants,
             )
 
         return launch

@@ -242,11 +242,10 @@ def _race(
 
 @triton.jit(do_not_specialize=["rows", "vocab", "splits"])
 def _finish(
-    temperature, t_stride, stats, sample, race, out, rows, vocab, splits, MAX_SPLITS: tl.constexpr,
+    stats, sample, race, out, rows, vocab, splits, MAX_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """One program per row: its token, log-probability and ok flag from the launches before."""
     r = tl.program_id(0)
-    t = tl.load(temperature + r * t_stride)
     best, best_id, m, total, bad = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
     token = best_id
     logprob = -tl.log(total)  # log_softmax at the maximum
@@ -318,8 +317,7 @@ def choose(logits: torch.Tensor, rows, *, programs: int | None = None) -> torch.
             num_warps=NUM_WARPS, **consts,
         )  # fmt: skip
     _finish[(count,)](
-        temperature, temperature.stride(0), stats, sample, race, out, count, vocab, per_row,
-        MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
+        stats, sample, race, out, count, vocab, per_row, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
