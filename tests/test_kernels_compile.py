@@ -42,9 +42,8 @@ SEARCH = dict(
     prior_limit="*i64", pl_stride="i32", rows="i32", index="i32", by_mass="i32", has_prior="i32",
 )  # fmt: skip
 RACE = dict(
-    **SAMPLING, **RUNTIME, keys="*i64", key_stride="i32", sample="*i1", top_k="*i64", k_stride="i32", top_p="*fp32",
-    p_stride="i32", k_state="*i64", k_part="*fp32", p_state="*i64", p_part="*fp32", race="*fp32", has_top_k="i32",
-    has_top_p="i32",
+    **SAMPLING, **RUNTIME, keys="*i64", key_stride="i32", sample="*i1", limit="*fp32", l_stride="i32",
+    cut_state="*i64", cut_part="*fp32", race="*fp32", has_cut="i32", by_mass="i32",
 )  # fmt: skip
 KERNELS = {
     "sampling: statistics": (sampling_kernel._stats, dict(SAMPLING, **RUNTIME), dict(BLOCK=sampling_kernel.BLOCK)),

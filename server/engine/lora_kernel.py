@@ -15,7 +15,7 @@ silu_mul, without rounding gate and up in between).
 
 The residual add and RMSNorm after o_proj and down_proj stay fused.add_rms_norm's own launch: fused
 here they took one program per row (the norm needs the whole row), so one SM read each row's slot of B,
-25 µs a call against a few for this grid (bench/results/gpu-2026-12-01-fast-path-3/profile.log).
+25 µs a call against a few for this grid (bench/results/gpu-2026-12-01-fast-path-3/call2_profile.log).
 """
 
 from __future__ import annotations

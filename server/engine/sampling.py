@@ -60,10 +60,14 @@ class RowParams:
     penalty: torch.Tensor  # [R, 1]
     key: torch.Tensor  # [R, 1] long: hash of (seed, draws so far)
     any_sample: bool
-    any_warp: bool  # some sampled row has top-k or top-p
     any_top_k: bool  # some sampled row has top-k
     any_top_p: bool  # some sampled row has top-p
     seen: torch.Tensor | None  # [R, L] ids seen (prompt + generated), padded with a row's own ids; None: no penalty
+
+    @property
+    def any_warp(self) -> bool:
+        """Some sampled row has top-k or top-p."""
+        return self.any_top_k or self.any_top_p
 
 
 def row_params(seqs: list, device) -> RowParams:
@@ -98,7 +102,6 @@ def row_params(seqs: list, device) -> RowParams:
         penalty=floats[:, 2:3],
         key=ints[:, 1:2],
         any_sample=any(p.do_sample for p in params),
-        any_warp=any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params),
         any_top_k=any(p.do_sample and p.top_k > 0 for p in params),
         any_top_p=any(p.do_sample and p.top_p < 1.0 for p in params),
         seen=_seen_ids(seqs, device) if penalized else None,

@@ -16,13 +16,15 @@ nearly equal race values.
 
 Each row is split over several programs (`splits`), so that even one row keeps the GPU's SMs busy: one
 program per row read 128k logits a dozen times from one SM, a millisecond a step whatever the batch
-(bench/results/gpu-2026-12-01-fast-path-3/sampling_bench.log). A pass's programs write partial sums; the
+(bench/results/gpu-2026-12-01-fast-path-3/call1_sampling_bench.log). A pass's programs write partial sums; the
 next launch's programs each add up their row's partials (in a fixed order, so every program agrees) and
 narrow the search themselves, and the first program of a row records the narrowed range for the launch
 after. Launches on one stream run in order, so that is all the synchronization it needs.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -148,8 +150,9 @@ def _search_pass(
     t = tl.load(temperature + r * t_stride)
     bound_of = tl.load(limit + r * l_stride).to(tl.float32)
     row_state = state + (index * rows + r) * 3
+    _, _, m, _, _ = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
+    m_s = m / t
     if index == 0:
-        _, _, m, _, _ = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
         floor = tl.full([], KEY_OF_MINUS_INF, tl.int64)
         if has_prior != 0:  # the top-k cut: the prior search's range after its last pass
             at = prior + r * 3
@@ -157,7 +160,7 @@ def _search_pass(
             floor, _hi = _narrowed(tl.load(at), tl.load(at + 1), prior_part, r, k, splits, 0, WAYS, MAX_SPLITS)
         active = tl.where(by_mass != 0, bound_of < 1.0, (bound_of > 0.0) & (bound_of < vocab))
         lo = floor
-        hi = tl.where(active, _ordered(m / t), floor)
+        hi = tl.where(active, _ordered(m_s), floor)
     else:
         before = state + ((index - 1) * rows + r) * 3
         floor = tl.load(before + 2)
@@ -167,8 +170,6 @@ def _search_pass(
         tl.store(row_state, lo)
         tl.store(row_state + 1, hi)
         tl.store(row_state + 2, floor)
-    _, _, m, _, _ = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
-    m_s = m / t
     ways = tl.arange(0, WAYS)
     tries = lo + ((hi - lo) * (ways + 1)) // WAYS
     above = tl.zeros([BLOCK, WAYS], dtype=tl.float32)  # per lane: summed across lanes once, after the span
@@ -189,28 +190,24 @@ def _search_pass(
     tl.store(out + WAYS, tl.sum(live_weight))
 
 
-@triton.jit(do_not_specialize=["vocab", "span", "splits", "has_top_k", "has_top_p"])
+@triton.jit(do_not_specialize=["vocab", "span", "splits", "has_cut", "by_mass"])
 def _race(
-    logits, stride, temperature, t_stride, stats, keys, key_stride, sample, top_k, k_stride, top_p, p_stride,
-    k_state, k_part, p_state, p_part, race, vocab, span, splits, has_top_k, has_top_p,
+    logits, stride, temperature, t_stride, stats, keys, key_stride, sample, limit, l_stride, cut_state, cut_part,
+    race, vocab, span, splits, has_cut, by_mass,
     BLOCK: tl.constexpr, WAYS: tl.constexpr, MAX_SPLITS: tl.constexpr, KEY_OF_MINUS_INF: tl.constexpr,
 ):  # fmt: skip
     """The exponential race among the kept tokens of this span, for sampled rows: the best p_j / E_j,
-    its id and weight, and the span's kept mass. The cut is the last search's range after its last pass
-    (state and sums of that pass: `p_state`/`p_part`, or the top-k search's where no top-p ran)."""
+    its id and weight, and the span's kept mass. The cut (has_cut) is the last search's range after its
+    last pass, from that pass's state and sums and its `limit` (top-p, by_mass; else top-k)."""
     r = tl.program_id(0)
     s = tl.program_id(1)
     out = race + (r * splits + s) * 4
     t = tl.load(temperature + r * t_stride)
     floor = tl.full([], KEY_OF_MINUS_INF, tl.int64)
-    if has_top_p != 0:
-        at = p_state + r * 3
-        p = tl.load(top_p + r * p_stride)
-        floor, _hi = _narrowed(tl.load(at), tl.load(at + 1), p_part, r, p, splits, 1, WAYS, MAX_SPLITS)
-    elif has_top_k != 0:
-        at = k_state + r * 3
-        k = tl.load(top_k + r * k_stride).to(tl.float32)
-        floor, _hi = _narrowed(tl.load(at), tl.load(at + 1), k_part, r, k, splits, 0, WAYS, MAX_SPLITS)
+    if has_cut != 0:
+        at = cut_state + r * 3
+        bound_of = tl.load(limit + r * l_stride).to(tl.float32)
+        floor, _hi = _narrowed(tl.load(at), tl.load(at + 1), cut_part, r, bound_of, splits, by_mass, WAYS, MAX_SPLITS)
     _, _, m, _, _ = _row_stats(stats, r, vocab, splits, MAX_SPLITS)
     m_s = m / t
     key = tl.load(keys + r * key_stride)
@@ -275,7 +272,9 @@ def splits(rows: int, vocab: int, programs: int) -> tuple[int, int]:
     return triton.cdiv(vocab, span), span
 
 
+@functools.cache
 def _programs(device: torch.device) -> int:
+    """How many programs a launch aims at on `device` (asked once per device, not per step)."""
     if device.type != "cuda":
         return 4  # Triton's interpreter: a few programs per row, as on a GPU, but few to run one by one
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
@@ -296,25 +295,19 @@ def choose(logits: torch.Tensor, rows, *, programs: int | None = None) -> torch.
     race = stats  # unread where no row samples
     if rows.any_sample:
         consts = dict(WAYS=WAYS, MAX_SPLITS=MAX_SPLITS, KEY_OF_MINUS_INF=_KEY_OF_MINUS_INF)
-        k_state = k_part = p_state = p_part = None
+        # The cut the race draws within: the last search's, top-p after top-k. Without one, a stand-in of the
+        # same types (both branches of _race compile) that no row reads.
+        cut, limit, by_mass = (torch.empty(count, 3, dtype=torch.int64, device=logits.device), stats), rows.top_k, 0
         if rows.any_top_k:
-            k_state, k_part = _search(common, rows.top_k, rows, span, per_row, by_mass=False, consts=consts)
+            cut, limit = _search(common, rows.top_k, rows, span, per_row, by_mass=False, consts=consts), rows.top_k
         if rows.any_top_p:
-            prior = None if k_state is None else (k_state[-1], k_part[-1])
-            p_state, p_part = _search(common, rows.top_p, rows, span, per_row, by_mass=True, consts=consts, prior=prior)
+            prior = cut if rows.any_top_k else None
+            cut = _search(common, rows.top_p, rows, span, per_row, by_mass=True, consts=consts, prior=prior)
+            limit, by_mass = rows.top_p, 1
         race = torch.empty(count, per_row, _RACE, **f32)
-        # A search that did not run is read by no row, but both branches of _race are compiled: its
-        # stand-in must have the types of a real one (int64 state, float32 sums).
-        unused = (torch.zeros(count, 3, dtype=torch.int64, device=logits.device), stats)
-        last = {
-            "k": (k_state[-1], k_part[-1]) if k_state is not None else unused,
-            "p": (p_state[-1], p_part[-1]) if p_state is not None else unused,
-        }
         _race[(count, per_row)](
-            *common, rows.key, rows.key.stride(0), sample, rows.top_k, rows.top_k.stride(0), rows.top_p,
-            rows.top_p.stride(0), *last["k"], *last["p"],
-            race, vocab, span, per_row, int(k_state is not None), int(p_state is not None), BLOCK=BLOCK,
-            num_warps=NUM_WARPS, **consts,
+            *common, rows.key, rows.key.stride(0), sample, limit, limit.stride(0), *cut, race, vocab, span, per_row,
+            int(rows.any_top_k or rows.any_top_p), by_mass, BLOCK=BLOCK, num_warps=NUM_WARPS, **consts,
         )  # fmt: skip
     _finish[(count,)](
         stats, sample, race, out, count, vocab, per_row, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
@@ -323,8 +316,8 @@ def choose(logits: torch.Tensor, rows, *, programs: int | None = None) -> torch.
 
 
 def _search(common, limit, rows, span, per_row, *, by_mass: bool, consts: dict, prior=None):
-    """The PASSES launches of one threshold search over `limit` (rows.top_k or rows.top_p): (state
-    [PASSES, R, 3], sums [PASSES, R, S, WAYS + 1]). `prior`: the top-k search's last (state, sums)."""
+    """The PASSES launches of one threshold search over `limit` (rows.top_k or rows.top_p): its last pass's
+    (state [R, 3], sums [R, S, WAYS + 1]), which give its cut. `prior`: the top-k search's, likewise."""
     logits = common[0]
     count, vocab = logits.shape
     state = torch.empty(PASSES, count, 3, dtype=torch.int64, device=logits.device)
@@ -336,4 +329,4 @@ def _search(common, limit, rows, span, per_row, *, by_mass: bool, consts: dict, 
             vocab, span, per_row, count, index, int(by_mass), int(prior is not None), BLOCK=BLOCK,
             num_warps=NUM_WARPS, **consts,
         )  # fmt: skip
-    return state, part
+    return state[-1], part[-1]
