@@ -5,7 +5,7 @@ prints the engine's wall time per step, the GPU's busy time per step, kernels pe
 kernels that take the most GPU time. GPU busy time well under wall time means the host is in series.
 
     python -m bench.profile_step [--streams 1,8,64] [--new 48] [--top 25] [--no-cudnn-sdp]
-    python -m bench.profile_step --prefill 512      # one prompt's first token, with an adapter and without
+    python -m bench.profile_step --prefill 128,512  # one prompt's first token, with an adapter and without
     python -m bench.profile_step --prefill 64 --model tiny   # the same on the CPU (phases only, no kernels)
 
 With --prefill, each first token is also split into host-side phases: submit → first forward call (admission),
@@ -102,7 +102,9 @@ def ops(engine: Engine, streams: int, new: int, *, sampled: bool, top: int = 12)
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    graphs, engine.runner.graphs = engine.runner.graphs, None
+    runner = engine.runner
+    graphs, pieces = runner.graphs, runner.pieces
+    runner.graphs = runner.pieces = None
     prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     try:
         first_wave(engine, streams, new, sampled=sampled)
@@ -111,7 +113,7 @@ def ops(engine: Engine, streams: int, new: int, *, sampled: bool, top: int = 12)
         asyncio.run(wave(engine, streams, new, sampled=sampled))
         asyncio.run(engine.call(lambda: (torch.cuda.synchronize(), prof.stop())))
     finally:
-        engine.runner.graphs = graphs
+        runner.graphs, runner.pieces = graphs, pieces
     steps = engine.stats.steps - steps_before
     rows = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     print(f"\n== {streams} streams {'sampled' if sampled else 'greedy'}, eager: operators by calls per step")
@@ -168,7 +170,7 @@ class Phases:
 
 
 def prefill(engine: Engine, length: int, *, top: int) -> None:
-    """Time to first token of one `length`-token prompt (one eager prefill step and the first token's
+    """Time to first token of one `length`-token prompt (one prefill step and the first token's
     choice), with adapter a0 and on the base model: wall time, its host phases (Phases), and on CUDA the
     kernels that take the GPU's time."""
     from torch.profiler import ProfilerActivity
@@ -222,7 +224,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="kernels listed per profile")
     parser.add_argument("--greedy-only", action="store_true")
     parser.add_argument("--ops", action="store_true", help="an eager profile by operator (what launches what)")
-    parser.add_argument("--prefill", type=int, default=0, help="profile one prompt of this many tokens instead")
+    parser.add_argument(
+        "--prefill", default="", help="profile one prompt of this many tokens instead (a comma list: each in turn)"
+    )
     parser.add_argument(
         "--prefill-chunk-tokens", type=int, default=ServerSettings.model_fields["prefill_chunk_tokens"].default
     )
@@ -256,7 +260,8 @@ def main() -> None:
     asyncio.run(attach_all())
     try:
         if args.prefill:
-            prefill(engine, args.prefill, top=args.top)
+            for length in (int(n) for n in args.prefill.split(",")):
+                prefill(engine, length, top=args.top)
             return
         for streams in (int(s) for s in args.streams.split(",")):
             for sampled in (False,) if args.greedy_only else (False, True):

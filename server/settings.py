@@ -62,7 +62,9 @@ class ServerSettings(BaseSettings):
         description="Prompt tokens prefilled per step, beside decoding.",
     )
     adapter_slots: int = Field(8, ge=1, description="Adapters resident on the device; more stay in host memory (LRU).")
-    cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU only).")
+    cuda_graphs: bool = Field(
+        True, description="Replay decode steps, and all but the attention of prefill steps, as CUDA graphs (GPU only)."
+    )
     compile_kernels: bool = Field(
         True,
         description="Fuse norms, RoPE and SiLU into one kernel each with "

@@ -116,6 +116,26 @@ async def run_alone(engine: Engine, requests: list[tuple]) -> list[tuple]:
         engine.stop()
 
 
+async def run_staggered(engine: Engine, requests: list[tuple]) -> list[tuple]:
+    """Each request submitted once the one before it has its first token: every one arrives mid-generation."""
+
+    async def rest(first: TokenEvent, stream):
+        tokens, final = await drain(stream)
+        return [first, *tokens], final
+
+    engine.start()
+    try:
+        tasks = []
+        for req in requests:
+            stream = engine.generate(*req)
+            first = await anext(stream)  # running now: the next request arrives mid-generation
+            tasks.append(asyncio.ensure_future(rest(first, stream)))
+        await asyncio.gather(*tasks)
+        return [t.result() for t in tasks]
+    finally:
+        engine.stop()
+
+
 def ids_of(result) -> list[int]:
     return [t.id for t in result[0]]
 
@@ -189,25 +209,8 @@ def test_late_arrivals_join_the_running_batch_and_match_single_runs(state):
     en_row = rows_of(EN)[2]
     requests += [request(state, adapter=EN, row=en_row), request(state, adapter=EN, row=rows_of(EN)[3])]
 
-    async def rest(first: TokenEvent, stream):
-        tokens, final = await drain(stream)
-        return [first, *tokens], final
-
-    async def staggered(engine: Engine):
-        engine.start()
-        tasks = []
-        for req in requests:
-            stream = engine.generate(*req)
-            first = await anext(stream)  # running now: the next request arrives mid-generation
-            tasks.append(asyncio.ensure_future(rest(first, stream)))
-        await asyncio.gather(*tasks)
-        return [t.result() for t in tasks]
-
     engine = make_engine(state)
-    try:
-        results = asyncio.run(staggered(engine))
-    finally:
-        engine.stop()
+    results = asyncio.run(run_staggered(engine, requests))
     alone = asyncio.run(run_alone(make_engine(state), requests))
     # One pass advances every running sequence and takes in newcomers' prompts: the run takes about as
     # many steps as its longest request has tokens, where one batch at a time would take their sum (454).
@@ -216,6 +219,28 @@ def test_late_arrivals_join_the_running_batch_and_match_single_runs(state):
     for i, (mixed, single) in enumerate(zip(results, alone)):
         assert ids_of(mixed) == ids_of(single), f"request {i}"
     assert results[-2][1].generated_text == en_row["output"]
+
+
+def test_steps_with_prompt_chunks_run_piecewise_give_the_eager_tokens(state):
+    """The piecewise path (piecewise_graphs.py) with its pieces run eagerly, as a CPU allows: prompts joining
+    running streams (decode rows and a chunk in one step, padded to a token bucket), with and without
+    adapters, give the tokens of the plain eager pass token for token, and the buckets were really used."""
+    from server.engine.piecewise_graphs import PiecewiseGraphs
+
+    prompts = [ENDLESS, "Once upon a time", "0123456789"]
+    requests = [request(state, inputs=p, max_new_tokens=60 if i == 0 else 20) for i, p in enumerate(prompts)]
+    requests += [request(state, adapter=EN, row=rows_of(EN)[1]), request(state, adapter=ZH, row=rows_of(ZH)[2])]
+    eager = asyncio.run(run_staggered(make_engine(state), requests))
+    pieces = state.runner.pieces = PiecewiseGraphs(state.runner.decoder, capture=False)
+    try:
+        piecewise = asyncio.run(run_staggered(make_engine(state), requests))
+    finally:
+        state.runner.pieces = None
+    assert pieces.enabled
+    used = {key for key, entry in pieces._pieces.items() if entry.replays}
+    assert {with_lora for _, with_lora in used} == {True, False}, used
+    for i, (ours, plain) in enumerate(zip(piecewise, eager)):
+        assert ids_of(ours) == ids_of(plain), f"request {i}"
 
 
 # -- cancellation, capacity, shutdown -------------------------------------------------------------------------

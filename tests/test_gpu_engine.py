@@ -9,12 +9,13 @@ import asyncio
 import pytest
 import torch
 
-from tests.test_engine import EN, ENDLESS, ZH, drain, ids_of, request, rows_of
+from server.engine.engine import Engine
+from tests.test_engine import EN, ENDLESS, ZH, drain, ids_of, request, rows_of, run_staggered
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def served_state(tiny_model_dir, trained_adapters, *, cuda_graphs: bool):
+def served_state(tiny_model_dir, trained_adapters, *, cuda_graphs: bool, dtype: str = "auto"):
     from server.settings import ServerSettings
     from server.state import ServerState
 
@@ -22,6 +23,7 @@ def served_state(tiny_model_dir, trained_adapters, *, cuda_graphs: bool):
         base_model=str(tiny_model_dir),
         backend="transformers",
         cuda_graphs=cuda_graphs,
+        dtype=dtype,
         adapter_root=trained_adapters.root,
         adapters={EN: EN, ZH: ZH},
     )
@@ -59,6 +61,28 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_model_dir, trained_adapters)
     assert results[True] == results[False]
     for i in range(6):
         assert state.runner.tokenizer.decode(results[True][i]).startswith(rows_of(EN)[i]["output"][:10])
+
+
+def test_piecewise_prefill_graphs_equal_eager_prefill(tiny_model_dir, trained_adapters):
+    """Prompts joining running streams (a chunk beside decode rows), with and without adapters: replayed
+    piecewise (piecewise_graphs.py), captured and checked, they give the eager pass's tokens (fp32: no
+    near-ties between padded and unpadded GEMMs)."""
+    prompts = [ENDLESS, "Once upon a time", "0123456789"]
+    results = {}
+    for graphs in (False, True):
+        state = served_state(tiny_model_dir, trained_adapters, cuda_graphs=graphs, dtype="float32")
+        state.engine.stop()  # run_staggered starts engines of its own on the runner
+        reqs = [request(state, inputs=p, max_new_tokens=60 if i == 0 else 20) for i, p in enumerate(prompts)]
+        reqs += [request(state, adapter=EN, row=rows_of(EN)[1]), request(state, adapter=ZH, row=rows_of(ZH)[2])]
+        engine = Engine(state.runner, max_running=state.runner.cache.slots, max_queue=16)
+        results[graphs] = [ids_of(r) for r in asyncio.run(run_staggered(engine, reqs))]
+        if graphs:
+            pieces = state.runner.pieces
+            assert pieces is not None and pieces.enabled, "piecewise graphs were turned off"
+            replayed = [entry for entry in pieces._pieces.values() if entry.replays]
+            assert replayed, "no piecewise capture was replayed"
+            assert all(entry.graphs and entry.checked for entry in replayed)
+    assert results[True] == results[False]
 
 
 def test_seeded_sampling_on_cuda_runs_the_kernel_and_is_the_same_alone_and_batched(tiny_model_dir, trained_adapters):

@@ -8,9 +8,9 @@ and attention span, so it is captured once per (rows bucket, span bucket) and re
     rows buckets 1, 2, 4, 8, ... (capped at the KV slots); span buckets 256, 512, ... (capped at the context)
 
 A step with fewer rows is padded with rows that write to the cache's scratch position (slots past
-those in use are free); a shorter span is masked, as it is eagerly. Steps with prompt chunks run
-eagerly. The adapter slots' buffers are read in place, so uploads and evictions need no recapture;
-a re-layout for a larger rank does (`LoraSlots.layout`).
+those in use are free); a shorter span is masked, as it is eagerly. Steps with prompt chunks are
+replayed piecewise instead (piecewise_graphs.py). The adapter slots' buffers are read in place, so
+uploads and evictions need no recapture; a re-layout for a larger rank does (`LoraSlots.layout`).
 
 Each new graph's first replay is checked against the eager step on the same inputs (writing the
 same keys and values twice is harmless); a mismatch or a capture error turns graphs off for good,
@@ -20,6 +20,7 @@ logged, and the engine goes on eagerly. This module knows nothing of requests or
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +51,7 @@ class DecodeGraphs:
         self.max_rows = decoder.cache.slots
         self.max_span = decoder.cache.max_len
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle()
-        # One side stream for every capture's warm-up passes, for the engine's lifetime: cuBLAS keeps a
-        # workspace (32 MiB on Hopper) for each stream it has run on and never frees it, so a new stream
-        # per capture leaked that much at every re-layout (measured: +846 MiB over the GPU churn run).
-        self._side = torch.cuda.Stream()
-        self._layout = decoder.lora.layout  # the layout every graph in _graphs was captured under
+        self._pool = GraphPool(decoder.lora)
 
     def forward(self, step: Step) -> torch.Tensor | None:
         """The step's logits [R, V] by graph replay; None when this step must run eagerly."""
@@ -63,7 +59,7 @@ class DecodeGraphs:
             return None
         key = (_bucket(step.decode_rows, self.max_rows), min(_round_up(step.decode_span, SPAN_BUCKET), self.max_span))
         try:
-            self._drop_stale()
+            self._graphs = self._pool.current(self._graphs)
             entry = self._graphs.get(key)
             if entry is None:
                 entry = self._graphs[key] = self._capture(*key)
@@ -76,18 +72,6 @@ class DecodeGraphs:
             self.enabled = False
             self._graphs.clear()
             return None
-
-    def _drop_stale(self) -> None:
-        """Forget every graph captured under an older adapter layout at once (they read freed buffers and
-        are never replayed): their outputs and inputs go back to the allocator now, not when (if ever)
-        their bucket is used again (their pool's memory with them)."""
-        layout = self.decoder.lora.layout
-        if layout != self._layout:  # one comparison per step; the sweep only after a re-layout
-            self._graphs = {key: entry for key, entry in self._graphs.items() if entry.layout == layout}
-            self._layout = layout
-            # A fresh pool for the new layout's captures: once the last graph of a pool is gone PyTorch frees
-            # the pool, and capturing into its old handle fails an allocator assertion (seen on the GPU churn).
-            self._pool = torch.cuda.graph_pool_handle()
 
     def warm_up(self) -> None:
         """Capture every rows bucket at the first span bucket (a short context: the common case)."""
@@ -122,13 +106,11 @@ class DecodeGraphs:
             any_adapter=self.decoder.lora.rank > 0,
         )
         padding = {name: getattr(inputs, name).clone() for name in _INPUTS}  # free slots, scratch writes only
-        self._side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._side):
+        with self._pool.side():
             for _ in range(2):  # warm-up outside the graph: kernels chosen, workspaces allocated
                 self.decoder.forward(inputs)
-        torch.cuda.current_stream().wait_stream(self._side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool.handle):
             logits = self.decoder.forward(inputs)
         log.info("captured a decode graph: %d rows, span %d", rows, span)
         return _Graph(graph=graph, inputs=inputs, padding=padding, logits=logits, layout=self.decoder.lora.layout)
@@ -150,14 +132,51 @@ class DecodeGraphs:
         fewer rows, bf16 GEMMs may round differently, and 32 layers turn that into noise in the logits)."""
         full = self.decoder.forward(entry.inputs)  # [rows, V]: the static inputs still hold this step's values
         n = step.decode_rows
-        eager = full[:n] if step.logit_rows.numel() == n else full[step.logit_rows]
-        if not torch.equal(logits.argmax(-1), eager.argmax(-1)) or not torch.allclose(
-            logits, eager, rtol=1e-2, atol=1e-2
-        ):
-            raise RuntimeError(
-                f"graph replay differs from the eager step (max diff {(logits - eager).abs().max():.3g})"
-            )
+        agrees(logits, full[:n] if step.logit_rows.numel() == n else full[step.logit_rows], what="graph replay")
         entry.checked = True
+
+
+class GraphPool:
+    """What every capture of one kind shares: a memory pool, valid while the adapter layout it was captured
+    under lasts, and one side stream for the warm-up passes before each capture."""
+
+    def __init__(self, lora) -> None:
+        self.lora = lora
+        self.handle = torch.cuda.graph_pool_handle()
+        # One side stream for the engine's lifetime: cuBLAS keeps a workspace (32 MiB on Hopper) for each
+        # stream it has run on and never frees it, so a new stream per capture leaked that much at every
+        # re-layout (measured: +846 MiB over the GPU churn run).
+        self._side = torch.cuda.Stream()
+        self._layout = lora.layout  # the layout every capture in the pool was made under
+
+    def current(self, captures: dict) -> dict:
+        """`captures` less those made under an older adapter layout (they read freed buffers and are never
+        replayed): their buffers go back to the allocator now, not when (if ever) their key is used again."""
+        layout = self.lora.layout
+        if layout == self._layout:  # one comparison per step; the sweep only after a re-layout
+            return captures
+        self._layout = layout
+        # A fresh pool for the new layout's captures: once the last graph of a pool is gone PyTorch frees the
+        # pool, and capturing into its old handle fails an allocator assertion (seen on the GPU churn).
+        self.handle = torch.cuda.graph_pool_handle()
+        return {key: entry for key, entry in captures.items() if entry.layout == layout}
+
+    @contextmanager
+    def side(self):
+        """Run the block on the side stream, ordered after and before the current stream's work."""
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            yield
+        torch.cuda.current_stream().wait_stream(self._side)
+
+
+def agrees(replayed: torch.Tensor, eager: torch.Tensor, *, what: str) -> None:
+    """Raise unless a replay's logits match the eager pass's over the same padded inputs (the same matmul
+    shapes: with other shapes bf16 GEMMs may round differently, and 32 layers turn that into noise)."""
+    if not torch.equal(replayed.argmax(-1), eager.argmax(-1)) or not torch.allclose(
+        replayed, eager, rtol=1e-2, atol=1e-2
+    ):
+        raise RuntimeError(f"{what} differs from the eager step (max diff {(replayed - eager).abs().max():.3g})")
 
 
 def _bucket(rows: int, cap: int) -> int:

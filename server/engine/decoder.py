@@ -14,6 +14,7 @@ causally over its own slot. The projections, norms and MLP run once over all T t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from contract.lora import MLP_PROJECTIONS, PROJECTIONS
 from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache
-from server.engine.lora_slots import EXPAND_KERNEL_ROWS, KERNEL_MAX_RANK, LoraSlots
+from server.engine.lora_slots import EXPAND_KERNEL_ROWS, KERNEL_MAX_RANK, LoraSlots, RowAdapters
 from server.engine.projections import layer_projections
 from server.engine.trust import passes
 
@@ -39,6 +40,14 @@ class Chunk:
     slot: int
     start: int  # position of its first token
     length: int
+
+
+@dataclass
+class StepContext:
+    """What every layer reads of a step's tokens, computed once per pass."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [T, 1, D]; None: the fused q/k/v kernel applies RoPE
+    lora_rows: RowAdapters | None  # None: no token has an adapter
 
 
 @dataclass
@@ -114,31 +123,54 @@ class Decoder:
         self.qkv_kernel = qkv_kernel
         return True
 
-    @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step, writing its keys and values into the cache; logits [R, V] float32."""
-        with sdpa_kernel(_ATTENTION_BACKENDS):
+        with running():
             return self._forward(step)
 
     def _forward(self, step: Step) -> torch.Tensor:
-        k = self.kernels
-        x = self.embed(self._input_ids(step))  # [T, H]: the residual stream
+        x, h, context = self.begin(step, self._input_ids(step))
+        masks = self.attention_masks(step)  # the same for every layer: built once
+        for index in range(len(self.layers)):
+            q = self.qkv(index, h, step, context)
+            o = self.attend(index, q, step, masks)
+            x, h = self.finish_layer(index, o, x, context)
+        return self.logits(x, step.logit_rows)
+
+    # The pass in pieces (piecewise_graphs.py replays all but `attend` from CUDA graphs): begin, then per
+    # layer qkv → attend → finish_layer, then logits. Only `attend` reads the step's chunks and decode rows.
+    def begin(self, step: Step, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        """The embedded stream x [T, H], its first norm h, and what every layer reads of the step's tokens."""
+        x = self.embed(ids)  # [T, H]: the residual stream
         fused_qkv = (
-            self.qkv_kernel is not None
-            and step.ids.shape[0] <= EXPAND_KERNEL_ROWS
-            and self.lora.rank <= KERNEL_MAX_RANK
+            self.qkv_kernel is not None and ids.shape[0] <= EXPAND_KERNEL_ROWS and self.lora.rank <= KERNEL_MAX_RANK
         )
         # [T, 1, D] each; the fused q/k/v kernel reads the tables itself
         rope = None if fused_qkv else (self.cos[step.positions].unsqueeze(1), self.sin[step.positions].unsqueeze(1))
         lora_rows = self.lora.row_adapters(step.lora_slots) if step.any_adapter else None
-        masks = self._attention_masks(step)  # the same for every layer: built once
-        h = k.rms_norm(x, *_norm(self.layers[0].input_layernorm))
-        for index, layer in enumerate(self.layers):
-            x, h = self._attention_block(index, layer, x, h, step, rope=rope, lora_rows=lora_rows, attn_masks=masks)
-            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else None
-            x, h = self._mlp_block(index, layer, x, h, lora_rows=lora_rows, next_norm=following)
-        last = k.rms_norm(x[step.logit_rows], *_norm(self.norm))  # [R, H]
-        return self.head(last).float()  # [R, V]
+        return x, self.kernels.rms_norm(x, *_norm(self.layers[0].input_layernorm)), StepContext(rope, lora_rows)
+
+    def qkv(self, index: int, h, step: Step, context: StepContext) -> torch.Tensor:
+        """Layer `index`'s queries [T, Hq, D]; its keys and values written into the cache at the tokens' cells."""
+        if context.rope is None:
+            return self._fused_qkv(index, h, step, context.lora_rows)
+        return self._qkv(index, h, step, context.rope, context.lora_rows)
+
+    def attend(self, index: int, q: torch.Tensor, step: Step, masks) -> torch.Tensor:
+        """Attention of layer `index` for the step's decode rows and chunks: [T, Hq * D]."""
+        return self._attention(q, self.cache.K[index], self.cache.V[index], step, masks)
+
+    def finish_layer(self, index: int, o: torch.Tensor, x, context: StepContext):
+        """o_proj into the residual stream, then the MLP: the new stream and its norm under the next layer's
+        input norm (None after the last layer)."""
+        layer, lora_rows = self.layers[index], context.lora_rows
+        x, h = self._into_residual(index, "o_proj", o, x, lora_rows, _norm(layer.post_attention_layernorm))
+        following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else None
+        return self._mlp_block(index, layer, x, h, lora_rows=lora_rows, next_norm=following)
+
+    def logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[R, V] float32 next-token logits of the stream's `rows`."""
+        return self.head(self.kernels.rms_norm(x[rows], *_norm(self.norm))).float()
 
     def _input_ids(self, step: Step) -> torch.Tensor:
         """[T]: decode row i's token is the one slot i drew last (kept on the device); then the chunks' ids."""
@@ -147,14 +179,6 @@ class Decoder:
             return step.ids
         drawn = self.cache.last_token[:n]
         return drawn if n == step.ids.shape[0] else torch.cat([drawn, step.ids[n:]])
-
-    def _attention_block(self, index: int, layer, x, h, step: Step, *, rope, lora_rows, attn_masks):
-        """Attention over h (the normed stream): the new stream and its post-attention norm. `rope` None:
-        the fused q/k/v kernel applies it."""
-        K, V = self.cache.K[index], self.cache.V[index]
-        q = self._fused_qkv(index, h, step, lora_rows) if rope is None else self._qkv(index, h, step, rope, lora_rows)
-        o = self._attention(q, K, V, step, attn_masks)  # [T, Hq * D]
-        return self._into_residual(index, "o_proj", o, x, lora_rows, _norm(layer.post_attention_layernorm))
 
     def _qkv(self, index: int, h, step: Step, rope, lora_rows) -> torch.Tensor:
         """q [T, Hq, D] rotated; k (rotated) and v written into the cache at the tokens' cells."""
@@ -203,7 +227,7 @@ class Decoder:
     def _proj(self, index: int, group: str, x: torch.Tensor, lora_rows) -> torch.Tensor:
         return self.lora.apply(index, group, x, self.projections[index][group](x), lora_rows)
 
-    def _attention_masks(self, step: Step) -> list[torch.Tensor]:
+    def attention_masks(self, step: Step) -> list[torch.Tensor]:
         """Additive masks (0 = attend, -inf = not): the decode rows' [n, 1, 1, span], then each chunk's
         causal [G * S, start + S] (the G query heads of a KV head are stacked along the query axis).
         Built once per step in the attention's dtype, on storage whose rows are 16-aligned: handed a
@@ -259,6 +283,13 @@ class Decoder:
         return (
             out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
         )
+
+
+@contextmanager
+def running():
+    """What every pass of the decoder (whole or in pieces) runs under: no autograd, our attention backends."""
+    with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
+        yield
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -27,6 +27,7 @@ from server.engine.faults import FaultPlan
 from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.engine.lora_slots import LoraSlots
+from server.engine.piecewise_graphs import PiecewiseGraphs
 from server.engine.projections import GROUPS, layer_projections
 
 log = logging.getLogger("loraserve.runner")
@@ -78,7 +79,9 @@ class ModelRunner:
         )
         kernels = Kernels(compiled=compile_kernels and self.device.type == "cuda")
         self.decoder = Decoder(model, cache=self.cache, lora=self.lora, kernels=kernels, projections=projections)
-        self.graphs = DecodeGraphs(self.decoder) if cuda_graphs and self.device.type == "cuda" else None
+        graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self.decoder) if graphs else None
+        self.pieces = PiecewiseGraphs(self.decoder) if graphs else None  # steps with prompt chunks
         log.info(
             "KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s",
             slots,
@@ -88,16 +91,24 @@ class ModelRunner:
         )
 
     def forward(self, step: Step) -> torch.Tensor:
-        """Logits [R, V] of the step: a CUDA graph replay for decode-only steps where possible."""
+        """Logits [R, V] of the step: a CUDA graph replay for decode-only steps, a piecewise replay for steps
+        with prompt chunks, where possible; else the eager pass."""
         self.faults.before_forward(decode_rows=step.decode_rows, prompt_chunks=len(step.chunks))
-        logits = self.graphs.forward(step) if self.graphs else None
-        return self.decoder.forward(step) if logits is None else logits
+        for graphs in (self.graphs, self.pieces):
+            logits = graphs.forward(step) if graphs else None
+            if logits is not None:
+                return logits
+        return self.decoder.forward(step)
 
     def warm_up(self) -> None:
-        """Capture the decode graphs of every batch size at the shortest span (and compile the fused
-        kernels) now, so that no request waits for it. Other spans are captured when first needed."""
+        """Capture the decode graphs of every batch size at the shortest span, the piecewise graphs of every
+        token bucket (with the adapters' terms when adapters are attached), and compile the fused kernels
+        now, so that no request waits for it. Other spans, and base-only prefills beside adapters, are
+        captured when first needed."""
         if self.graphs:
             self.graphs.warm_up()
+        if self.pieces:
+            self.pieces.warm_up(with_lora=self.lora.rank > 0)
         if self.device.type == "cuda":
             sampling.warm_up(self.model.get_output_embeddings().weight.shape[0], self.device)
 
