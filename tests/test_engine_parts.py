@@ -10,7 +10,7 @@ from torch import nn
 
 from server.engine.kv_cache import SlotKVCache
 from server.engine.lora_slots import LoraSlots
-from server.engine.projections import GroupProjection
+from server.engine.projections import GroupProjection, all_fused
 from server.engine.step_plan import plan_step
 
 CPU = torch.device("cpu")
@@ -177,6 +177,23 @@ def test_the_shrink_riding_in_the_base_gemm_gives_the_same_terms():
     torch.testing.assert_close(out[0], base[0] + reference(one, x[0], "q_proj", 0.5))
     torch.testing.assert_close(out[1], base[1])
     torch.testing.assert_close(lora.apply(0, "q_proj", x, q(x), None), base)  # no adapter row: base columns only
+
+
+def test_only_plain_weights_count_as_fused_for_the_piecewise_path():
+    """A group of plain Linear layers is one GEMM; one module that is not (a 4-bit layer, say) makes the layer
+    run its modules one by one, and the runner then keeps prefill steps eager (runner.py)."""
+
+    class Quantized(nn.Module):  # stands in for a bitsandbytes layer: callable, no plain weight
+        in_features, out_features = 4, 6
+
+        def forward(self, x):
+            return x.new_zeros(x.shape[0], 6)
+
+    plain = {"qkv": GroupProjection([nn.Linear(4, 6), nn.Linear(4, 2)]), "o_proj": GroupProjection([nn.Linear(6, 4)])}
+    assert all_fused([plain, plain])
+    mixed = {"qkv": GroupProjection([Quantized(), nn.Linear(4, 2)]), "o_proj": GroupProjection([nn.Linear(6, 4)])}
+    assert mixed["qkv"](torch.randn(3, 4)).shape == (3, 8)
+    assert not all_fused([plain, mixed])
 
 
 def test_a_relayout_that_fails_midway_leaves_the_old_layout_serving():

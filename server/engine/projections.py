@@ -85,6 +85,11 @@ def layer_projections(layer) -> dict[str, GroupProjection]:
     return {group: GroupProjection([_module(layer, name) for name in names]) for group, names in GROUPS}
 
 
+def all_fused(projections: list[dict[str, GroupProjection]]) -> bool:
+    """Every group of every layer is one GEMM over plain 16/32-bit weights (not a 4-bit base, say)."""
+    return all(group.weight is not None for layer in projections for group in layer.values())
+
+
 def _module(layer, name: str) -> nn.Module:
     return getattr(layer.mlp if name in MLP_PROJECTIONS else layer.self_attn, name)
 

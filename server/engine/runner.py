@@ -28,7 +28,7 @@ from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
 from server.engine.lora_slots import LoraSlots
 from server.engine.piecewise_graphs import PiecewiseGraphs
-from server.engine.projections import GROUPS, layer_projections
+from server.engine.projections import GROUPS, all_fused, layer_projections
 
 log = logging.getLogger("loraserve.runner")
 
@@ -81,13 +81,17 @@ class ModelRunner:
         self.decoder = Decoder(model, cache=self.cache, lora=self.lora, kernels=kernels, projections=projections)
         graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = DecodeGraphs(self.decoder) if graphs else None
-        self.pieces = PiecewiseGraphs(self.decoder) if graphs else None  # steps with prompt chunks
+        # Steps with prompt chunks, on plain 16/32-bit weights only: with a 4-bit base the GPU test of mixed
+        # batches failed in the one run it had with them (bench/results/gpu-2026-12-02-piecewise): until that is
+        # understood its prefill stays eager, as it was when that test passed.
+        self.pieces = PiecewiseGraphs(self.decoder) if graphs and all_fused(projections) else None
         log.info(
-            "KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s",
+            "KV cache: %d slots × %d positions; %d adapter slots; CUDA graphs %s (prefill steps: %s)",
             slots,
             max_context,
             adapter_slots,
             "on" if self.graphs else "off",
+            "piecewise" if self.pieces else "eager",
         )
 
     def forward(self, step: Step) -> torch.Tensor:
