@@ -115,8 +115,13 @@ class GenerationService:
         return self._observe(prep, events)
 
     async def _observe(self, prep: Prepared, events) -> AsyncIterator[TokenEvent | FinalEvent]:
-        label = prep.adapter_label
-        self.metrics.prompt_tokens.labels(label).inc(len(prep.prompt_ids))
+        label, metrics = prep.adapter_label, self.metrics
+        metrics.prompt_tokens.labels(label).inc(len(prep.prompt_ids))
+        # This request's series, looked up once: per token, a labels() lookup costs the event loop (which
+        # shares the GIL with the engine's thread) more than the observation itself.
+        ttft, inter_token, generated = (
+            m.labels(label) for m in (metrics.ttft, metrics.inter_token, metrics.generated_tokens)
+        )
         last = time.monotonic()
         first = True
         try:
@@ -125,9 +130,9 @@ class GenerationService:
                     raise GenerationFailed(event.message)
                 if isinstance(event, TokenEvent):
                     now = time.monotonic()
-                    (self.metrics.ttft if first else self.metrics.inter_token).labels(label).observe(now - last)
+                    (ttft if first else inter_token).observe(now - last)
                     first, last = False, now
-                    self.metrics.generated_tokens.labels(label).inc()
+                    generated.inc()
                 yield event
         finally:
             await events.aclose()
