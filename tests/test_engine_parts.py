@@ -177,6 +177,9 @@ def test_the_shrink_riding_in_the_base_gemm_gives_the_same_terms():
     torch.testing.assert_close(out[0], base[0] + reference(one, x[0], "q_proj", 0.5))
     torch.testing.assert_close(out[1], base[1])
     torch.testing.assert_close(lora.apply(0, "q_proj", x, q(x), None), base)  # no adapter row: base columns only
+    alone = q(x, riders=False)  # a step without adapter rows skips the riding rows' products
+    assert alone.shape == (2, 6) and alone.is_contiguous()
+    torch.testing.assert_close(lora.apply(0, "q_proj", x, alone, None), base)
 
 
 def test_only_plain_weights_count_as_fused_for_the_piecewise_path():

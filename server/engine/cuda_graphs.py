@@ -3,7 +3,8 @@
 An eager step launches a couple of thousand small kernels; at small batches the GPU finishes each
 before the CPU has issued the next, so a step costs the launches, not the memory traffic (DESIGN.md,
 Performance method). A decode-only step has the same shape whenever it has the same number of rows
-and attention span, so it is captured once per (rows bucket, span bucket) and replayed:
+and attention span, so it is captured once per (rows bucket, span bucket, adapter terms or not) and replayed
+(a step where no row has an adapter skips the LoRA terms and the riding shrink, as the eager pass does):
 
     rows buckets 1, 2, 4, 8, ... (capped at the KV slots); span buckets 256, 512, ... (capped at the context)
 
@@ -57,7 +58,8 @@ class DecodeGraphs:
         """The step's logits [R, V] by graph replay; None when this step must run eagerly."""
         if not self.enabled or step.chunks or not step.decode_rows:
             return None
-        key = (_bucket(step.decode_rows, self.max_rows), min(_round_up(step.decode_span, SPAN_BUCKET), self.max_span))
+        span = min(_round_up(step.decode_span, SPAN_BUCKET), self.max_span)
+        key = (_bucket(step.decode_rows, self.max_rows), span, step.any_adapter and self.decoder.lora.rank > 0)
         try:
             self._graphs = self._pool.current(self._graphs)
             entry = self._graphs.get(key)
@@ -74,11 +76,14 @@ class DecodeGraphs:
             return None
 
     def warm_up(self) -> None:
-        """Capture every rows bucket at the first span bucket (a short context: the common case)."""
+        """Capture every rows bucket at the first span bucket (a short context: the common case), with the
+        adapters' terms and, when adapters are attached, without them too (steps where no row has one)."""
         rows, span = 1, min(SPAN_BUCKET, self.max_span)
+        variants = (True, False) if self.decoder.lora.rank > 0 else (False,)
         while self.enabled:
             try:
-                self._graphs[(rows, span)] = self._capture(rows, span)
+                for with_lora in variants:
+                    self._graphs[(rows, span, with_lora)] = self._capture(rows, span, with_lora)
             except Exception:
                 log.exception("CUDA graphs disabled after a capture error; decoding eagerly")
                 self.enabled = False
@@ -87,7 +92,7 @@ class DecodeGraphs:
                 return
             rows = _bucket(rows + 1, self.max_rows)
 
-    def _capture(self, rows: int, span: int) -> _Graph:
+    def _capture(self, rows: int, span: int, with_lora: bool) -> _Graph:
         cache = self.decoder.cache
         device = cache.K[0].device
         inputs = Step(
@@ -103,7 +108,7 @@ class DecodeGraphs:
             decode_span=span,
             chunks=[],
             logit_rows=torch.arange(rows, device=device),
-            any_adapter=self.decoder.lora.rank > 0,
+            any_adapter=with_lora,
         )
         padding = {name: getattr(inputs, name).clone() for name in _INPUTS}  # free slots, scratch writes only
         with self._pool.side():
@@ -112,7 +117,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool.handle):
             logits = self.decoder.forward(inputs)
-        log.info("captured a decode graph: %d rows, span %d", rows, span)
+        log.info("captured a decode graph: %d rows, span %d, adapters %s", rows, span, "on" if with_lora else "off")
         return _Graph(graph=graph, inputs=inputs, padding=padding, logits=logits, layout=self.decoder.lora.layout)
 
     def _replay(self, entry: _Graph, step: Step) -> torch.Tensor:

@@ -193,7 +193,7 @@ class Decoder:
 
     def _fused_qkv(self, index: int, h, step: Step, lora_rows) -> torch.Tensor:
         """_qkv's result and cache writes, after the GEMM in one kernel (qkv_kernel.py)."""
-        out = self.projections[index]["qkv"](h)
+        out = self.projections[index]["qkv"](h, riders=lora_rows is not None)
         base, terms = self.lora.operands(index, "qkv", h, out, lora_rows)
         return self.qkv_kernel.qkv_epilogue(
             base,
@@ -211,7 +211,7 @@ class Decoder:
 
     def _mlp_block(self, index: int, layer, x, h, *, lora_rows, next_norm):
         """The MLP over h: the new stream, and its norm under the next layer's input norm (None: last layer)."""
-        out = self.projections[index]["gate_up"](h)
+        out = self.projections[index]["gate_up"](h, riders=lora_rows is not None)
         act = self.lora.gated(index, "gate_up", h, out, lora_rows) if self.silu else None  # one launch, or None
         if act is None:
             gate, up = self.lora.apply(index, "gate_up", h, out, lora_rows).chunk(2, dim=-1)
@@ -225,7 +225,8 @@ class Decoder:
         return self.kernels.add_rms_norm(x, self._proj(index, group, inputs, lora_rows), *norm)
 
     def _proj(self, index: int, group: str, x: torch.Tensor, lora_rows) -> torch.Tensor:
-        return self.lora.apply(index, group, x, self.projections[index][group](x), lora_rows)
+        out = self.projections[index][group](x, riders=lora_rows is not None)  # no adapter row: no shrink either
+        return self.lora.apply(index, group, x, out, lora_rows)
 
     def attention_masks(self, step: Step) -> list[torch.Tensor]:
         """Additive masks (0 = attend, -inf = not): the decode rows' [n, 1, 1, span], then each chunk's

@@ -38,10 +38,14 @@ class GroupProjection:
         self.weight, self.bias = _fuse(modules) if _fusable(modules) else (None, None)
         self.riders = 0  # rows after the base's in `weight`: room for the LoRA shrink (lora_slots.py)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, in] → [T, sum(out) + riders]: the base output, then the riding rows' products."""
+    def __call__(self, x: torch.Tensor, *, riders: bool = True) -> torch.Tensor:
+        """[T, in] → [T, sum(out) + riders]: the base output, then the riding rows' products; with
+        `riders=False` (no token of the step has an adapter) the base output alone, [T, sum(out)]."""
         if self.weight is not None:
-            return F.linear(x, self.weight, self.bias)
+            if riders or not self.riders:
+                return F.linear(x, self.weight, self.bias)
+            n = self.out_features  # the leading rows: a view, no copy
+            return F.linear(x, self.weight[:n], None if self.bias is None else self.bias[:n])
         outs = [module(x) for module in self.modules]
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
