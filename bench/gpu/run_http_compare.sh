@@ -90,10 +90,11 @@ if has "$phases" ours; then
   LORASERVE_BASE_MODEL=$files/model LORASERVE_BASE_MODEL_NAME=base LORASERVE_ADAPTER_ROOT=$files/adapters \
     LORASERVE_ADAPTERS="$(python3 -c "import json; print(json.dumps({f'a{i}': f'a{i}' for i in range(8)}))")" \
     LORASERVE_MAX_RUNNING=64 LORASERVE_MAX_CONTEXT=1024 LORASERVE_BACKEND=${BACKEND:-transformers} \
-    LORASERVE_DRAIN_SECONDS=2 python3 -m loraserve serve --port 8011 --log-level warning > "$out/ours_server.log" 2>&1 &
+    LORASERVE_DRAIN_SECONDS=2 python3 -m loraserve serve --port 8011 --log-level info > "$out/ours_server.log" 2>&1 &
   ours=$!
   if ready=$(wait_ready http://127.0.0.1:8011/ready "$ours" "$(cap 300 "$(ours_left)")" "$started"); then
     echo "ours ready after ${ready}s"; startup ours "$ready"
+    grep -hoE '(model loaded|warm-up:|ready:) .*' "$out/ours_server.log"  # where the start-up went
     curl -s localhost:8011/info > "$out/ours_info.json"
     for mode in ${sampling//,/ }; do
       limit=$(cap 240 "$(ours_left)")

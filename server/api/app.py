@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -64,6 +65,7 @@ async def _lifespan(app: FastAPI):
 
 
 async def _load(state: ServerState) -> None:
+    started = time.monotonic()
     try:
         await asyncio.to_thread(state.load_model)
         state.engine.start()
@@ -77,7 +79,7 @@ async def _load(state: ServerState) -> None:
         state.stop_serving()
         return
     state.ready = True
-    log.info("ready: %d adapters", len(state.registry.names()))
+    log.info("ready: %d adapters, %.1f s after loading began", len(state.registry.names()), time.monotonic() - started)
 
 
 class RequestMetricsMiddleware:

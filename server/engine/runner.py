@@ -14,6 +14,8 @@ handed to a loader that might fall back to pickle); they are never merged into t
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 
 import torch
 
@@ -109,12 +111,17 @@ class ModelRunner:
         token bucket (with the adapters' terms when adapters are attached), and compile the fused kernels
         now, so that no request waits for it. Other spans, and base-only prefills beside adapters, are
         captured when first needed."""
-        if self.graphs:
-            self.graphs.warm_up()
-        if self.pieces:
-            self.pieces.warm_up(with_lora=self.lora.rank > 0)
-        if self.device.type == "cuda":
-            sampling.warm_up(self.model.get_output_embeddings().weight.shape[0], self.device)
+        spent = {}  # seconds per part, logged: start-up time is a target (bench/gpu/README.md)
+        with _timed(spent, "decode graphs"):
+            if self.graphs:
+                self.graphs.warm_up()
+        with _timed(spent, "prefill graphs"):
+            if self.pieces:
+                self.pieces.warm_up(with_lora=self.lora.rank > 0)
+        with _timed(spent, "sampler"):
+            if self.device.type == "cuda":
+                sampling.warm_up(self.model.get_output_embeddings().weight.shape[0], self.device)
+        log.info("warm-up: %s", ", ".join(f"{part} {seconds:.1f} s" for part, seconds in spent.items()))
 
     @property
     def device_allocated_bytes(self) -> int:
@@ -153,6 +160,7 @@ def load_runner(
     compile_kernels: bool = True,
     faults: FaultPlan | None = None,
 ) -> ModelRunner:
+    started = time.perf_counter()  # the backend's imports count: they are part of what start-up costs
     backend = choose_backend(backend)
     if load_in_4bit and backend != "unsloth":  # serving full precision instead could run out of memory
         raise RuntimeError(
@@ -168,7 +176,8 @@ def load_runner(
         model, tokenizer = _load_transformers(base_model, dtype=_torch_dtype(dtype))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ModelRunner(
+    loaded = time.perf_counter()
+    runner = ModelRunner(
         model,
         tokenizer,
         backend=backend,
@@ -181,6 +190,15 @@ def load_runner(
         compile_kernels=compile_kernels,
         faults=faults,
     )
+    log.info("model loaded in %.1f s, engine state built in %.1f s", loaded - started, time.perf_counter() - loaded)
+    return runner
+
+
+@contextmanager
+def _timed(spent: dict[str, float], part: str):
+    started = time.perf_counter()
+    yield
+    spent[part] = time.perf_counter() - started
 
 
 def _torch_dtype(name: str) -> torch.dtype | None:
