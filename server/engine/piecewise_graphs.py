@@ -9,8 +9,8 @@ layer's attention runs eagerly between them on the graphs' static buffers:
     [embed, norm, q/k/v of layer 0] attend 0 [o_proj, MLP of 0, q/k/v of 1] attend 1 ... [o_proj, MLP of L-1]
 
 then the final norm and the head run eagerly on the rows whose logits are wanted. Eagerly, a prefill
-step launches about a thousand kernels, each costing the host ~20 µs (an H200 profile:
-a 512-token prefill took 35 ms against 16 ms of GPU time); replayed, a handful per layer remain.
+step launches about a thousand kernels, each costing the host ~20 µs: on an H200 a 512-token prefill took
+35 ms against 16 ms of GPU time; replayed piecewise, 19 ms (bench/results/gpu-2026-12-02-piecewise).
 
 Token buckets: 16, 32, 64, 128, then multiples of 64 up to `max_tokens`; bigger steps run eagerly (there
 the GPU's arithmetic, not the launches, sets the pace). Tokens past a step's own are padding: they write
