@@ -70,9 +70,7 @@ class DecodeGraphs:
                 self._check(entry, step, logits)
             return logits
         except Exception:  # never fail a request for the fast path: log it and run eagerly from now on
-            log.exception("CUDA graphs disabled after an error; decoding eagerly")
-            self.enabled = False
-            self._graphs.clear()
+            give_up(self, self._graphs, "CUDA graphs disabled after an error; decoding eagerly")
             return None
 
     def warm_up(self) -> None:
@@ -85,9 +83,7 @@ class DecodeGraphs:
                 for with_lora in variants:
                     self._graphs[(rows, span, with_lora)] = self._capture(rows, span, with_lora)
             except Exception:
-                log.exception("CUDA graphs disabled after a capture error; decoding eagerly")
-                self.enabled = False
-                self._graphs.clear()
+                give_up(self, self._graphs, "CUDA graphs disabled after a capture error; decoding eagerly")
             if rows >= self.max_rows:
                 return
             rows = _bucket(rows + 1, self.max_rows)
@@ -173,6 +169,14 @@ class GraphPool:
         with torch.cuda.stream(self._side):
             yield
         torch.cuda.current_stream().wait_stream(self._side)
+
+
+def give_up(owner, captures: dict, message: str) -> None:
+    """A fast path's error (called in its `except`): logged with the traceback, the path off for good (the
+    engine goes on eagerly: the fast path never fails a request), its captures and their memory let go."""
+    log.exception(message)
+    owner.enabled = False
+    captures.clear()
 
 
 def agrees(replayed: torch.Tensor, eager: torch.Tensor, *, what: str) -> None:

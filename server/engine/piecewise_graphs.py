@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.cuda_graphs import GraphPool, agrees
+from server.engine.cuda_graphs import GraphPool, agrees, give_up
 from server.engine.decoder import Decoder, Step, StepContext, running
 
 log = logging.getLogger("loraserve.piecewise_graphs")
@@ -55,10 +55,9 @@ class PiecewiseGraphs:
     def __init__(self, decoder: Decoder, *, max_tokens: int = MAX_TOKENS, capture: bool = True) -> None:
         self.decoder = decoder
         self.max_tokens = max_tokens
-        self.capture = capture
         self.enabled = True
         self._pieces: dict[tuple[int, bool], _Pieces] = {}
-        self._pool = GraphPool(decoder.lora) if capture else None
+        self._pool = GraphPool(decoder.lora) if capture else None  # None: the pieces run eagerly
 
     def forward(self, step: Step) -> torch.Tensor | None:
         """The step's logits [R, V], its non-attention parts replayed; None when it must run eagerly."""
@@ -78,13 +77,11 @@ class PiecewiseGraphs:
                 logits = self._run(entry, step, masks, replay=bool(entry.graphs))
                 if entry.graphs and not entry.checked:
                     agrees(logits, self._run(entry, step, masks, replay=False), what="piecewise replay")
-            entry.checked = True
+                    entry.checked = True
             entry.replays += 1
             return logits
         except Exception:  # never fail a request for the fast path: log it and run eagerly from now on
-            log.exception("piecewise CUDA graphs disabled after an error; prefilling eagerly")
-            self.enabled = False
-            self._pieces.clear()
+            give_up(self, self._pieces, "piecewise CUDA graphs disabled after an error; prefilling eagerly")
             return None
 
     def warm_up(self, with_lora: bool) -> None:
@@ -95,13 +92,11 @@ class PiecewiseGraphs:
             try:
                 self._pieces[(tokens, with_lora)] = self._build(tokens, with_lora)
             except Exception:
-                log.exception("piecewise CUDA graphs disabled after a capture error; prefilling eagerly")
-                self.enabled = False
-                self._pieces.clear()
+                give_up(self, self._pieces, "piecewise CUDA graphs disabled after a capture error; prefilling eagerly")
 
     def _build(self, tokens: int, with_lora: bool) -> _Pieces:
         entry = self._buffers(tokens, with_lora)
-        if self.capture:
+        if self._pool is not None:
             with running():
                 self._capture(entry)
             log.info("captured piecewise graphs: %d tokens, adapters %s", tokens, "on" if with_lora else "off")
