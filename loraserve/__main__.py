@@ -1,3 +1,4 @@
 from loraserve.cli import app
 
-app()
+if __name__ == "__main__":  # the engine process (spawned) imports the main module again: it must not run the CLI
+    app()

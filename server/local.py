@@ -25,7 +25,7 @@ async def generate_once(
     backend: str,
     write: Callable[[str], object],
 ) -> FinalEvent:
-    from server.serve import quiet_libraries
+    from server.logs import quiet_libraries
 
     quiet_libraries()
     adapter_dir = adapter_dir.resolve() if adapter_dir else None
@@ -34,6 +34,7 @@ async def generate_once(
         backend=backend,
         max_new_tokens_cap=max(max_new_tokens, 1),
         adapter_root=adapter_dir.parent if adapter_dir else None,
+        engine_process="off",  # one generation: nothing streams beside the engine, and one process starts faster
     )
     state = ServerState(settings=settings)
     state.load_model()

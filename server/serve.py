@@ -15,6 +15,7 @@ import time
 import uvicorn
 
 from server.api.app import create_app
+from server.logs import configure
 from server.settings import ServerSettings
 
 log = logging.getLogger("loraserve")
@@ -50,8 +51,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
+    configure(log_level)
     # The engine thread and the event loop share the GIL. With the default 5 ms switch interval, a
     # busy loop (formatting SSE for several streams) keeps the engine waiting up to 5 ms per step.
     sys.setswitchinterval(settings.gil_switch_seconds)
@@ -70,15 +70,3 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     DrainingServer(config, app.state.loraserve).run()
     if app.state.loraserve.load_error:  # the model never loaded: fail as uvicorn does when startup fails
         raise SystemExit(3)
-
-
-def quiet_libraries() -> None:
-    """transformers prints a load report for every adapter (base keys 'missing'); it is noise here."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()

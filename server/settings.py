@@ -75,6 +75,11 @@ class ServerSettings(BaseSettings):
     max_adapter_rank: int = Field(256, ge=1, description="Highest LoRA rank an adapter may have.")
     max_adapter_bytes: int = Field(2 * 1024**3, ge=1, description="Largest adapter, in bytes of weights.")
     drain_seconds: float = Field(10.0, ge=0, description="On shutdown, how long running requests may finish.")
+    engine_process: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Run the engine in a process of its own, apart from the HTTP server's event loop (they would "
+        "share one GIL); auto: on when CUDA is available.",
+    )
     gil_switch_seconds: float = Field(0.0005, gt=0, le=0.1, description="sys.setswitchinterval for the server process.")
     fault_injection: dict[str, int] = Field(
         default_factory=dict,

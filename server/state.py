@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +13,9 @@ from server.adapters.checks import base_shapes
 from server.adapters.registry import AdapterRegistry, default_template
 from server.engine.engine import Engine
 from server.engine.faults import FaultPlan
-from server.engine.runner import ModelRunner, load_runner
+from server.engine.runner import ModelRunner, RunnerFacts, load_runner
+from server.engine_process.child import EngineOptions
+from server.engine_process.client import EngineProcess, run_job
 from server.errors import ServeError
 from server.metrics import Metrics
 from server.service import GenerationService
@@ -26,8 +28,9 @@ log = logging.getLogger("loraserve")
 class ServerState:
     settings: ServerSettings
     metrics: Metrics = field(default_factory=Metrics)
-    runner: ModelRunner | None = None
-    engine: Engine | None = None
+    runner: ModelRunner | None = None  # in this process only (engine_process off)
+    engine: Engine | EngineProcess | None = None
+    facts: RunnerFacts | None = None
     registry: AdapterRegistry | None = None
     service: GenerationService | None = None
     fingerprint: str = ""
@@ -37,6 +40,7 @@ class ServerState:
     draining: bool = False
     load_error: str | None = None
     stop_serving: Callable[[], None] = lambda: None  # the server's exit, for a load that failed
+    _warm_up: Callable[[], Awaitable] | None = None
 
     def load_model(self) -> None:
         """Blocking: load the base model and build the engine, registry and service around it."""
@@ -44,38 +48,20 @@ class ServerState:
         template = default_template(s.default_template)  # a bad name fails before a long model load
         if s.adapter_root and not Path(s.adapter_root).is_dir():  # else it would serve 0 adapters, silently
             raise ServeError(f"the adapter root {s.adapter_root} (LORASERVE_ADAPTER_ROOT) is not a directory")
-        runner = load_runner(
-            s.base_model,
-            backend=s.backend,
-            load_in_4bit=s.load_in_4bit,
-            dtype=s.dtype,
-            max_context=s.max_context,
-            kv_slots=s.max_running,
-            adapter_slots=s.adapter_slots,
-            max_lora_rank=s.max_adapter_rank,
-            kv_memory_fraction=s.kv_memory_fraction,
-            cuda_graphs=s.cuda_graphs,
-            compile_kernels=s.compile_kernels,
-            faults=FaultPlan.from_setting(s.fault_injection),
-        )
-        self.fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
-        self.max_context = runner.max_context
-        self.runner = runner
+        base, attach, detach, run_on_worker = self._start_engine()
+        self.max_context = self.facts.max_context
         self.loaded_at = time.time()
-        self.engine = Engine(
-            runner, max_running=runner.cache.slots, max_queue=s.max_queue, prefill_chunk_tokens=s.prefill_chunk_tokens
-        )
         self.registry = AdapterRegistry(
             root=Path(s.adapter_root) if s.adapter_root else None,
-            base=base_shapes(runner.model, self.fingerprint),
+            base=base,
             base_name=s.public_base_name,
             default_template=template,
             max_adapters=s.max_adapters,
             max_rank=s.max_adapter_rank,
             max_bytes=s.max_adapter_bytes,
-            run_on_worker=self.engine.call,
-            attach=runner.attach,
-            detach=runner.detach,
+            run_on_worker=run_on_worker,
+            attach=attach,
+            detach=detach,
         )
         self.metrics.watch_engine(self._engine_numbers)
         self.service = GenerationService(
@@ -86,32 +72,54 @@ class ServerState:
             max_context=self.max_context,
             base_template=template,
         )
+        facts = self.facts
         log.info(
-            "base model %s loaded: backend=%s device=%s fingerprint=%s context=%d kv_slots=%d",
+            "base model %s loaded: backend=%s device=%s fingerprint=%s context=%d kv_slots=%d engine %s",
             s.base_model,
-            runner.backend,
-            runner.device,
+            facts.backend,
+            facts.device,
             self.fingerprint,
             self.max_context,
-            runner.cache.slots,
+            facts.kv_slots,
+            "in its own process" if isinstance(self.engine, EngineProcess) else "in the server's process",
         )
 
+    def _start_engine(self):
+        """The engine, in a process of its own or in this one: (base shapes, attach, detach, run_on_worker)."""
+        s = self.settings
+        if engine_in_own_process(s):
+            engine = EngineProcess(engine_options(s), max_queue=s.max_queue)
+            engine.on_lost = self._engine_lost
+            hello = engine.wait_ready()  # only a loaded engine is published: until then requests get 503, not 429
+            self.engine = engine
+            self.facts, self.fingerprint = hello.facts, hello.fingerprint
+            self._warm_up = engine.warm_up
+            return hello.base, engine.attach, engine.detach, run_job
+        runner = load_runner(**runner_options(s))
+        self.runner, self.facts = runner, runner.facts()
+        self.fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
+        self.engine = Engine(
+            runner, max_running=runner.cache.slots, max_queue=s.max_queue, prefill_chunk_tokens=s.prefill_chunk_tokens
+        )
+        self._warm_up = lambda: self.engine.call(runner.warm_up)
+        return base_shapes(runner.model, self.fingerprint), runner.attach, runner.detach, self.engine.call
+
+    def _engine_lost(self, reason: str) -> None:
+        """The engine process died: not ready any more, and the server exits (its requests got their errors)."""
+        self.ready = False
+        self.load_error = f"{reason}; the server stops (see the log)"
+        self.stop_serving()
+
+    async def refresh_engine_numbers(self) -> None:
+        """Before a scrape: an engine process's numbers as they are now (stale ones are kept if it is gone)."""
+        if isinstance(self.engine, EngineProcess):
+            try:
+                await self.engine.refresh()
+            except ServeError:
+                pass
+
     def _engine_numbers(self) -> dict[str, float]:
-        stats, runner = self.engine.stats, self.runner
-        return {
-            "loraserve_engine_steps": stats.steps,
-            "loraserve_engine_prefill_tokens": stats.prefill_tokens,
-            "loraserve_adapter_uploads": runner.lora.uploads,
-            "loraserve_kv_slots": runner.cache.slots,
-            "loraserve_kv_slots_used": runner.cache.used,
-            "loraserve_adapter_slots_resident": len(runner.lora.resident),
-            "loraserve_adapter_slots_pinned": sum(list(runner.lora.pins.values())),
-            "loraserve_adapters_in_host_memory": len(runner.lora.host),
-            "loraserve_adapter_host_bytes": runner.lora.host_bytes,
-            "loraserve_adapter_device_bytes": runner.lora.device_bytes,
-            "loraserve_adapter_versions_retired": self.registry.retired_count,
-            "loraserve_device_allocated_bytes": runner.device_allocated_bytes,
-        }
+        return {**self.engine.numbers(), "loraserve_adapter_versions_retired": self.registry.retired_count}
 
     async def preload_adapters(self) -> None:
         for name, path in self.settings.adapters.items():
@@ -122,4 +130,43 @@ class ServerState:
             self.metrics.adapter_loads.labels("ok").inc()
             log.info("adapter %s version %s loaded from %s", name, version.version, path)
         self.metrics.adapters_loaded.set(len(self.registry.names()))
-        await self.engine.call(self.runner.warm_up)  # decode graphs captured before the first request
+        await self._warm_up()  # decode graphs captured before the first request
+
+
+def engine_in_own_process(settings: ServerSettings) -> bool:
+    """`auto` puts the engine in a process of its own on a GPU, where the shared GIL is what a busy server runs
+    out of first (server.engine_process); on a CPU the model's own work dominates and one process starts faster."""
+    if settings.engine_process == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return settings.engine_process == "on"
+
+
+def runner_options(settings: ServerSettings) -> dict:
+    """load_runner's arguments from the settings (the same in this process and in an engine process)."""
+    s = settings
+    return dict(
+        base_model=s.base_model,
+        backend=s.backend,
+        load_in_4bit=s.load_in_4bit,
+        dtype=s.dtype,
+        max_context=s.max_context,
+        kv_slots=s.max_running,
+        adapter_slots=s.adapter_slots,
+        max_lora_rank=s.max_adapter_rank,
+        kv_memory_fraction=s.kv_memory_fraction,
+        cuda_graphs=s.cuda_graphs,
+        compile_kernels=s.compile_kernels,
+        faults=FaultPlan.from_setting(s.fault_injection),
+    )
+
+
+def engine_options(settings: ServerSettings) -> EngineOptions:
+    return EngineOptions(
+        runner=runner_options(settings),
+        max_queue=settings.max_queue,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        gil_switch_seconds=settings.gil_switch_seconds,
+    )

@@ -633,7 +633,10 @@ def test_failed_attach_leaves_no_half_attached_adapter(tiny_model_dir, root, ada
     before = prompt_logits(runner, ids, "a1")
     attach_failing_midway("a2", wider_config, wider_weights)  # beside a live one
     assert runner.attached == {"a1"}
-    torch.testing.assert_close(prompt_logits(runner, ids, "a1"), before, rtol=0, atol=0)
+    # The same function, not always the same bits: a base weight that grew room for the wider shrink keeps it
+    # (shrinking it back would allocate, mid out-of-memory), and a GEMM over more rows may block its sums
+    # otherwise on some CPUs (seen: 3e-6 apart). A broken layout is off by far more.
+    torch.testing.assert_close(prompt_logits(runner, ids, "a1"), before)
     runner.attach("a2", wider_config, wider_weights)  # and the same key loads on retry
     assert runner.attached == {"a1", "a2"}
     torch.testing.assert_close(prompt_logits(runner, ids, "a2"), before)  # zero-padded rank: the same function

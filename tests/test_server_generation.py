@@ -121,10 +121,22 @@ def assert_client_error(response: httpx.Response, status: int | tuple[int, ...],
 # -- fixtures -------------------------------------------------------------------------------------------------
 
 
+# Every test runs against both placements of the engine: in the server's process, and in a process of its own
+# (server/engine_process, the default on a GPU): the same answers, errors, metrics and drain either way.
+PLACEMENTS = pytest.mark.parametrize("placement", ["off", "on"], ids=["one-process", "engine-process"])
+
+
+@pytest.fixture(scope="module", params=["off", "on"], ids=["one-process", "engine-process"])
+def engine_process(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, trained_adapters, tmp_path_factory):
+def server(tiny_model_dir, trained_adapters, tmp_path_factory, engine_process):
     log = tmp_path_factory.mktemp("live") / "server.log"
-    with LiveServer(tiny_model_dir, trained_adapters.root, adapters={EN: EN, ZH: ZH}, log_path=log) as live:
+    with LiveServer(
+        tiny_model_dir, trained_adapters.root, adapters={EN: EN, ZH: ZH}, log_path=log, engine_process=engine_process
+    ) as live:
         yield live
 
 
@@ -840,7 +852,7 @@ def test_metrics_move(server):
 
 
 @pytest.fixture(scope="module")
-def small_server(tiny_model_dir, trained_adapters, tmp_path_factory):
+def small_server(tiny_model_dir, trained_adapters, tmp_path_factory, engine_process):
     """One running slot, one queue slot, batches of one, and no admin token configured."""
     log = tmp_path_factory.mktemp("live-small") / "server.log"
     with LiveServer(
@@ -851,6 +863,7 @@ def small_server(tiny_model_dir, trained_adapters, tmp_path_factory):
         log_path=log,
         max_running=1,
         max_queue=1,
+        engine_process=engine_process,
     ) as live:
         yield live
 
@@ -903,8 +916,9 @@ def test_admin_disabled_without_a_token(small_server):
 # -- 12. SIGTERM drain (own server) ---------------------------------------------------------------------------
 
 
-def test_sigterm_drains_then_ends_streams_with_an_error_event(tiny_model_dir, tmp_path):
-    live = LiveServer(tiny_model_dir, drain_seconds=1, log_path=tmp_path / "server.log")
+@PLACEMENTS
+def test_sigterm_drains_then_ends_streams_with_an_error_event(tiny_model_dir, tmp_path, placement):
+    live = LiveServer(tiny_model_dir, drain_seconds=1, log_path=tmp_path / "server.log", engine_process=placement)
     try:
         live.wait_ready()
         body = {"inputs": ENDLESS, "parameters": {"max_new_tokens": 1000}}

@@ -34,17 +34,17 @@ for _path, _probe in (("/health", health), ("/ready", ready)):
 
 @router.get("/info", summary="Base model and limits (and the adapters, to callers who may list them)")
 async def info(state: State, request: Request) -> dict:
-    s = state.settings
+    s, facts = state.settings, state.facts
     out = {
         "model_id": s.public_base_name,
-        "backend": state.runner.backend if state.runner else None,
+        "backend": facts.backend if facts else None,
         "fingerprint": state.fingerprint,
         "max_context": state.max_context,
         "max_new_tokens_cap": s.max_new_tokens_cap,
         "max_running": s.max_running,
-        "kv_slots": state.runner.cache.slots if state.runner else None,
+        "kv_slots": facts.kv_slots if facts else None,
         "adapter_slots": s.adapter_slots,
-        "cuda_graphs": bool(state.runner and state.runner.graphs),
+        "cuda_graphs": bool(facts and facts.cuda_graphs),
     }
     if _may_list_adapters(request):  # /info stays open for probes; adapter names are for key holders only
         out["adapters"] = state.registry.names() if state.registry else []
@@ -67,7 +67,8 @@ def _may_list_adapters(request: Request) -> bool:
 )
 async def metrics(state: State) -> Response:
     engine = state.engine
-    if engine is not None:
+    if engine is not None and state.registry is not None:  # loaded
+        await state.refresh_engine_numbers()
         state.metrics.queue_depth.set(engine.stats.waiting)
         state.metrics.running.set(engine.stats.running)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

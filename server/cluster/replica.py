@@ -30,7 +30,7 @@ class EngineReplica:
     async def __init__(
         self, settings: ServerSettings, cluster: ClusterSettings, keeper: DeploymentHandle, *, deployment: str
     ) -> None:
-        from server.serve import quiet_libraries
+        from server.logs import quiet_libraries
 
         quiet_libraries()
         self.keeper = keeper

@@ -101,6 +101,17 @@ class Engine:
         with self._count_lock:
             return self._admitted >= self.max_running + self.max_queue
 
+    def numbers(self) -> dict[str, float]:
+        """The engine's and its runner's numbers for /metrics, by metric name (plus its queue and batch sizes)."""
+        stats = self.stats
+        return {
+            "waiting": stats.waiting,
+            "running": stats.running,
+            "loraserve_engine_steps": stats.steps,
+            "loraserve_engine_prefill_tokens": stats.prefill_tokens,
+            **self.runner.numbers(),
+        }
+
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None
     ) -> AsyncIterator[TokenEvent | FinalEvent | ErrorEvent]:
@@ -108,9 +119,17 @@ class Engine:
         token events, then one FinalEvent or ErrorEvent. Closing the iterator early cancels it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        seq = Sequence(prompt_ids, params, adapter_key, self.tokenizer, listener=(loop, events))
-        self._admit(seq)
+        seq = self.submit(prompt_ids, params, adapter_key, listener=(loop, events))
         return self._events(seq, events)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None, *, listener) -> Sequence:
+        """Admit a request whose events go to `listener`, a (loop, queue) pair: once per iteration the worker
+        calls `loop.call_soon_threadsafe(deliver, batch)`, and deliver calls `queue.put_nowait(event)` for each
+        event. An asyncio loop and queue (generate), or stand-ins that ship the batch to another process
+        (server.engine_process). Raises Overloaded / Unavailable at once; `cancel()` the Sequence to stop it."""
+        seq = Sequence(prompt_ids, params, adapter_key, self.tokenizer, listener=listener)
+        self._admit(seq)
+        return seq
 
     async def _events(self, seq: Sequence, events: asyncio.Queue):
         try:
@@ -132,11 +151,16 @@ class Engine:
         if self._stop.is_set():
             raise Unavailable("server is shutting down")
         future = asyncio.get_running_loop().create_future()
-        self._jobs.put((fn, future, asyncio.get_running_loop()))
+        self.enqueue_job(fn, future, asyncio.get_running_loop())
+        return await future
+
+    def enqueue_job(self, fn: Callable[[], Any], future, loop) -> None:
+        """Run `fn` on the worker thread between steps; its result or exception is settled on `future` through
+        `loop.call_soon_threadsafe` (an asyncio pair, or stand-ins as for `submit`)."""
+        self._jobs.put((fn, future, loop))
         self._wake.set()
         if self._stop.is_set() and not self._thread.is_alive():  # stop() finished between the check and the put
             self._fail_jobs(Unavailable("server is shutting down"))
-        return await future
 
     def _admit(self, seq: Sequence) -> None:
         if not self._accepting:

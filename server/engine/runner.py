@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,17 @@ from server.engine.piecewise_graphs import PiecewiseGraphs
 from server.engine.projections import GROUPS, all_fused, layer_projections
 
 log = logging.getLogger("loraserve.runner")
+
+
+@dataclass(frozen=True)
+class RunnerFacts:
+    """What the server tells clients of the loaded model (/info), fixed once it is loaded."""
+
+    backend: str
+    device: str
+    kv_slots: int
+    max_context: int
+    cuda_graphs: bool
 
 
 class ModelRunner:
@@ -122,6 +134,30 @@ class ModelRunner:
             if self.device.type == "cuda":
                 sampling.warm_up(self.model.get_output_embeddings().weight.shape[0], self.device)
         log.info("warm-up: %s", ", ".join(f"{part} {seconds:.1f} s" for part, seconds in spent.items()))
+
+    def facts(self) -> RunnerFacts:
+        return RunnerFacts(
+            backend=self.backend,
+            device=str(self.device),
+            kv_slots=self.cache.slots,
+            max_context=self.max_context,
+            cuda_graphs=self.graphs is not None,
+        )
+
+    def numbers(self) -> dict[str, float]:
+        """The runner's gauges and counters for /metrics, by metric name."""
+        lora = self.lora
+        return {
+            "loraserve_adapter_uploads": lora.uploads,
+            "loraserve_kv_slots": self.cache.slots,
+            "loraserve_kv_slots_used": self.cache.used,
+            "loraserve_adapter_slots_resident": len(lora.resident),
+            "loraserve_adapter_slots_pinned": sum(list(lora.pins.values())),
+            "loraserve_adapters_in_host_memory": len(lora.host),
+            "loraserve_adapter_host_bytes": lora.host_bytes,
+            "loraserve_adapter_device_bytes": lora.device_bytes,
+            "loraserve_device_allocated_bytes": self.device_allocated_bytes,
+        }
 
     @property
     def device_allocated_bytes(self) -> int:

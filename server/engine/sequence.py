@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
@@ -23,13 +22,13 @@ class Sequence:
         params: SamplingParams,
         adapter_key: str | None,
         tokenizer,
-        listener: tuple[asyncio.AbstractEventLoop, asyncio.Queue],
+        listener: tuple,
     ):
         self.id = next(self._ids)
         self.prompt_ids = prompt_ids
         self.params = params
         self.adapter_key = adapter_key
-        self.listener = listener  # the caller's event loop and the queue its events go to
+        self.listener = listener  # (loop, queue): where its events go (Engine.submit)
         self.cancelled = threading.Event()
         self.seed = draw_seed(params) if params.do_sample else None  # what its draws are a function of
         self.detok = Detokenizer(tokenizer)

@@ -1,0 +1,247 @@
+"""The engine process: loads the model, runs the Engine, and serves the server's pipes (see the package doc).
+
+Three threads: the engine's worker (the model's only user, as in one process), this process's main thread
+reading commands, and one reading jobs. What the worker hands to its listeners leaves as one `batch` message
+per engine iteration, written by the worker itself (`Outbox`): nothing else in this process wants the GIL
+while it runs a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field, replace
+
+from safetensors.torch import load as load_safetensors
+
+from server.engine.events import FinalEvent, TokenEvent
+from server.errors import ServeError
+
+log = logging.getLogger("loraserve.engine_process")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the child needs to build the runner and the engine (picklable: it crosses the spawn)."""
+
+    runner: dict  # load_runner's keyword arguments (server.state.runner_options)
+    max_queue: int
+    prefill_chunk_tokens: int
+    log_level: str = "info"
+    gil_switch_seconds: float = 0.005
+
+
+@dataclass
+class Hello:
+    """The child's first message once the model is loaded: what the server needs to know of it."""
+
+    facts: object  # RunnerFacts
+    fingerprint: str
+    base: object  # BaseShapes: what adapters are checked against
+    tokenizer: object  # the runner's own (the loader may have set its pad token)
+    numbers: dict = field(default_factory=dict)
+
+
+@dataclass
+class Refusal:
+    """The engine refused a submitted request (shutting down): the server raises `kind` for it."""
+
+    kind: str  # a server.errors class name
+    message: str
+
+
+def main(options: EngineOptions, commands, jobs, events) -> None:
+    """The child's entry point (multiprocessing spawn target)."""
+    # The server decides when this process stops (the `stop` command, or its pipes closing): Ctrl-C in a terminal
+    # and a SIGTERM to the process group must drain through the server, not kill the engine under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from server.logs import configure
+
+    configure(options.log_level)
+    sys.setswitchinterval(options.gil_switch_seconds)
+    try:
+        engine, runner, hello = _load(options)
+    except BaseException as exc:  # the server shows this one line and stops serving
+        log.exception("loading the engine failed")
+        events.send(("failed", exc.message if isinstance(exc, ServeError) else f"{type(exc).__name__}: {exc}"))
+        return
+    outbox = Outbox(events, numbers=engine.numbers)
+    events.send(("ready", hello))
+    engine.start()
+    threading.Thread(target=_serve_jobs, args=(jobs, engine, runner, outbox), name="engine-jobs", daemon=True).start()
+    try:
+        _serve_commands(commands, engine, outbox)
+    finally:
+        engine.stop()
+        outbox.flush()
+
+
+def _load(options: EngineOptions):
+    from contract.fingerprint import base_fingerprint
+    from server.adapters.checks import base_shapes
+    from server.engine.engine import Engine
+    from server.engine.runner import load_runner
+
+    runner = load_runner(**options.runner)
+    # The server admits (it knows its own limits at once); the engine here never refuses what it was sent.
+    engine = Engine(
+        runner,
+        max_running=runner.cache.slots,
+        max_queue=options.max_queue + runner.cache.slots,
+        prefill_chunk_tokens=options.prefill_chunk_tokens,
+    )
+    fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
+    hello = Hello(
+        facts=runner.facts(),
+        fingerprint=fingerprint,
+        base=base_shapes(runner.model, fingerprint),
+        tokenizer=runner.tokenizer,
+        numbers=engine.numbers(),
+    )
+    return engine, runner, hello
+
+
+class Outbox:
+    """The engine's stand-in for an asyncio loop: what the worker hands to `call_soon_threadsafe` (its events'
+    delivery, a job's result) runs at once, and what that put here leaves as one message."""
+
+    def __init__(self, conn, *, numbers) -> None:
+        self._conn, self._numbers = conn, numbers
+        self._lock = threading.Lock()  # the worker and the command thread (refusals) both flush
+        self._events: list = []  # (request id, packed event)
+        self._jobs: list = []  # (job id, result, pickled error or None)
+
+    def call_soon_threadsafe(self, fn, *args) -> None:
+        fn(*args)
+        self.flush()
+
+    def event(self, rid: int, packed) -> None:
+        self._events.append((rid, packed))
+
+    def job_done(self, jid: int, result, error: BaseException | None) -> None:
+        self._jobs.append((jid, result, None if error is None else _portable(error)))
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._events and not self._jobs:
+                return
+            message = ("batch", self._events, self._jobs, self._numbers())
+            self._events, self._jobs = [], []
+            try:
+                self._conn.send(message)
+            except (BrokenPipeError, OSError):  # the server is gone; the command thread sees it and stops
+                pass
+
+
+class RequestEvents:
+    """A submitted request's stand-in for its asyncio queue: its events go into the outbox, packed."""
+
+    def __init__(self, outbox: Outbox, rid: int, running: dict) -> None:
+        self.outbox, self.rid, self.running = outbox, rid, running
+
+    def put_nowait(self, event) -> None:
+        self.outbox.event(self.rid, pack(event))
+        if not isinstance(event, TokenEvent):  # its last event: nothing to cancel any more
+            self.running.pop(self.rid, None)
+
+
+class JobReply:
+    """A job's stand-in for its asyncio future."""
+
+    def __init__(self, outbox: Outbox, jid: int) -> None:
+        self.outbox, self.jid = outbox, jid
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result) -> None:
+        self.outbox.job_done(self.jid, result, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.outbox.job_done(self.jid, None, error)
+
+
+def pack(event):
+    """A token event as a plain tuple (one per token: pickled fastest); a final event without its tokens (the
+    server kept them as they came)."""
+    if isinstance(event, TokenEvent):
+        return (event.id, event.text, event.logprob, event.special, event.last)
+    if isinstance(event, FinalEvent):
+        return replace(event, tokens=[])
+    return event
+
+
+def _serve_commands(conn, engine, outbox: Outbox) -> None:
+    """Until `stop` or the server's end of the pipe closes."""
+    running: dict = {}  # request id → Sequence, until its last event
+    while True:
+        try:
+            command, *args = conn.recv()
+        except (EOFError, OSError):
+            log.warning("the server closed the command pipe; stopping")
+            return
+        if command == "submit":
+            _submit(engine, outbox, running, *args)
+        elif command == "cancel":
+            seq = running.pop(args[0], None)
+            if seq is not None:
+                seq.cancel()
+        elif command == "stop_accepting":
+            engine.stop_accepting()
+        elif command == "abort_all":
+            engine.abort_all(args[0])
+        elif command == "stop":
+            return
+
+
+def _submit(engine, outbox: Outbox, running: dict, rid: int, prompt_ids, params, adapter_key) -> None:
+    listener = (outbox, RequestEvents(outbox, rid, running))
+    try:
+        running[rid] = engine.submit(prompt_ids, params, adapter_key, listener=listener)
+    except ServeError as exc:
+        outbox.event(rid, Refusal(type(exc).__name__, exc.message))
+        outbox.flush()
+
+
+def _serve_jobs(conn, engine, runner, outbox: Outbox) -> None:
+    while True:
+        try:
+            jid, name, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            job = _job(engine, runner, name, args)
+        except BaseException as exc:  # e.g. weights that do not parse: the job fails, the process goes on
+            outbox.job_done(jid, None, exc)
+            outbox.flush()
+            continue
+        engine.enqueue_job(job, JobReply(outbox, jid), outbox)
+
+
+def _job(engine, runner, name: str, args: tuple):
+    """The callable the worker runs for job `name` (weights are parsed here, off the worker)."""
+    if name == "attach":
+        key, config, weights = args
+        state_dict = load_safetensors(weights)
+        return lambda: runner.attach(key, config, state_dict)
+    if name == "detach":
+        return lambda: runner.detach(args[0])
+    if name == "warm_up":
+        return runner.warm_up
+    if name == "numbers":  # between steps: a scrape of /metrics sees the engine as it is now
+        return engine.numbers
+    raise ValueError(f"unknown job {name!r}")
+
+
+def _portable(error: BaseException) -> bytes:
+    """The error pickled, or a RuntimeError with its text where it does not pickle (the server re-raises it)."""
+    try:
+        data = pickle.dumps(error)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))

@@ -1,0 +1,286 @@
+"""The server's side of the engine process (see the package doc): the Engine surface over three pipes.
+
+Admission is decided here, at once, from this side's own count of requests in flight (as the in-process
+engine does): the engine process never refuses what it is sent, except while it shuts down. Each request's
+token events are kept as they arrive; its final event comes without them and gets them back here.
+If the engine process dies, every request in flight gets an error event, every job fails, and `on_lost` is
+called (the server then stops: an orchestrator restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import pickle
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+
+from safetensors.torch import save as save_safetensors
+
+from server import errors
+from server.engine.engine import EngineStats, overloaded
+from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
+from server.engine.sampling import SamplingParams
+from server.engine_process import child
+from server.errors import ServeError, Unavailable
+
+log = logging.getLogger("loraserve.engine_process")
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    tokens: list[TokenEvent] = field(default_factory=list)
+
+
+class EngineProcess:
+    def __init__(self, options: child.EngineOptions, *, max_queue: int) -> None:
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        commands_in, self._commands = context.Pipe(duplex=False)
+        jobs_in, self._jobs = context.Pipe(duplex=False)
+        self._events, events_out = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=child.main, args=(options, commands_in, jobs_in, events_out), name="loraserve-engine", daemon=True
+        )
+        self._process.start()
+        for end in (commands_in, jobs_in, events_out):  # the child's ends: closed here, so its exit reads as EOF
+            end.close()
+        self.max_queue = max_queue
+        self.max_running = 0  # the KV slots: known once the model is loaded (wait_ready)
+        self.stats = EngineStats()
+        self.tokenizer = None
+        self.on_lost: Callable[[str], None] = lambda reason: None
+        self._numbers: dict = {}
+        self._streams: dict[int, _Stream] = {}
+        self._jobs_pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()  # commands come from the loop and from the drain thread (abort_all)
+        self._job_lock = threading.Lock()
+        self._admitted = 0
+        self._accepting = True
+        self._lost: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wait_ready(self) -> child.Hello:
+        """Blocking (call it off the event loop): the child's Hello once its model is loaded, or the reason it
+        failed as a ServeError."""
+        try:
+            kind, payload = self._first_message()
+        except BaseException:
+            self._process.kill()  # whatever it was doing, nobody will use it
+            raise
+        if kind == "failed":
+            self._process.join(timeout=10)
+            raise ServeError(payload)
+        self.tokenizer = payload.tokenizer
+        self.max_running = payload.facts.kv_slots
+        self._take_numbers(payload.numbers)
+        return payload
+
+    def _first_message(self):
+        while not self._events.poll(1.0):
+            if not self._process.is_alive():
+                raise ServeError(f"the engine process exited while loading (exit code {self._process.exitcode})")
+        try:
+            return self._events.recv()
+        except EOFError:
+            raise ServeError("the engine process exited while loading (see its log above)") from None
+
+    # -- the Engine surface ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Listen on the events pipe from the running loop (every event is handled on it)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._events.fileno(), self._on_readable)
+
+    def stop(self) -> None:
+        """Stop the child: it fails what it still runs, and those events are handled before it is joined."""
+        self._accepting = False
+        try:
+            self._send(("stop",))
+            self._read_until_exit(timeout=30)
+        except (BrokenPipeError, OSError):
+            pass
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=5)
+        self._close_reader()
+        self._fail_everything("server stopped")
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+        self._send_quietly(("stop_accepting",))
+
+    def abort_all(self, message: str) -> None:
+        self._send_quietly(("abort_all", message))
+
+    @property
+    def in_flight(self) -> int:
+        return self._admitted
+
+    @property
+    def full(self) -> bool:
+        return self._admitted >= self.max_running + self.max_queue
+
+    def numbers(self) -> dict[str, float]:
+        return self._numbers
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None
+    ) -> AsyncIterator[TokenEvent | FinalEvent | ErrorEvent]:
+        """As Engine.generate: admitted now (raises Overloaded / Unavailable at once), then its events."""
+        if self._lost or not self._accepting:
+            raise Unavailable(self._lost or "server is shutting down")
+        if self.full:
+            raise overloaded()
+        rid = next(self._ids)
+        stream = self._streams[rid] = _Stream()
+        self._admitted += 1
+        try:
+            self._send(("submit", rid, prompt_ids, params, adapter_key))
+        except (BrokenPipeError, OSError):
+            self._finished(rid)
+            raise Unavailable("the engine process is gone") from None
+        return self._events_of(rid, stream)
+
+    async def _events_of(self, rid: int, stream: _Stream):
+        try:
+            while True:
+                event = await stream.queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if not isinstance(event, TokenEvent):
+                    return
+        finally:
+            if rid in self._streams:  # closed before its last event: the engine drops it within a step
+                self._finished(rid)
+                self._send_quietly(("cancel", rid))
+
+    # -- jobs: the adapter registry's attach / detach, and the warm-up ----------------------------
+    async def attach(self, key: str, config, weights: dict) -> None:
+        payload = await asyncio.to_thread(save_safetensors, {name: w.contiguous() for name, w in weights.items()})
+        await self._job("attach", key, config, payload)
+
+    async def detach(self, key: str) -> None:
+        await self._job("detach", key)
+
+    async def warm_up(self) -> None:
+        await self._job("warm_up")
+
+    async def refresh(self) -> None:
+        """Fresh numbers from the engine (the last batch's may be old: a cancelled request sends no event)."""
+        self._take_numbers(await self._job("numbers"))
+
+    async def _job(self, name: str, *args):
+        if self._lost:
+            raise Unavailable(self._lost)
+        jid = next(self._ids)
+        future = self._jobs_pending[jid] = asyncio.get_running_loop().create_future()
+        try:  # a thread: an adapter's weights are megabytes, which a pipe takes in pieces
+            await asyncio.to_thread(self._send_job, (jid, name, args))
+        except (BrokenPipeError, OSError):
+            self._jobs_pending.pop(jid, None)
+            raise Unavailable("the engine process is gone") from None
+        return await future
+
+    def _send_job(self, message) -> None:
+        with self._job_lock:
+            self._jobs.send(message)
+
+    # -- the events pipe ------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            while self._events.poll():
+                self._handle(self._events.recv())
+        except (EOFError, OSError):
+            self._close_reader()
+            self._engine_lost(f"the engine process exited (exit code {self._process.exitcode})")
+
+    def _read_until_exit(self, *, timeout: float) -> None:
+        """Handle what the child sends until it closes its end (it does on exit) or `timeout` passes."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._events.poll(0.1):
+                try:
+                    self._handle(self._events.recv())
+                except (EOFError, OSError):
+                    return
+
+    def _handle(self, message) -> None:
+        _, events, jobs, numbers = message
+        for rid, packed in events:
+            self._deliver(rid, packed)
+        for jid, result, error in jobs:
+            future = self._jobs_pending.pop(jid, None)
+            if future is not None and not future.done():
+                future.set_result(result) if error is None else future.set_exception(pickle.loads(error))
+        self._take_numbers(numbers)
+
+    def _deliver(self, rid: int, packed) -> None:
+        stream = self._streams.get(rid)
+        if stream is None:  # its reader left: it was cancelled here
+            return
+        if type(packed) is tuple:
+            event = TokenEvent(*packed)
+            stream.tokens.append(event)
+        else:
+            self._finished(rid)
+            if isinstance(packed, FinalEvent):
+                event = replace(packed, tokens=stream.tokens)
+            elif isinstance(packed, child.Refusal):
+                event = getattr(errors, packed.kind, Unavailable)(packed.message)
+            else:
+                event = packed
+        stream.queue.put_nowait(event)
+
+    def _take_numbers(self, numbers: dict) -> None:
+        self._numbers = numbers
+        self.stats.waiting, self.stats.running = numbers.get("waiting", 0), numbers.get("running", 0)
+        self.stats.steps = numbers.get("loraserve_engine_steps", 0)
+        self.stats.prefill_tokens = numbers.get("loraserve_engine_prefill_tokens", 0)
+
+    def _finished(self, rid: int) -> None:
+        if self._streams.pop(rid, None) is not None:
+            self._admitted -= 1
+
+    def _engine_lost(self, reason: str) -> None:
+        log.error("%s: failing %d requests in flight", reason, len(self._streams))
+        self._lost = reason
+        self._fail_everything(reason)
+        self.on_lost(reason)
+
+    def _fail_everything(self, reason: str) -> None:
+        for rid, stream in list(self._streams.items()):
+            self._finished(rid)
+            stream.queue.put_nowait(ErrorEvent(reason))
+        for future in self._jobs_pending.values():
+            if not future.done():
+                future.set_exception(Unavailable(reason))
+        self._jobs_pending.clear()
+
+    def _close_reader(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._events.fileno())
+
+    # -- the commands pipe ----------------------------------------------------------------------
+    def _send(self, message) -> None:
+        with self._send_lock:
+            self._commands.send(message)
+
+    def _send_quietly(self, message) -> None:
+        """For messages that lose their point when the child is gone (cancel, stop accepting, abort)."""
+        try:
+            self._send(message)
+        except (BrokenPipeError, OSError):
+            pass
+
+
+async def run_job(fn):
+    """The adapter registry's `run_on_worker` over an engine process: `fn` calls `EngineProcess.attach` or
+    `detach`, which return a coroutine (in one process, the engine's `call` runs `fn` on its worker)."""
+    return await fn()
