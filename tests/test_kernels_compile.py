@@ -19,7 +19,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from server.engine import lora_kernel, qkv_kernel, sampling_kernel  # noqa: E402
+from server.engine import decode_attention, lora_kernel, qkv_kernel, sampling_kernel  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(shrunk="*bf16", shrunk_stride="i32", b="*bf16", b_stride="i32", out="*bf16", out_stride="i32")
@@ -30,6 +30,14 @@ QKV = dict(
     cache_slot_stride="i32", cache_head_stride="i32", cache_pos_stride="i32", write_slots="*i64",
     write_positions="*i64",
 )  # fmt: skip
+DECODE = dict(
+    q="*bf16", q_row_stride="i32", q_head_stride="i32", k="*bf16", v="*bf16", slot_stride="i32", head_stride="i32",
+    pos_stride="i32", lengths="*i64", span="i32", split="i32", scale="fp32", out="*bf16", part_acc="*fp32",
+    part_m="*fp32", part_l="*fp32",
+)  # fmt: skip
+DECODE_8B = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, DIM_PAD=128, PRECISION="tf32")
+DECODE_FP32 = dict(DECODE, q="*fp32", k="*fp32", v="*fp32", out="*fp32")
+COMBINE = dict(part_acc="*fp32", part_m="*fp32", part_l="*fp32", out="*bf16", splits="i32")
 SAMPLING = dict(logits="*fp32", stride="i32", temperature="*fp32", t_stride="i32", stats="*fp32")
 RUNTIME = dict(vocab="i32", span="i32", splits="i32")
 SAMPLING_CONSTANTS = dict(
@@ -75,6 +83,25 @@ KERNELS = {
     ),
     "q/k/v": (qkv_kernel._qkv, QKV, dict(LORA_8B, Q_HEADS=32, KV_HEADS=8, HALF=64, LORA=True)),
     "q/k/v, no adapter": (qkv_kernel._qkv, QKV, dict(LORA_8B, Q_HEADS=32, KV_HEADS=8, HALF=64, LORA=False)),
+    **{
+        f"decode attention: blocks of {block}{', one split' if direct else ''}": (
+            decode_attention._split,
+            DECODE,
+            dict(DECODE_8B, BLOCK=block, DIRECT=direct),
+        )
+        for block in (16, 32, 64)
+        for direct in (False, True)
+    },
+    "decode attention: float32 cache": (
+        decode_attention._split,
+        DECODE_FP32,
+        dict(DECODE_8B, BLOCK=64, DIRECT=False, PRECISION="ieee"),
+    ),
+    "decode attention: combine": (
+        decode_attention._combine,
+        COMBINE,
+        dict(HEAD_DIM=128, DIM_PAD=128, MAX_SPLITS=decode_attention.MAX_SPLITS),
+    ),
 }
 
 

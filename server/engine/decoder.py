@@ -99,8 +99,10 @@ class Decoder:
             config, length=cache.max_len + 1, device=cache.K[0].device, dtype=cache.K[0].dtype
         )  # [max_len + 1, D]
         self.qkv_kernel = None  # qkv_kernel.py once trusted here (use_qkv_kernel): small steps' q/k/v epilogue
+        self.decode_kernel = None  # decode_attention.py once trusted here (use_decode_attention_kernel)
         if cache.K[0].is_cuda:
             self.use_qkv_kernel()
+            self.use_decode_attention_kernel()
 
     def use_qkv_kernel(self, enabled: bool = True) -> bool:
         """Run the q/k/v epilogue of steps of at most EXPAND_KERNEL_ROWS tokens (LoRA terms, RoPE, cache
@@ -121,6 +123,28 @@ class Decoder:
         from server.engine import qkv_kernel
 
         self.qkv_kernel = qkv_kernel
+        return True
+
+    def use_decode_attention_kernel(self, enabled: bool = True) -> bool:
+        """Attend the decode rows with the split-KV kernel (many SMs, where SDPA has one per row and KV head),
+        reading their lengths itself, once it matches the SDPA call here; else, or without Triton, SDPA."""
+        self.decode_kernel = None
+        if not enabled:
+            return False
+
+        def check() -> bool:
+            from server.engine import decode_attention
+
+            shape = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
+            return decode_attention.supports(self.head_dim) and decode_attention.matches_sdpa(
+                self.cos.device, self.cos.dtype, **shape
+            )
+
+        if not passes(check, kernel="decode attention", instead="attending with SDPA under a length mask"):
+            return False
+        from server.engine import decode_attention
+
+        self.decode_kernel = decode_attention
         return True
 
     def forward(self, step: Step) -> torch.Tensor:
@@ -228,21 +252,26 @@ class Decoder:
         out = self.projections[index][group](x, riders=lora_rows is not None)  # no adapter row: no shrink either
         return self.lora.apply(index, group, x, out, lora_rows)
 
-    def attention_masks(self, step: Step) -> list[torch.Tensor]:
-        """Additive masks (0 = attend, -inf = not): the decode rows' [n, 1, 1, span], then each chunk's
-        causal [G * S, start + S] (the G query heads of a KV head are stacked along the query axis).
-        Built once per step in the attention's dtype, on storage whose rows are 16-aligned: handed a
-        boolean or unaligned mask, SDPA converts and pads it again in every layer (kernels per layer)."""
+    def attention_masks(self, step: Step) -> list[torch.Tensor | None]:
+        """Additive masks (0 = attend, -inf = not): the decode rows' [n, 1, 1, span] (None where the decode
+        kernel reads their lengths itself), then each chunk's causal [G * S, start + S] (the G query heads of
+        a KV head are stacked along the query axis). Built once per step in the attention's dtype, on storage
+        whose rows are 16-aligned: handed a boolean or unaligned mask, SDPA converts and pads it again in
+        every layer (kernels per layer)."""
         masks, group = [], self.heads // self.kv_heads
         device = step.ids.device
         if step.decode_rows:
-            visible = torch.arange(step.decode_span, device=device)[None, :] < step.decode_lengths[:, None]  # [n, span]
-            masks.append(self._additive(visible)[:, None, None, :])
+            masks.append(self._decode_mask(step) if self.decode_kernel is None else None)
         for chunk in step.chunks:
             rows = chunk.start + torch.arange(chunk.length, device=device)  # [S] absolute positions
             causal = torch.arange(chunk.start + chunk.length, device=device)[None, :] <= rows[:, None]  # [S, span]
             masks.append(self._additive(causal.repeat(group, 1)))
         return masks
+
+    def _decode_mask(self, step: Step) -> torch.Tensor:
+        """[n, 1, 1, span]: decode row i sees positions 0..decode_lengths[i]-1 of its slot."""
+        visible = torch.arange(step.decode_span, device=step.ids.device)[None, :] < step.decode_lengths[:, None]
+        return self._additive(visible)[:, None, None, :]  # visible: [n, span]
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         """[rows, span] bool → [rows, span] 0 / -inf in the cache's dtype, rows 16-aligned in memory."""
@@ -255,14 +284,17 @@ class Decoder:
     def _attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, step: Step, masks) -> torch.Tensor:
         parts, masks = [], iter(masks)
         if step.decode_rows:
-            parts.append(self._decode_attention(q[: step.decode_rows], K, V, span=step.decode_span, mask=next(masks)))
+            parts.append(self._decode_attention(q[: step.decode_rows], K, V, step, mask=next(masks)))
         offset = step.decode_rows
         for chunk in step.chunks:
             parts.append(self._chunk_attention(q[offset : offset + chunk.length], K, V, chunk, mask=next(masks)))
             offset += chunk.length
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _decode_attention(self, q: torch.Tensor, K, V, *, span: int, mask: torch.Tensor) -> torch.Tensor:
+    def _decode_attention(self, q: torch.Tensor, K, V, step: Step, *, mask: torch.Tensor | None) -> torch.Tensor:
+        span = step.decode_span
+        if mask is None:  # attention_masks left the lengths to the kernel, which reads them on the device
+            return self.decode_kernel.decode_attention(q, K, V, step.decode_lengths, span=span)
         n, group = q.shape[0], self.heads // self.kv_heads
         # The query heads sharing a KV head ride in the query-length axis: no repeated keys.
         q = q.view(n, self.kv_heads, group, self.head_dim)  # [n, Hkv, G, D]
