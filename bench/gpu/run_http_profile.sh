@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Where our server's host time goes under HTTP load on the 8B shape: its start-up split, then bench/serving.py
 # at $LEVEL streams on each route in $ROUTES (round-robin over 8 adapters) with, for the first route, py-spy
-# (--gil: only samples that hold the GIL) over the server's threads, and for every route the CPU time of the
-# event loop's thread and of the engine's thread per generated token (/proc, no profiler attached).
+# (--gil: only samples that hold the GIL) over the server's threads and its engine process's, and for every route
+# the CPU time of the event loop's thread and of the engine's thread per generated token (/proc, no profiler
+# attached). LORASERVE_ENGINE_PROCESS=off profiles the engine in the server's process.
 #
 #   bash bench/gpu/run_http_profile.sh OUT_DIR        (needs the py-spy wheel in .whl/)
 #
@@ -38,10 +39,12 @@ echo "ready after $(python3 -c "import time; print(round(time.time() - $started,
 grep -hoE '(model loaded|engine state|warm-up:|ready:|ready after).*' "$out/server.log"
 
 tokens() { curl -s localhost:$port/metrics | awk '/^loraserve_generated_tokens_total/ {s += $2} END {print s + 0}'; }
-ticks() { awk '{print $14 + $15}' "/proc/$server/task/$1/stat"; }
-busiest_other() {  # the engine's worker: the busiest thread other than the event loop's (the main thread)
-  for t in /proc/$server/task/*; do [ "${t##*/}" = "$server" ] || echo "$(awk '{print $14 + $15}' "$t/stat") ${t##*/}"; done \
-    | sort -rn | head -1 | cut -d' ' -f2
+ticks() { awk '{print $14 + $15}' "$1/stat"; }  # a thread's CPU time (utime + stime), in clock ticks
+busiest_other() {  # the engine's worker: the busiest thread, bar the event loop's, of the server or its children
+  local pids="$server $(cat /proc/$server/task/*/children 2>/dev/null)"
+  for pid in $pids; do
+    for t in /proc/$pid/task/*; do [ "${t##*/}" = "$server" ] || echo "$(ticks "$t") $t"; done
+  done | sort -rn | head -1 | cut -d' ' -f2
 }
 first=1
 for route in ${routes//,/ }; do
@@ -53,13 +56,13 @@ for route in ${routes//,/ }; do
     client=$!
     sleep 8
     engine=$(busiest_other)
-    t0=$(tokens); m0=$(ticks "$server"); e0=$(ticks "$engine"); s0=$(date +%s.%N)
+    t0=$(tokens); m0=$(ticks "/proc/$server/task/$server"); e0=$(ticks "$engine"); s0=$(date +%s.%N)
     if [ $first = 1 ]; then
-      "$spy" record --pid "$server" --threads --gil -r 200 -d 12 --format raw -o "$work/spy_raw.txt" > /dev/null 2>&1
+      "$spy" record --pid "$server" --subprocesses --threads --gil -r 200 -d 12 --format raw -o "$work/spy_raw.txt" > /dev/null 2>&1
     else
       sleep 12
     fi
-    t1=$(tokens); m1=$(ticks "$server"); e1=$(ticks "$engine"); s1=$(date +%s.%N)
+    t1=$(tokens); m1=$(ticks "/proc/$server/task/$server"); e1=$(ticks "$engine"); s1=$(date +%s.%N)
     wait $client
     python3 -c "
 tok, dt, hz = $t1 - $t0, $s1 - $s0, $(getconf CLK_TCK)
@@ -73,7 +76,8 @@ print(f'$route $mode c=$level: {tok / dt:.0f} tok/s; event loop {loop * 1e6 / to
 done
 kill $server; wait $server 2>/dev/null
 if [ -f "$work/spy_raw.txt" ]; then
-  awk '{n = $NF; split($0, a, ";"); t[a[1]] += n} END {for (k in t) print t[k], "samples holding the GIL:", k}' \
+  awk '{n = $NF; split($0, a, ";"); k = (a[1] ~ /^process/) ? a[1] " " a[2] : a[1]; t[k] += n}
+       END {for (k in t) print t[k], "samples holding the GIL:", k}' \
     "$work/spy_raw.txt" | sort -rn | tee "$out/pyspy_threads.txt"
   python3 -m bench.pyspy_summary "$work/spy_raw.txt" --top 45 > "$out/pyspy_engine.txt"
   python3 -m bench.pyspy_summary "$work/spy_raw.txt" --thread "Server.run (server.py" --top 60 > "$out/pyspy_loop.txt"
