@@ -6,7 +6,7 @@
 # Each takes over a minute: with both, the bench may not finish in the call. Results in $OUT. The GPU tests are
 # run_tests.sh; vLLM's run is run_engine_bench.sh.
 source bench/gpu/setup.sh >/dev/null
-timeout 200 python3 -m pytest -o addopts="" tests/test_sampling_kernel.py tests/test_lora_kernel.py tests/test_qkv_kernel.py -q -p no:cacheprovider 2>&1 | tail -6 | tee $OUT/kernel_tests.log
+timeout 200 python3 -m pytest -o addopts="" tests/test_sampling_kernel.py tests/test_lora_kernel.py tests/test_qkv_kernel.py tests/test_decode_attention.py -q -p no:cacheprovider 2>&1 | tail -6 | tee $OUT/kernel_tests.log
 timeout 60 python3 -m bench.sampling_bench 2>&1 | tail -9 | tee $OUT/sampling_bench.log
 timeout 90 python3 -m bench.profile_step --prefill 512 --top 14 2>&1 | grep -E '^(==|warm|  )' | tee $OUT/prefill.log
 [ "${PROFILE:-0}" = 1 ] && timeout 120 python3 -m bench.profile_step --streams 1,64 --new 48 --top 14 --greedy-only 2>&1 | grep -E '^(--|==|warm|  )' | tee $OUT/profile.log
