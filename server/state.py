@@ -113,10 +113,7 @@ class ServerState:
     async def refresh_engine_numbers(self) -> None:
         """Before a scrape: an engine process's numbers as they are now (stale ones are kept if it is gone)."""
         if isinstance(self.engine, EngineProcess):
-            try:
-                await self.engine.refresh()
-            except ServeError:
-                pass
+            await self.engine.refresh()
 
     def _engine_numbers(self) -> dict[str, float]:
         return {**self.engine.numbers(), "loraserve_adapter_versions_retired": self.registry.retired_count}
@@ -165,7 +162,6 @@ def runner_options(settings: ServerSettings) -> dict:
 def engine_options(settings: ServerSettings) -> EngineOptions:
     return EngineOptions(
         runner=runner_options(settings),
-        max_queue=settings.max_queue,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         gil_switch_seconds=settings.gil_switch_seconds,

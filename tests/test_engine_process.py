@@ -78,6 +78,70 @@ def test_a_model_that_fails_to_load_in_the_engine_process_ends_the_server_with_s
     assert "loading failed" in log
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL while serving", "SIGINT while loading"])
+def test_the_engine_process_never_outlives_its_server(tiny_model_dir, tmp_path, how):
+    """It ignores SIGINT and SIGTERM (the server drains first), so it must end by itself when the server goes:
+    killed outright, or stopped by Ctrl-C before the model finished loading (it would hold the GPU for nobody)."""
+    server = LiveServer(tiny_model_dir, engine_process="on", log_path=tmp_path / "server.log")
+    try:
+        if how == "SIGKILL while serving":
+            server.wait_ready()
+        engine = engine_child(server)
+        server.proc.send_signal(signal.SIGKILL if how.startswith("SIGKILL") else signal.SIGINT)
+        server.proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{engine}").exists() and Path(f"/proc/{engine}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline, f"the engine process outlived its server ({how})"
+            time.sleep(0.1)
+    finally:
+        server.stop()
+
+
+def test_a_place_freed_by_a_cancel_is_never_refused_by_the_engine_process(tiny_model_dir):
+    """The server counts a place free as soon as a stream closes; the engine process frees it a step later. A
+    client that cancels and resubmits at the limit must never meet the engine's own refusal."""
+    import asyncio
+
+    from server.engine.sampling import SamplingParams
+    from server.engine_process.client import EngineProcess
+    from server.errors import ServeError
+    from server.settings import ServerSettings
+    from server.state import engine_options
+
+    async def churn() -> list[str]:
+        settings = ServerSettings(base_model=str(tiny_model_dir), max_running=2, max_queue=2, max_context=512)
+        engine = EngineProcess(engine_options(settings), max_queue=settings.max_queue)
+        await asyncio.to_thread(engine.wait_ready)
+        engine.start()
+        refused: list[str] = []
+
+        async def consume(events):
+            try:
+                async for event in events:
+                    if isinstance(event, ErrorEvent):
+                        refused.append(event.message)
+            except ServeError as exc:
+                refused.append(f"{type(exc).__name__}: {exc.message}")
+
+        tasks: list[asyncio.Task] = []
+        try:
+            for round in range(80):
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                params = SamplingParams(max_new_tokens=20 if round == 79 else 400)  # the last round runs to its end
+                tasks = [asyncio.create_task(consume(engine.generate([1, 2, 3] * 30, params, None))) for _ in range(4)]
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*tasks)
+            assert engine.in_flight == 0
+        finally:
+            engine.stop()
+        return refused
+
+    assert asyncio.run(churn()) == []
+
+
 def test_token_events_cross_as_tuples_and_final_events_without_their_tokens():
     token = TokenEvent(id=7, text=" a", logprob=-0.5, special=False, last=True)
     assert TokenEvent(*child.pack(token)) == token

@@ -98,6 +98,12 @@ class EngineReplica:
         if request.admin_load is not None and status == 200:
             await self.residency.adopt(request.admin_load.name, request.admin_load.generation)
 
+    def check_health(self) -> None:
+        """Ray Serve asks this periodically and restarts a replica that raises: one whose engine process died
+        (its requests already got their errors) is replaced, not left answering 503 (`serve` exits instead)."""
+        if self.state.load_error:
+            raise RuntimeError(self.state.load_error)
+
     async def _push_metrics(self, every: float) -> None:
         metrics = ForwardedRequest("GET", "/metrics", b"", [], b"")
         while True:

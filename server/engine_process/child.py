@@ -1,19 +1,23 @@
 """The engine process: loads the model, runs the Engine, and serves the server's pipes (see the package doc).
 
-Three threads: the engine's worker (the model's only user, as in one process), this process's main thread
-reading commands, and one reading jobs. What the worker hands to its listeners leaves as one `batch` message
-per engine iteration, written by the worker itself (`Outbox`): nothing else in this process wants the GIL
-while it runs a step.
+Threads: the engine's worker (the model's only user, as in one process), this process's main thread reading
+commands, one reading adapter weights, one watching the server. Only the worker writes the events pipe:
+what it hands to its listeners leaves as one `batch` message per engine iteration (`Outbox`), so nothing else
+here wants the GIL while it runs a step, and a full pipe can stall the worker alone, never a reader. The
+engine queues whatever it is sent (the server admits).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import pickle
 import signal
 import sys
 import threading
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import wait
 
 from safetensors.torch import load as load_safetensors
 
@@ -28,7 +32,6 @@ class EngineOptions:
     """What the child needs to build the runner and the engine (picklable: it crosses the spawn)."""
 
     runner: dict  # load_runner's keyword arguments (server.state.runner_options)
-    max_queue: int
     prefill_chunk_tokens: int
     log_level: str = "info"
     gil_switch_seconds: float = 0.005
@@ -47,18 +50,20 @@ class Hello:
 
 @dataclass
 class Refusal:
-    """The engine refused a submitted request (shutting down): the server raises `kind` for it."""
+    """The engine refused a submitted request (it was stopping): the server raises `kind` for it."""
 
     kind: str  # a server.errors class name
     message: str
+    headers: dict = field(default_factory=dict)
 
 
-def main(options: EngineOptions, commands, jobs, events) -> None:
+def main(options: EngineOptions, commands, weights, events) -> None:
     """The child's entry point (multiprocessing spawn target)."""
-    # The server decides when this process stops (the `stop` command, or its pipes closing): Ctrl-C in a terminal
-    # and a SIGTERM to the process group must drain through the server, not kill the engine under it.
+    # The server decides when this process stops (the `stop` command, or its own end): Ctrl-C in a terminal and
+    # a SIGTERM to the process group must drain through the server, not kill the engine under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_the_server, name="engine-watchdog", daemon=True).start()
     from server.logs import configure
 
     configure(options.log_level)
@@ -69,15 +74,24 @@ def main(options: EngineOptions, commands, jobs, events) -> None:
         log.exception("loading the engine failed")
         events.send(("failed", exc.message if isinstance(exc, ServeError) else f"{type(exc).__name__}: {exc}"))
         return
-    outbox = Outbox(events, numbers=engine.numbers)
+    outbox = Outbox(events)
     events.send(("ready", hello))
     engine.start()
-    threading.Thread(target=_serve_jobs, args=(jobs, engine, runner, outbox), name="engine-jobs", daemon=True).start()
+    threading.Thread(
+        target=_serve_weights, args=(weights, engine, runner, outbox), name="engine-weights", daemon=True
+    ).start()
     try:
-        _serve_commands(commands, engine, outbox)
+        _serve_commands(commands, engine, runner, outbox)
     finally:
         engine.stop()
         outbox.flush()
+
+
+def _exit_with_the_server() -> None:
+    """Whatever this process is doing (loading a model takes minutes), it ends when its server does: it would
+    hold the GPU for nobody, and a restarted server would find it full."""
+    wait([multiprocessing.parent_process().sentinel])
+    os._exit(0)
 
 
 def _load(options: EngineOptions):
@@ -87,12 +101,10 @@ def _load(options: EngineOptions):
     from server.engine.runner import load_runner
 
     runner = load_runner(**options.runner)
-    # The server admits (it knows its own limits at once); the engine here never refuses what it was sent.
+    # The server admits (it knows its limits at once): a place it frees when a stream closes is free here only
+    # once the worker drops the request, so a bounded queue here would refuse what the server admitted.
     engine = Engine(
-        runner,
-        max_running=runner.cache.slots,
-        max_queue=options.max_queue + runner.cache.slots,
-        prefill_chunk_tokens=options.prefill_chunk_tokens,
+        runner, max_running=runner.cache.slots, max_queue=sys.maxsize, prefill_chunk_tokens=options.prefill_chunk_tokens
     )
     fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
     hello = Hello(
@@ -107,11 +119,11 @@ def _load(options: EngineOptions):
 
 class Outbox:
     """The engine's stand-in for an asyncio loop: what the worker hands to `call_soon_threadsafe` (its events'
-    delivery, a job's result) runs at once, and what that put here leaves as one message."""
+    delivery, a job's result) runs at once, and what that put here leaves as one message, written by the worker."""
 
-    def __init__(self, conn, *, numbers) -> None:
-        self._conn, self._numbers = conn, numbers
-        self._lock = threading.Lock()  # the worker and the command thread (refusals) both flush
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()  # the command thread adds refusals and job failures
         self._events: list = []  # (request id, packed event)
         self._jobs: list = []  # (job id, result, pickled error or None)
 
@@ -120,21 +132,28 @@ class Outbox:
         self.flush()
 
     def event(self, rid: int, packed) -> None:
-        self._events.append((rid, packed))
+        with self._lock:
+            self._events.append((rid, packed))
 
-    def job_done(self, jid: int, result, error: BaseException | None) -> None:
-        self._jobs.append((jid, result, None if error is None else _portable(error)))
+    def job_done(self, jid: int | None, result, error: BaseException | None) -> None:
+        if jid is None:  # a no-op job that only made the worker flush
+            return
+        with self._lock:
+            self._jobs.append((jid, result, None if error is None else _portable(error)))
 
     def flush(self) -> None:
         with self._lock:
             if not self._events and not self._jobs:
                 return
-            message = ("batch", self._events, self._jobs, self._numbers())
+            message = ("batch", self._events, self._jobs)
             self._events, self._jobs = [], []
-            try:
-                self._conn.send(message)
-            except (BrokenPipeError, OSError):  # the server is gone; the command thread sees it and stops
-                pass
+        try:
+            self._conn.send(message)
+        except (BrokenPipeError, OSError):  # the server is gone: the watchdog ends this process
+            pass
+        except Exception:  # an event that does not pickle: its request would hang; better end, and be seen to
+            log.exception("sending events to the server failed; the engine process exits")
+            os._exit(1)
 
 
 class RequestEvents:
@@ -152,7 +171,7 @@ class RequestEvents:
 class JobReply:
     """A job's stand-in for its asyncio future."""
 
-    def __init__(self, outbox: Outbox, jid: int) -> None:
+    def __init__(self, outbox: Outbox, jid: int | None) -> None:
         self.outbox, self.jid = outbox, jid
 
     def cancelled(self) -> bool:
@@ -175,7 +194,7 @@ def pack(event):
     return event
 
 
-def _serve_commands(conn, engine, outbox: Outbox) -> None:
+def _serve_commands(conn, engine, runner, outbox: Outbox) -> None:
     """Until `stop` or the server's end of the pipe closes."""
     running: dict = {}  # request id → Sequence, until its last event
     while True:
@@ -190,6 +209,9 @@ def _serve_commands(conn, engine, outbox: Outbox) -> None:
             seq = running.pop(args[0], None)
             if seq is not None:
                 seq.cancel()
+        elif command == "job":
+            jid, name, job_args = args
+            _enqueue(engine, outbox, jid, lambda name=name, job_args=job_args: _job(engine, runner, name, job_args))
         elif command == "stop_accepting":
             engine.stop_accepting()
         elif command == "abort_all":
@@ -201,29 +223,42 @@ def _serve_commands(conn, engine, outbox: Outbox) -> None:
 def _submit(engine, outbox: Outbox, running: dict, rid: int, prompt_ids, params, adapter_key) -> None:
     listener = (outbox, RequestEvents(outbox, rid, running))
     try:
-        running[rid] = engine.submit(prompt_ids, params, adapter_key, listener=listener)
-    except ServeError as exc:
-        outbox.event(rid, Refusal(type(exc).__name__, exc.message))
-        outbox.flush()
+        seq = engine.submit(prompt_ids, params, adapter_key, listener=listener)
+    except ServeError as exc:  # stopping: the worker sends the refusal with its next batch
+        outbox.event(rid, Refusal(type(exc).__name__, exc.message, dict(exc.headers or {})))
+        engine.enqueue_job(lambda: None, JobReply(outbox, None), outbox)
+        return
+    running[rid] = seq
+    if seq.done:  # it ended before it was recorded (its last event could not take it out)
+        running.pop(rid, None)
 
 
-def _serve_jobs(conn, engine, runner, outbox: Outbox) -> None:
+def _enqueue(engine, outbox: Outbox, jid: int, make) -> None:
+    """Run the job `make()` builds on the worker; a job that cannot be built fails with the reason."""
+    try:
+        job = make()
+    except Exception as exc:
+        outbox.job_done(jid, None, exc)
+        job = lambda: None  # noqa: E731  (the failure leaves with the worker's next flush)
+        jid = None
+    engine.enqueue_job(job, JobReply(outbox, jid), outbox)
+
+
+def _serve_weights(conn, engine, runner, outbox: Outbox) -> None:
+    """Adapter attaches, apart from the commands: their weights are megabytes (parsed here, off the worker)."""
     while True:
         try:
             jid, name, args = conn.recv()
         except (EOFError, OSError):
             return
-        try:
-            job = _job(engine, runner, name, args)
-        except BaseException as exc:  # e.g. weights that do not parse: the job fails, the process goes on
-            outbox.job_done(jid, None, exc)
-            outbox.flush()
+        except Exception:  # a message that does not unpickle: its job is lost, the process goes on
+            log.exception("reading an adapter job failed")
             continue
-        engine.enqueue_job(job, JobReply(outbox, jid), outbox)
+        _enqueue(engine, outbox, jid, lambda name=name, args=args: _job(engine, runner, name, args))
 
 
 def _job(engine, runner, name: str, args: tuple):
-    """The callable the worker runs for job `name` (weights are parsed here, off the worker)."""
+    """The callable the worker runs for job `name`."""
     if name == "attach":
         key, config, weights = args
         state_dict = load_safetensors(weights)

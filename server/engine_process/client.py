@@ -1,10 +1,18 @@
 """The server's side of the engine process (see the package doc): the Engine surface over three pipes.
 
 Admission is decided here, at once, from this side's own count of requests in flight (as the in-process
-engine does): the engine process never refuses what it is sent, except while it shuts down. Each request's
-token events are kept as they arrive; its final event comes without them and gets them back here.
+engine does); the engine process queues whatever it is sent. Each request's token events are kept as they
+arrive; its final event comes without them and gets them back here.
+
+Nothing here writes to a pipe from the event loop: commands go through a queue to one writer thread, so a full
+pipe never stalls the loop, and a signal handler (the drain on SIGTERM calls `stop_accepting`) never finds a
+write of its own thread half done. Commands keep their order: a cancel reaches the engine before a later detach
+of the adapter it held, as in one process. Only adapter weights take the jobs pipe (megabytes, written in a
+thread of their own).
+
 If the engine process dies, every request in flight gets an error event, every job fails, and `on_lost` is
-called (the server then stops: an orchestrator restarts it).
+called (the server then stops: an orchestrator restarts it). At interpreter exit a child still alive is killed:
+it ignores SIGTERM, and would otherwise hold the GPU after its server is gone.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing.util import Finalize
 
 from safetensors.torch import save as save_safetensors
 
@@ -29,6 +39,8 @@ from server.engine_process import child
 from server.errors import ServeError, Unavailable
 
 log = logging.getLogger("loraserve.engine_process")
+MESSAGES_PER_WAKE = 64  # events messages handled per loop callback: a busy engine never holds the loop for long
+NUMBERS_WAIT_SECONDS = 0.5  # a /metrics scrape waits this long for fresh engine numbers, then uses the last ones
 
 
 @dataclass
@@ -40,8 +52,8 @@ class _Stream:
 class EngineProcess:
     def __init__(self, options: child.EngineOptions, *, max_queue: int) -> None:
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        commands_in, self._commands = context.Pipe(duplex=False)
-        jobs_in, self._jobs = context.Pipe(duplex=False)
+        commands_in, commands = context.Pipe(duplex=False)
+        jobs_in, self._weights = context.Pipe(duplex=False)
         self._events, events_out = context.Pipe(duplex=False)
         self._process = context.Process(
             target=child.main, args=(options, commands_in, jobs_in, events_out), name="loraserve-engine", daemon=True
@@ -49,6 +61,12 @@ class EngineProcess:
         self._process.start()
         for end in (commands_in, jobs_in, events_out):  # the child's ends: closed here, so its exit reads as EOF
             end.close()
+        # Before multiprocessing joins its children at exit (it would wait for ever on one that ignores SIGTERM).
+        Finalize(self, _kill_if_alive, args=(self._process,), exitpriority=10)
+        self._outgoing: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe even from a signal handler
+        threading.Thread(
+            target=_write_all, args=(self._outgoing, commands), name="engine-commands", daemon=True
+        ).start()
         self.max_queue = max_queue
         self.max_running = 0  # the KV slots: known once the model is loaded (wait_ready)
         self.stats = EngineStats()
@@ -58,8 +76,7 @@ class EngineProcess:
         self._streams: dict[int, _Stream] = {}
         self._jobs_pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
-        self._send_lock = threading.Lock()  # commands come from the loop and from the drain thread (abort_all)
-        self._job_lock = threading.Lock()
+        self._weights_lock = threading.Lock()
         self._admitted = 0
         self._accepting = True
         self._lost: str | None = None
@@ -99,11 +116,8 @@ class EngineProcess:
     def stop(self) -> None:
         """Stop the child: it fails what it still runs, and those events are handled before it is joined."""
         self._accepting = False
-        try:
-            self._send(("stop",))
-            self._read_until_exit(timeout=30)
-        except (BrokenPipeError, OSError):
-            pass
+        self._send(("stop",))
+        self._read_until_exit(timeout=30)
         self._process.join(timeout=5)
         if self._process.is_alive():
             self._process.kill()
@@ -113,10 +127,10 @@ class EngineProcess:
 
     def stop_accepting(self) -> None:
         self._accepting = False
-        self._send_quietly(("stop_accepting",))
+        self._send(("stop_accepting",))
 
     def abort_all(self, message: str) -> None:
-        self._send_quietly(("abort_all", message))
+        self._send(("abort_all", message))
 
     @property
     def in_flight(self) -> int:
@@ -140,11 +154,7 @@ class EngineProcess:
         rid = next(self._ids)
         stream = self._streams[rid] = _Stream()
         self._admitted += 1
-        try:
-            self._send(("submit", rid, prompt_ids, params, adapter_key))
-        except (BrokenPipeError, OSError):
-            self._finished(rid)
-            raise Unavailable("the engine process is gone") from None
+        self._send(("submit", rid, prompt_ids, params, adapter_key))
         return self._events_of(rid, stream)
 
     async def _events_of(self, rid: int, stream: _Stream):
@@ -159,12 +169,18 @@ class EngineProcess:
         finally:
             if rid in self._streams:  # closed before its last event: the engine drops it within a step
                 self._finished(rid)
-                self._send_quietly(("cancel", rid))
+                self._send(("cancel", rid))
 
-    # -- jobs: the adapter registry's attach / detach, and the warm-up ----------------------------
+    # -- jobs: the adapter registry's attach / detach, the warm-up, the numbers -------------------
     async def attach(self, key: str, config, weights: dict) -> None:
         payload = await asyncio.to_thread(save_safetensors, {name: w.contiguous() for name, w in weights.items()})
-        await self._job("attach", key, config, payload)
+        jid, future = self._new_job()
+        try:  # a thread: an adapter's weights are megabytes, which a pipe takes in pieces
+            await asyncio.to_thread(self._send_weights, (jid, "attach", (key, config, payload)))
+        except (BrokenPipeError, OSError):
+            self._jobs_pending.pop(jid, None)
+            raise Unavailable("the engine process is gone") from None
+        await future
 
     async def detach(self, key: str) -> None:
         await self._job("detach", key)
@@ -173,29 +189,35 @@ class EngineProcess:
         await self._job("warm_up")
 
     async def refresh(self) -> None:
-        """Fresh numbers from the engine (the last batch's may be old: a cancelled request sends no event)."""
-        self._take_numbers(await self._job("numbers"))
+        """Fresh numbers from the engine, between its steps; the last ones if it does not answer in time."""
+        try:
+            self._take_numbers(await asyncio.wait_for(self._job("numbers"), NUMBERS_WAIT_SECONDS))
+        except (asyncio.TimeoutError, ServeError):
+            pass
 
     async def _job(self, name: str, *args):
+        """A small job, through the commands pipe: in order with the cancels sent before it."""
+        jid, future = self._new_job()
+        self._send(("job", jid, name, args))
+        return await future
+
+    def _new_job(self) -> tuple[int, asyncio.Future]:
         if self._lost:
             raise Unavailable(self._lost)
         jid = next(self._ids)
         future = self._jobs_pending[jid] = asyncio.get_running_loop().create_future()
-        try:  # a thread: an adapter's weights are megabytes, which a pipe takes in pieces
-            await asyncio.to_thread(self._send_job, (jid, name, args))
-        except (BrokenPipeError, OSError):
-            self._jobs_pending.pop(jid, None)
-            raise Unavailable("the engine process is gone") from None
-        return await future
+        return jid, future
 
-    def _send_job(self, message) -> None:
-        with self._job_lock:
-            self._jobs.send(message)
+    def _send_weights(self, message) -> None:
+        with self._weights_lock:
+            self._weights.send(message)
 
     # -- the events pipe ------------------------------------------------------------------------
     def _on_readable(self) -> None:
         try:
-            while self._events.poll():
+            for _ in range(MESSAGES_PER_WAKE):
+                if not self._events.poll():
+                    return
                 self._handle(self._events.recv())
         except (EOFError, OSError):
             self._close_reader()
@@ -205,21 +227,20 @@ class EngineProcess:
         """Handle what the child sends until it closes its end (it does on exit) or `timeout` passes."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self._events.poll(0.1):
-                try:
+            try:
+                if self._events.poll(0.1):
                     self._handle(self._events.recv())
-                except (EOFError, OSError):
-                    return
+            except (EOFError, OSError):
+                return
 
     def _handle(self, message) -> None:
-        _, events, jobs, numbers = message
+        _, events, jobs = message
         for rid, packed in events:
             self._deliver(rid, packed)
         for jid, result, error in jobs:
             future = self._jobs_pending.pop(jid, None)
             if future is not None and not future.done():
                 future.set_result(result) if error is None else future.set_exception(pickle.loads(error))
-        self._take_numbers(numbers)
 
     def _deliver(self, rid: int, packed) -> None:
         stream = self._streams.get(rid)
@@ -233,7 +254,9 @@ class EngineProcess:
             if isinstance(packed, FinalEvent):
                 event = replace(packed, tokens=stream.tokens)
             elif isinstance(packed, child.Refusal):
-                event = getattr(errors, packed.kind, Unavailable)(packed.message)
+                kind = getattr(errors, packed.kind, None)
+                kind = kind if isinstance(kind, type) and issubclass(kind, ServeError) else Unavailable
+                event = kind(packed.message, headers=packed.headers)
             else:
                 event = packed
         stream.queue.put_nowait(event)
@@ -267,17 +290,26 @@ class EngineProcess:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._events.fileno())
 
-    # -- the commands pipe ----------------------------------------------------------------------
     def _send(self, message) -> None:
-        with self._send_lock:
-            self._commands.send(message)
+        """Queue a command for the writer thread (never blocks, never raises: a dead child shows as the events
+        pipe's end, which fails everything in flight)."""
+        self._outgoing.put(message)
 
-    def _send_quietly(self, message) -> None:
-        """For messages that lose their point when the child is gone (cancel, stop accepting, abort)."""
+
+def _write_all(outgoing: queue.SimpleQueue, conn) -> None:
+    """The commands pipe's only writer, until the child is gone."""
+    while True:
+        message = outgoing.get()
         try:
-            self._send(message)
+            conn.send(message)
         except (BrokenPipeError, OSError):
-            pass
+            return
+
+
+def _kill_if_alive(process) -> None:
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=5)
 
 
 async def run_job(fn):
