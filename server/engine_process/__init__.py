@@ -6,10 +6,10 @@ hands it over: at 64 streams on an H200 the server streamed 0.73× what the engi
 (bench/results/gpu-2026-12-02-piecewise). With `engine_process` on, the engine runs in a child process (spawned:
 CUDA is never forked) and the server talks to it over three pipes:
 
-    commands  server → engine   submit, cancel, stop accepting, abort all, stop          small, in order
-    jobs      server → engine   attach an adapter (its weights as safetensors bytes), detach, warm up
-    events    engine → server   one message per engine iteration: the requests' events, finished jobs,
-                                and the engine's numbers for /metrics
+    commands  server → engine   submit, cancel, stop accepting, abort all, stop, and the small jobs
+                                (detach an adapter, warm up, the numbers for /metrics): in one order
+    weights   server → engine   attach an adapter: its weights as safetensors bytes (megabytes)
+    events    engine → server   one message per engine iteration: the requests' events, finished jobs
 
 `client.EngineProcess` is the server's side: the Engine surface that the service, the adapter registry and the
 server's state use. `child.main` is the child's. Neither knows HTTP.
