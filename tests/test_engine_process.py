@@ -142,6 +142,31 @@ def test_a_place_freed_by_a_cancel_is_never_refused_by_the_engine_process(tiny_m
     assert asyncio.run(churn()) == []
 
 
+def test_the_tokenizer_crosses_as_its_files_and_encodes_the_same(tiny_model_dir):
+    """The server tokenizes prompts with the engine's tokenizer, rebuilt from its saved files (a loader's object
+    may not unpickle where the loader was never imported): the same ids, special tokens and chat template."""
+    from transformers import AutoTokenizer
+
+    from server.engine_process.client import _load_tokenizer
+
+    original = AutoTokenizer.from_pretrained(tiny_model_dir)
+    original.pad_token = original.eos_token  # as load_runner sets it where a model has none
+    original.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    rebuilt = _load_tokenizer(child._saved(original))
+    for text in ("The capital of France is", "  spaces,\ttabs\nand 中文 ✓", ""):
+        assert rebuilt(text).input_ids == original(text).input_ids
+    assert (rebuilt.pad_token_id, rebuilt.eos_token_id, rebuilt.bos_token_id) == (
+        original.pad_token_id,
+        original.eos_token_id,
+        original.bos_token_id,
+    )
+    assert rebuilt.all_special_tokens == original.all_special_tokens
+    messages = [{"role": "user", "content": "hi"}]
+    assert rebuilt.apply_chat_template(messages, tokenize=False) == original.apply_chat_template(
+        messages, tokenize=False
+    )
+
+
 def test_token_events_cross_as_tuples_and_final_events_without_their_tokens():
     token = TokenEvent(id=7, text=" a", logprob=-0.5, special=False, last=True)
     assert TokenEvent(*child.pack(token)) == token

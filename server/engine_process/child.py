@@ -15,9 +15,11 @@ import os
 import pickle
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
+from pathlib import Path
 
 from safetensors.torch import load as load_safetensors
 
@@ -44,7 +46,7 @@ class Hello:
     facts: object  # RunnerFacts
     fingerprint: str
     base: object  # BaseShapes: what adapters are checked against
-    tokenizer: object  # the runner's own (the loader may have set its pad token)
+    tokenizer_files: dict[str, bytes]  # the runner's tokenizer as saved (the loader may have set its pad token)
     numbers: dict = field(default_factory=dict)
 
 
@@ -111,10 +113,18 @@ def _load(options: EngineOptions):
         facts=runner.facts(),
         fingerprint=fingerprint,
         base=base_shapes(runner.model, fingerprint),
-        tokenizer=runner.tokenizer,
+        tokenizer_files=_saved(runner.tokenizer),
         numbers=engine.numbers(),
     )
     return engine, runner, hello
+
+
+def _saved(tokenizer) -> dict[str, bytes]:
+    """The tokenizer's files, as `save_pretrained` writes them: a loader's tokenizer object may be of a class or
+    carry methods that unpickle only where that loader was imported (Unsloth patches), its files load anywhere."""
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        return {path.name: path.read_bytes() for path in Path(directory).iterdir() if path.is_file()}
 
 
 class Outbox:

@@ -23,11 +23,13 @@ import logging
 import multiprocessing
 import pickle
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.util import Finalize
+from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
 
@@ -93,7 +95,7 @@ class EngineProcess:
         if kind == "failed":
             self._process.join(timeout=10)
             raise ServeError(payload)
-        self.tokenizer = payload.tokenizer
+        self.tokenizer = _load_tokenizer(payload.tokenizer_files)
         self.max_running = payload.facts.kv_slots
         self._take_numbers(payload.numbers)
         return payload
@@ -294,6 +296,15 @@ class EngineProcess:
         """Queue a command for the writer thread (never blocks, never raises: a dead child shows as the events
         pipe's end, which fails everything in flight)."""
         self._outgoing.put(message)
+
+
+def _load_tokenizer(files: dict[str, bytes]):
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as directory:
+        for name, data in files.items():
+            (Path(directory) / name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(directory)
 
 
 def _write_all(outgoing: queue.SimpleQueue, conn) -> None:
