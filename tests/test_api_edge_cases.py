@@ -294,16 +294,18 @@ def test_health_answers_and_ready_says_loading_while_the_model_loads(tiny_model_
         sys.setswitchinterval(switch)
 
 
-def test_a_model_that_fails_to_load_ends_the_server_with_status_3(tmp_path):
+@pytest.mark.parametrize("placement", ["off", "on"], ids=["one-process", "engine-process"])
+def test_a_model_that_fails_to_load_ends_the_server_with_status_3(tmp_path, placement):
     """The model loads behind an open port now; a load that fails must still end the process (as a failed
-    start-up did), with the reason in the log, rather than leave a server that is never ready."""
+    start-up did), with the reason in the log, rather than leave a server that is never ready (also when it
+    fails in the engine process)."""
     from tests.live import LiveServer
 
     broken = tmp_path / "broken-model"  # passes the CLI's checks (config.json, weights), fails to load
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama"}')
     (broken / "model.safetensors").write_bytes(b"")
-    server = LiveServer(broken, log_path=tmp_path / "server.log")
+    server = LiveServer(broken, log_path=tmp_path / "server.log", engine_process=placement)
     try:
         code = server.proc.wait(timeout=120)
         log = server.log()

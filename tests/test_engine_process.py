@@ -1,7 +1,8 @@
 """The engine in a process of its own (server/engine_process): what only that placement can do wrong.
 
-Every live-server test of tests/test_server_generation.py also runs with the engine in its own process; here:
-its death under load, its failure to load, and the pieces that cross the pipes.
+Every live-server test of tests/test_server_generation.py (and the failed-load test of test_api_edge_cases.py)
+also runs with the engine in its own process; here: its death under load, its lifetime, admission, and the
+pieces that cross the pipes.
 """
 
 from __future__ import annotations
@@ -60,22 +61,6 @@ def test_an_engine_process_that_dies_fails_its_streams_in_band_and_stops_the_ser
         server.stop()
     assert code == 3, log[-3000:]
     assert "engine process exited" in log
-
-
-@pytest.mark.slow
-def test_a_model_that_fails_to_load_in_the_engine_process_ends_the_server_with_status_3(tmp_path):
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "llama"}')
-    (broken / "model.safetensors").write_bytes(b"")
-    server = LiveServer(broken, engine_process="on", log_path=tmp_path / "server.log")
-    try:
-        code = server.proc.wait(timeout=120)
-        log = server.log()
-    finally:
-        server.stop()
-    assert code == 3, log[-3000:]
-    assert "loading failed" in log
 
 
 @pytest.mark.slow
