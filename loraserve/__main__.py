@@ -1,4 +1,4 @@
 from loraserve.cli import app
 
-if __name__ == "__main__":  # the engine process (spawned) imports the main module again: it must not run the CLI
+if __name__ == "__main__":  # run by path, this file is imported again in the spawned engine process
     app()

@@ -1,10 +1,11 @@
 """The engine process: loads the model, runs the Engine, and serves the server's pipes (see the package doc).
 
 Threads: the engine's worker (the model's only user, as in one process), this process's main thread reading
-commands, one reading adapter weights, one watching the server. Only the worker writes the events pipe:
-what it hands to its listeners leaves as one `batch` message per engine iteration (`Outbox`), so nothing else
-here wants the GIL while it runs a step, and a full pipe can stall the worker alone, never a reader. The
-engine queues whatever it is sent (the server admits).
+commands, one reading adapter weights, one watching the server. What the worker hands to its listeners leaves
+as one `batch` message per engine iteration (`Outbox`); the readers write only the rare refusal or failed job
+(the outbox's lock keeps messages whole). The server's loop reads the events pipe and never blocks on a write
+of its own, so a writer here waits at most for that loop. The engine queues whatever it is sent (the server
+admits).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class Outbox:
 
     def __init__(self, conn) -> None:
         self._conn = conn
-        self._lock = threading.Lock()  # the command thread adds refusals and job failures
+        self._lock = threading.Lock()  # the worker and the readers (refusals, failed jobs) both send
         self._events: list = []  # (request id, packed event)
         self._jobs: list = []  # (job id, result, pickled error or None)
 
@@ -145,9 +146,7 @@ class Outbox:
         with self._lock:
             self._events.append((rid, packed))
 
-    def job_done(self, jid: int | None, result, error: BaseException | None) -> None:
-        if jid is None:  # a no-op job that only made the worker flush
-            return
+    def job_done(self, jid: int, result, error: BaseException | None) -> None:
         with self._lock:
             self._jobs.append((jid, result, None if error is None else _portable(error)))
 
@@ -157,13 +156,13 @@ class Outbox:
                 return
             message = ("batch", self._events, self._jobs)
             self._events, self._jobs = [], []
-        try:
-            self._conn.send(message)
-        except (BrokenPipeError, OSError):  # the server is gone: the watchdog ends this process
-            pass
-        except Exception:  # an event that does not pickle: its request would hang; better end, and be seen to
-            log.exception("sending events to the server failed; the engine process exits")
-            os._exit(1)
+            try:
+                self._conn.send(message)
+            except (BrokenPipeError, OSError):  # the server is gone: the watchdog ends this process
+                pass
+            except Exception:  # an event that does not pickle: its request would hang; better end, and be seen to
+                log.exception("sending events to the server failed; the engine process exits")
+                os._exit(1)
 
 
 class RequestEvents:
@@ -181,7 +180,7 @@ class RequestEvents:
 class JobReply:
     """A job's stand-in for its asyncio future."""
 
-    def __init__(self, outbox: Outbox, jid: int | None) -> None:
+    def __init__(self, outbox: Outbox, jid: int) -> None:
         self.outbox, self.jid = outbox, jid
 
     def cancelled(self) -> bool:
@@ -221,7 +220,7 @@ def _serve_commands(conn, engine, runner, outbox: Outbox) -> None:
                 seq.cancel()
         elif command == "job":
             jid, name, job_args = args
-            _enqueue(engine, outbox, jid, lambda name=name, job_args=job_args: _job(engine, runner, name, job_args))
+            _enqueue(engine, runner, outbox, jid, name, job_args)
         elif command == "stop_accepting":
             engine.stop_accepting()
         elif command == "abort_all":
@@ -234,23 +233,23 @@ def _submit(engine, outbox: Outbox, running: dict, rid: int, prompt_ids, params,
     listener = (outbox, RequestEvents(outbox, rid, running))
     try:
         seq = engine.submit(prompt_ids, params, adapter_key, listener=listener)
-    except ServeError as exc:  # stopping: the worker sends the refusal with its next batch
+    except ServeError as exc:  # stopping
         outbox.event(rid, Refusal(type(exc).__name__, exc.message, dict(exc.headers or {})))
-        engine.enqueue_job(lambda: None, JobReply(outbox, None), outbox)
+        outbox.flush()
         return
     running[rid] = seq
     if seq.done:  # it ended before it was recorded (its last event could not take it out)
         running.pop(rid, None)
 
 
-def _enqueue(engine, outbox: Outbox, jid: int, make) -> None:
-    """Run the job `make()` builds on the worker; a job that cannot be built fails with the reason."""
+def _enqueue(engine, runner, outbox: Outbox, jid: int, name: str, args: tuple) -> None:
+    """Run job `name` on the worker; one that cannot be built (weights that do not parse) fails with the reason."""
     try:
-        job = make()
+        job = _job(engine, runner, name, args)
     except Exception as exc:
         outbox.job_done(jid, None, exc)
-        job = lambda: None  # noqa: E731  (the failure leaves with the worker's next flush)
-        jid = None
+        outbox.flush()
+        return
     engine.enqueue_job(job, JobReply(outbox, jid), outbox)
 
 
@@ -264,7 +263,7 @@ def _serve_weights(conn, engine, runner, outbox: Outbox) -> None:
         except Exception:  # a message that does not unpickle: its job is lost, the process goes on
             log.exception("reading an adapter job failed")
             continue
-        _enqueue(engine, outbox, jid, lambda name=name, args=args: _job(engine, runner, name, args))
+        _enqueue(engine, runner, outbox, jid, name, args)
 
 
 def _job(engine, runner, name: str, args: tuple):

@@ -71,7 +71,6 @@ class EngineProcess:
         ).start()
         self.max_queue = max_queue
         self.max_running = 0  # the KV slots: known once the model is loaded (wait_ready)
-        self.stats = EngineStats()
         self.tokenizer = None
         self.on_lost: Callable[[str], None] = lambda reason: None
         self._numbers: dict = {}
@@ -97,7 +96,7 @@ class EngineProcess:
             raise ServeError(payload)
         self.tokenizer = _load_tokenizer(payload.tokenizer_files)
         self.max_running = payload.facts.kv_slots
-        self._take_numbers(payload.numbers)
+        self._numbers = payload.numbers
         return payload
 
     def _first_message(self):
@@ -144,6 +143,17 @@ class EngineProcess:
 
     def numbers(self) -> dict[str, float]:
         return self._numbers
+
+    @property
+    def stats(self) -> EngineStats:
+        """The queue and batch sizes (/metrics), as of the last numbers the engine sent."""
+        n = self._numbers
+        return EngineStats(
+            waiting=n["waiting"],
+            running=n["running"],
+            steps=n["loraserve_engine_steps"],
+            prefill_tokens=n["loraserve_engine_prefill_tokens"],
+        )
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, adapter_key: str | None
@@ -193,7 +203,7 @@ class EngineProcess:
     async def refresh(self) -> None:
         """Fresh numbers from the engine, between its steps; the last ones if it does not answer in time."""
         try:
-            self._take_numbers(await asyncio.wait_for(self._job("numbers"), NUMBERS_WAIT_SECONDS))
+            self._numbers = await asyncio.wait_for(self._job("numbers"), NUMBERS_WAIT_SECONDS)
         except (asyncio.TimeoutError, ServeError):
             pass
 
@@ -262,12 +272,6 @@ class EngineProcess:
             else:
                 event = packed
         stream.queue.put_nowait(event)
-
-    def _take_numbers(self, numbers: dict) -> None:
-        self._numbers = numbers
-        self.stats.waiting, self.stats.running = numbers.get("waiting", 0), numbers.get("running", 0)
-        self.stats.steps = numbers.get("loraserve_engine_steps", 0)
-        self.stats.prefill_tokens = numbers.get("loraserve_engine_prefill_tokens", 0)
 
     def _finished(self, rid: int) -> None:
         if self._streams.pop(rid, None) is not None:
