@@ -166,14 +166,10 @@ def supports(head_dim: int) -> bool:
 
 
 def reference(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lengths: torch.Tensor, *, span: int) -> torch.Tensor:
-    """The decoder's SDPA call under its additive length mask (Decoder._decode_attention): [n, Hq * D]."""
-    n, heads, head_dim = q.shape
-    kv_heads = K.shape[1]
-    visible = torch.arange(span, device=q.device)[None, :] < lengths[:, None]  # [n, span]
-    mask = torch.zeros(n, 1, 1, span, device=q.device, dtype=q.dtype).masked_fill_(~visible[:, None, None], -math.inf)
-    grouped = q.view(n, kv_heads, heads // kv_heads, head_dim)  # [n, Hkv, G, D]
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, K[:n, :, :span], V[:n, :, :span], attn_mask=mask)
-    return out.reshape(n, heads * head_dim)
+    """The decoder's own SDPA call under its length mask: [n, Hq * D]."""
+    from server.engine.decoder import decode_mask, decode_sdpa
+
+    return decode_sdpa(q, K, V, decode_mask(lengths, span, q.dtype))
 
 
 def matches_sdpa(device, dtype, *, heads: int, kv_heads: int, head_dim: int) -> bool:

@@ -259,27 +259,15 @@ class Decoder:
         whose rows are 16-aligned: handed a boolean or unaligned mask, SDPA converts and pads it again in
         every layer (kernels per layer)."""
         masks, group = [], self.heads // self.kv_heads
-        device = step.ids.device
+        device, dtype = step.ids.device, self.cache.K[0].dtype
         if step.decode_rows:
-            masks.append(self._decode_mask(step) if self.decode_kernel is None else None)
+            kernel = self.decode_kernel is not None
+            masks.append(None if kernel else decode_mask(step.decode_lengths, step.decode_span, dtype))
         for chunk in step.chunks:
             rows = chunk.start + torch.arange(chunk.length, device=device)  # [S] absolute positions
             causal = torch.arange(chunk.start + chunk.length, device=device)[None, :] <= rows[:, None]  # [S, span]
-            masks.append(self._additive(causal.repeat(group, 1)))
+            masks.append(additive_mask(causal.repeat(group, 1), dtype))
         return masks
-
-    def _decode_mask(self, step: Step) -> torch.Tensor:
-        """[n, 1, 1, span]: decode row i sees positions 0..decode_lengths[i]-1 of its slot."""
-        visible = torch.arange(step.decode_span, device=step.ids.device)[None, :] < step.decode_lengths[:, None]
-        return self._additive(visible)[:, None, None, :]  # visible: [n, span]
-
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        """[rows, span] bool → [rows, span] 0 / -inf in the cache's dtype, rows 16-aligned in memory."""
-        rows, span = visible.shape
-        dtype, device = self.cache.K[0].dtype, visible.device
-        storage = torch.full((rows, _round_up(span, 16)), float("-inf"), dtype=dtype, device=device)
-        mask = storage[:, :span]
-        return mask.masked_fill_(visible, 0.0)
 
     def _attention(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, step: Step, masks) -> torch.Tensor:
         parts, masks = [], iter(masks)
@@ -292,14 +280,9 @@ class Decoder:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _decode_attention(self, q: torch.Tensor, K, V, step: Step, *, mask: torch.Tensor | None) -> torch.Tensor:
-        span = step.decode_span
         if mask is None:  # attention_masks left the lengths to the kernel, which reads them on the device
-            return self.decode_kernel.decode_attention(q, K, V, step.decode_lengths, span=span)
-        n, group = q.shape[0], self.heads // self.kv_heads
-        # The query heads sharing a KV head ride in the query-length axis: no repeated keys.
-        q = q.view(n, self.kv_heads, group, self.head_dim)  # [n, Hkv, G, D]
-        out = F.scaled_dot_product_attention(q, K[:n, :, :span], V[:n, :, :span], attn_mask=mask)  # [n, Hkv, G, D]
-        return out.reshape(n, self.heads * self.head_dim)
+            return self.decode_kernel.decode_attention(q, K, V, step.decode_lengths, span=step.decode_span)
+        return decode_sdpa(q, K, V, mask)
 
     def _chunk_attention(self, q: torch.Tensor, K, V, chunk: Chunk, *, mask: torch.Tensor) -> torch.Tensor:
         s, span, group = chunk.length, chunk.start + chunk.length, self.heads // self.kv_heads
@@ -316,6 +299,30 @@ class Decoder:
         return (
             out.view(self.kv_heads, group, s, self.head_dim).permute(2, 0, 1, 3).reshape(s, self.heads * self.head_dim)
         )
+
+
+def decode_sdpa(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The decode rows' attention by definition: row i's queries q [n, Hq, D] over KV slot i of K, V [slots, Hkv,
+    L, D] under the additive mask [n, 1, 1, span] (decode_mask); [n, Hq * D]."""
+    n, heads, head_dim = q.shape
+    kv_heads, span = K.shape[1], mask.shape[-1]
+    # The query heads sharing a KV head ride in the query-length axis: no repeated keys.
+    grouped = q.view(n, kv_heads, heads // kv_heads, head_dim)  # [n, Hkv, G, D]
+    out = F.scaled_dot_product_attention(grouped, K[:n, :, :span], V[:n, :, :span], attn_mask=mask)  # [n, Hkv, G, D]
+    return out.reshape(n, heads * head_dim)
+
+
+def decode_mask(lengths: torch.Tensor, span: int, dtype) -> torch.Tensor:
+    """[n, 1, 1, span]: decode row i sees positions 0..lengths[i]-1 of its slot."""
+    visible = torch.arange(span, device=lengths.device)[None, :] < lengths[:, None]  # [n, span]
+    return additive_mask(visible, dtype)[:, None, None, :]
+
+
+def additive_mask(visible: torch.Tensor, dtype) -> torch.Tensor:
+    """[rows, span] bool → [rows, span] 0 / -inf in `dtype`, rows 16-aligned in memory."""
+    rows, span = visible.shape
+    storage = torch.full((rows, _round_up(span, 16)), float("-inf"), dtype=dtype, device=visible.device)
+    return storage[:, :span].masked_fill_(visible, 0.0)
 
 
 @contextmanager
