@@ -7,10 +7,14 @@ pieces that cross the pipes.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing
 import os
 import pickle
 import signal
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import pytest
 
 from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
 from server.engine_process import child
+from server.engine_process.client import watch
 from tests.live import LiveServer
 
 ENDLESS = "hello hello hello hello"  # the random tiny model runs it to max_new_tokens (test_server_generation.py)
@@ -169,3 +174,43 @@ def test_job_errors_cross_as_themselves_or_as_their_text():
 
     crossed = pickle.loads(child._portable(Local("odd")))
     assert isinstance(crossed, RuntimeError) and "Local: odd" in str(crossed)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_message_that_arrives_in_pieces_is_read_whole(loop_kind):
+    """The events pipe under load: the child may still be writing a message when the server's loop is told the
+    pipe is readable. uvloop (uvicorn's choice where installed) makes watched descriptors non-blocking; reading
+    half a message then raised BlockingIOError, which the server took for the engine's death (status 3, every
+    stream failed)."""
+    new_loop = pytest.importorskip("uvloop").new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    message = ("batch", [(1, (7, "x" * 300_000, -0.5, False, False))], [])  # larger than a pipe holds
+    frame = pickle.dumps(message)
+    received, failures = [], []
+
+    def on_readable():
+        try:
+            received.append(reader.recv())
+        except Exception as exc:
+            failures.append(exc)
+
+    def write_in_two_pieces():  # multiprocessing's frame: a 4-byte big-endian length, then the bytes
+        data = struct.pack("!i", len(frame)) + frame
+        os.write(writer.fileno(), data[:1000])
+        time.sleep(0.3)  # the reader is woken by the first piece and finds the pipe empty before the rest
+        view = memoryview(data)[1000:]
+        while view:
+            view = view[os.write(writer.fileno(), view) :]
+
+    async def main():
+        watch(asyncio.get_running_loop(), reader, on_readable)
+        threading.Thread(target=write_in_two_pieces, daemon=True).start()  # blocked for ever if a read failed
+        while not received and not failures:
+            await asyncio.sleep(0.01)
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert failures == [] and received == [message]

@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import tempfile
@@ -112,7 +113,7 @@ class EngineProcess:
     def start(self) -> None:
         """Listen on the events pipe from the running loop (every event is handled on it)."""
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._events.fileno(), self._on_readable)
+        watch(self._loop, self._events, self._on_readable)
 
     def stop(self) -> None:
         """Stop the child: it fails what it still runs, and those events are handled before it is joined."""
@@ -300,6 +301,15 @@ class EngineProcess:
         """Queue a command for the writer thread (never blocks, never raises: a dead child shows as the events
         pipe's end, which fails everything in flight)."""
         self._outgoing.put(message)
+
+
+def watch(loop: asyncio.AbstractEventLoop, conn, on_readable: Callable[[], None]) -> None:
+    """Call `on_readable` on `loop` whenever `conn` has data; its `recv` then returns whole messages."""
+    loop.add_reader(conn.fileno(), on_readable)
+    # uvloop (uvicorn's loop wherever it is installed) makes a watched descriptor non-blocking. A message still
+    # being written (a pipe holds 64 KiB) would then fail half-read with BlockingIOError, which reads as the
+    # engine's death. Blocking, `recv` waits for the rest of it, as on asyncio's own loop.
+    os.set_blocking(conn.fileno(), True)
 
 
 def _load_tokenizer(files: dict[str, bytes]):
