@@ -88,6 +88,8 @@ class EngineProcess:
         """Blocking (call it off the event loop): the child's Hello once its model is loaded, or the reason it
         failed as a ServeError."""
         try:
+            from transformers import AutoTokenizer  # noqa: F401  (seconds of imports, while the child loads)
+
             kind, payload = self._first_message()
         except BaseException:
             self._process.kill()  # whatever it was doing, nobody will use it
