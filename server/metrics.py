@@ -14,7 +14,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        ProcessCollector(registry=r)  # process_resident_memory_bytes: what the churn run watches
+        ProcessCollector(registry=r)  # process_resident_memory_bytes (the engine's own process: ENGINE_METRICS)
         self.requests = Counter("loraserve_requests", "HTTP requests", ["route", "status", "adapter"], registry=r)
         self.generated_tokens = Counter("loraserve_generated_tokens", "Tokens generated", ["adapter"], registry=r)
         self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
@@ -61,6 +61,10 @@ ENGINE_METRICS = {
     "loraserve_adapter_device_bytes": ("gauge", "Memory of the device adapter slots (sized by the widest adapter)"),
     "loraserve_adapter_versions_retired": ("gauge", "Replaced or unloaded versions that requests still hold"),
     "loraserve_device_allocated_bytes": ("gauge", "torch.cuda.memory_allocated on a GPU; 0 on a CPU"),
+    "loraserve_engine_resident_memory_bytes": (
+        "gauge",
+        "Resident memory of the engine's process (its own, or the server's: LORASERVE_ENGINE_PROCESS)",
+    ),
 }
 
 

@@ -42,6 +42,11 @@ def engine_child(server: LiveServer) -> int:
     raise AssertionError("no engine process found")
 
 
+def metric(server: LiveServer, name: str) -> float:
+    lines = httpx.get(server.url + "/metrics", timeout=10).text.splitlines()
+    return next(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
+
+
 @pytest.mark.slow
 def test_an_engine_process_that_dies_fails_its_streams_in_band_and_stops_the_server(tiny_model_dir, tmp_path):
     """Killed under load (an OOM killer, a crashed driver): every open stream gets an error event, not a hang;
@@ -51,6 +56,10 @@ def test_an_engine_process_that_dies_fails_its_streams_in_band_and_stops_the_ser
     ).wait_ready()
     try:
         engine = engine_child(server)
+        reported = metric(server, "loraserve_engine_resident_memory_bytes")  # the engine's memory, not the server's
+        resident = int(Path(f"/proc/{engine}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        assert abs(reported - resident) < 0.1 * resident, (reported, resident)
+        assert reported != metric(server, "process_resident_memory_bytes")
         body = {"inputs": ENDLESS, "parameters": {"max_new_tokens": 2000}}
         with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as response:
             assert response.status_code == 200

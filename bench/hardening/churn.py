@@ -86,7 +86,7 @@ async def _run(world: World, server, size: Size) -> Report:
     report.check(
         abs(grown) <= DEVICE_SLACK_BYTES, f"{device}: {warm[device]:.0f} once warm, {end[device]:.0f} at the end"
     )
-    rss = "process_resident_memory_bytes"
+    rss = "loraserve_engine_resident_memory_bytes"  # the engine's process: the server's own where it runs there
     report.figures = {
         "cycles (load + reload + unload)": size.cycles,
         "adapters churned / kept": f"{len(churned)} / 1",
@@ -97,8 +97,8 @@ async def _run(world: World, server, size: Size) -> Report:
         "requests 404 (adapter not loaded then)": sum(out.status == 404 for out in outcomes),
         "requests failed": len(report.failures) - len(churn.failures),
         "seconds": round(elapsed, 1),
-        "RSS MiB start / warm / end": f"{mib(initial[rss])} / {mib(warm[rss])} / {mib(end[rss])}",
-        "RSS growth MiB vs warm (per 1,000 cycles)": round(mib(end[rss] - warm[rss]) * 1000 / size.cycles, 2),
+        "engine RSS MiB start / warm / end": f"{mib(initial[rss])} / {mib(warm[rss])} / {mib(end[rss])}",
+        "engine RSS growth MiB vs warm (per 1,000 cycles)": round(mib(end[rss] - warm[rss]) * 1000 / size.cycles, 2),
         "adapter host / device bytes start": f"{initial['loraserve_adapter_host_bytes']:.0f} / "
         f"{initial['loraserve_adapter_device_bytes']:.0f}",
         "adapter host / device bytes end": f"{end['loraserve_adapter_host_bytes']:.0f} / "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -109,6 +110,7 @@ class Engine:
             "running": stats.running,
             "loraserve_engine_steps": stats.steps,
             "loraserve_engine_prefill_tokens": stats.prefill_tokens,
+            "loraserve_engine_resident_memory_bytes": resident_memory_bytes(),
             **self.runner.numbers(),
         }
 
@@ -454,6 +456,16 @@ def _needs_its_tokens(seq: Sequence) -> bool:
     """The repetition penalty reads every id drawn so far on the host: such a row cannot be planned
     while its last token is still on the device."""
     return seq.in_flight > 0 and seq.params.repetition_penalty != 1.0
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident memory: the engine's own process holds the model's host copy and the adapters'
+    (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def overloaded() -> Overloaded:
