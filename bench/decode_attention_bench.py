@@ -5,7 +5,8 @@
 First the start-up trust check (`matches_sdpa`) at several shapes and dtypes, then, at the 8B shape (32 query
 heads, 8 KV heads, D 128, bf16), microseconds per call of SDPA under the length mask and of the kernel, for
 1 / 8 / 32 / 64 rows at spans 256 (full and half-filled rows), 1024 and 4096: the speed-up and the kernel's
-read bandwidth. Each result is checked against SDPA before it is timed.
+read bandwidth, and the kernel at the other warp count (decode_attention.NUM_WARPS: 4 spill registers at blocks
+of 64, 8 do not). Each result is checked against SDPA before it is timed.
 """
 
 from __future__ import annotations
@@ -58,18 +59,25 @@ def time_one(rows: int, span: int, length: int) -> str:
     assert torch.allclose(got, reference, rtol=3e-2, atol=3e-2), (got - reference).abs().max()
     t_sdpa = do_bench(sdpa, warmup=25, rep=200, return_mode="median") * 1e3  # µs
     t_kernel = do_bench(kernel, warmup=25, rep=200, return_mode="median") * 1e3
+    default_warps, da.NUM_WARPS = da.NUM_WARPS, 8 if da.NUM_WARPS != 8 else 4  # the other warp count, same inputs
+    try:
+        assert torch.allclose(kernel().float(), reference, rtol=3e-2, atol=3e-2)
+        t_other = do_bench(kernel, warmup=25, rep=200, return_mode="median") * 1e3
+    finally:
+        other_warps, da.NUM_WARPS = da.NUM_WARPS, default_warps
     read = lengths.sum().item() * KV_HEADS * DIM * 2 * DTYPE.itemsize  # keys and values
     split = da.split_size(rows=rows, kv_heads=KV_HEADS, span=span)
     return (
         f"{rows:4d} {span:5d} {length:5d} | {t_sdpa:7.1f} | {t_kernel:7.1f} | {t_sdpa / t_kernel:5.2f}x | "
-        f"{read / t_kernel / 1e3:7.0f} | {split}"
+        f"{read / t_kernel / 1e3:7.0f} | {split} | {other_warps} warps {t_other:7.1f}"
     )
 
 
 def main() -> None:
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     trust_checks()
-    print("rows  span length | sdpa µs | kernel µs | speed-up | kernel GB/s | split", flush=True)
+    header = f"rows  span length | sdpa µs | kernel µs ({da.NUM_WARPS} warps) | speed-up | kernel GB/s | split"
+    print(header + " | the other warp count µs", flush=True)
     for rows in (1, 8, 32, 64):
         for span, length in ((256, 256), (256, 130), (1024, 1024), (4096, 4096)):
             print(time_one(rows, span, length), flush=True)

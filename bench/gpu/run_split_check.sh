@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first GPU call after the engine moved into its own process (one device call, under 10 minutes):
-#   1. the split-KV decode attention kernel against SDPA (bench.decode_attention_bench)
+#   1. the split-KV decode attention kernel against SDPA (bench.decode_attention_bench, 4 and 8 warps), and the
+#      sampler's search pass at its new launch shape against the one before (bench.sampling_bench)
 #   2. ours alone in the engine bench, greedy and sampled (the in-process reference, bs1 with the kernel)
 #   3. run_http_profile.sh at 64 streams on /v1/completions, greedy and sampled, engine process on
 #   4. the same, greedy, with LORASERVE_ENGINE_PROCESS=off: the A/B of the split, same machine, same call
@@ -13,6 +14,8 @@ source bench/gpu/setup.sh > "$work/setup.log" 2>&1; tail -2 "$work/setup.log"
 [ -d .gpu ] && mv .gpu /tmp/gpu_bundle  # the scripts below reuse /tmp/site instead of unpacking it again
 at decode attention bench
 timeout 90 python3 -m bench.decode_attention_bench > "$work/decode_bench.log" 2>&1; tail -24 "$work/decode_bench.log"
+at sampler bench  # the search pass's new launch shape against the one before, on the device's clock
+timeout 120 python3 -m bench.sampling_bench > "$work/sampling_bench.log" 2>&1; tail -14 "$work/sampling_bench.log"
 at engine bench, ours
 OUT=$work METHODS=ours SCENARIOS=bs1,streams8,streams32,streams64,streams8_base,ttft512 TAG=ours \
   timeout 210 bash bench/gpu/run_engine_bench.sh 2>&1 | tail -16

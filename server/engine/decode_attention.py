@@ -35,6 +35,9 @@ import triton.language as tl
 PROGRAMS = 2 * 132  # enough to keep an H200's 132 SMs busy twice over
 MIN_SPLIT = 16  # positions; also tl.dot's smallest side
 MAX_BLOCK = 64  # positions a program holds at once ([BLOCK, D] keys and values)
+# Phase 1's warps. At blocks of 64 in bf16, 4 warps spill registers (404 bytes) and 8 do not (ptxas -v, sm_90):
+# unmeasured on a GPU so far, so bench.decode_attention_bench times both.
+NUM_WARPS = 4
 MAX_SPLITS = 64  # phase 2 holds every split of a head at once: [MAX_SPLITS, D] float32
 _LOG2_E = 1.4426950408889634
 
@@ -139,7 +142,7 @@ def decode_attention(
         _LOG2_E / math.sqrt(head_dim), out, part_acc, stats[0], stats[1],
         GROUP=heads // kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(heads // kv_heads)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK=min(split, MAX_BLOCK), DIRECT=direct,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS,
     )  # fmt: skip
     if not direct:
         _combine[(n * heads,)](

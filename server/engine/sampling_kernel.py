@@ -36,6 +36,11 @@ PASSES = 8  # 16^8 = 2^32: enough to narrow any range of float keys to one
 MAX_SPLITS = 256  # programs per row at most (partials are summed as one vector of this length)
 PROGRAMS_PER_SM = 2  # how many programs the launch aims at: rows × splits ≈ this × the SMs
 NUM_WARPS = 4
+# A search pass keeps WAYS sums per lane ([SEARCH_BLOCK, WAYS] floats in registers). At BLOCK (1024) over 4 warps
+# that took all 255 registers of a thread and spilled (ptxas -v for sm_90: 432 bytes of spill stores), so at most
+# two programs fit on an SM; 256 over 8 warps takes 64 registers and spills nothing (tests/test_kernels_compile.py).
+SEARCH_BLOCK = 256
+SEARCH_WARPS = 8
 _KEY_OF_MINUS_INF = -2139095041  # the ordered key of -inf (below every other non-NaN float)
 _STATS = 5  # per program of the first launch: max, its first id, softmax max, softmax sum, bad (the kernels' layout)
 _RACE = 4  # per program of the race: best race value, its id, its weight, the kept mass
@@ -326,7 +331,7 @@ def _search(common, limit, rows, span, per_row, *, by_mass: bool, consts: dict, 
     for index in range(PASSES):
         _search_pass[(count, per_row)](
             *common, limit, limit.stride(0), state, part, prior_state, prior_part, rows.top_k, rows.top_k.stride(0),
-            vocab, span, per_row, count, index, int(by_mass), int(prior is not None), BLOCK=BLOCK,
-            num_warps=NUM_WARPS, **consts,
+            vocab, span, per_row, count, index, int(by_mass), int(prior is not None), BLOCK=SEARCH_BLOCK,
+            num_warps=SEARCH_WARPS, **consts,
         )  # fmt: skip
     return state[-1], part[-1]
