@@ -1,6 +1,7 @@
 # loraserve on a CUDA machine: the Unsloth backend, served by `loraserve serve`.
 #   docker build -t loraserve .
 #   docker run --gpus all -p 8000:8000 -v /models:/models:ro -v /adapters:/adapters:ro \
+#     -v loraserve-compiled:/home/loraserve/.cache/compiled \
 #     -e LORASERVE_BASE_MODEL=/models/llama-3-8b -e LORASERVE_ADAPTER_ROOT=/adapters \
 #     -e LORASERVE_ADMIN_TOKEN=change-me loraserve
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
@@ -31,8 +32,12 @@ RUN useradd --create-home --uid 10001 loraserve
 USER loraserve
 WORKDIR /home/loraserve
 
+# The kernels compiled at start-up (TorchInductor's fused norm/RoPE/activation, our Triton kernels) are cached
+# here: mount a volume on it and a restarted container reuses them instead of compiling again.
 ENV LORASERVE_HOST=0.0.0.0 \
-    LORASERVE_PORT=8000
+    LORASERVE_PORT=8000 \
+    TRITON_CACHE_DIR=/home/loraserve/.cache/compiled/triton \
+    TORCHINDUCTOR_CACHE_DIR=/home/loraserve/.cache/compiled/inductor
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8000/health || exit 1
