@@ -162,8 +162,8 @@ def sampler_launches() -> dict[str, tuple]:
 
 
 def compile_all() -> dict[str, dict]:
-    """name → {"status": "ok" or the compiler's error, "spills": bytes of register spill stores}, each kernel
-    compiled for sm_90 (in a process without the interpreter)."""
+    """name → {"status": "ok" or the compiler's error, "registers", "spills"}, each kernel compiled for sm_90 (in
+    a process without the interpreter). `python -m tests.test_kernels_compile` prints it as JSON."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -180,14 +180,15 @@ def compile_all() -> dict[str, dict]:
                 source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps[0] if warps else 4)
             )
             ok = bool(compiled.asm.get("cubin"))
-            results[name] = {"status": "ok" if ok else "no cubin", "spills": spill_bytes(compiled.asm["ptx"])}
+            results[name] = {"status": "ok" if ok else "no cubin", **registers(compiled.asm["ptx"])}
         except Exception as exc:  # the compiler's message is the test's answer
             results[name] = {"status": f"{type(exc).__name__}: {exc}"[:2000]}
     return results
 
 
-def spill_bytes(ptx: str) -> int:
-    """Bytes of register spill stores ptxas reports for this PTX on sm_90 (Triton's own ptxas, verbose)."""
+def registers(ptx: str) -> dict[str, int]:
+    """What ptxas reports for this PTX on sm_90 (Triton's own ptxas, verbose): registers per thread and bytes
+    of register spill stores."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
@@ -199,7 +200,11 @@ def spill_bytes(ptx: str) -> int:
             text=True,
             check=True,
         ).stderr
-    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
+    used = re.findall(r"Used (\d+) registers", report)
+    return {
+        "registers": max(map(int, used)),
+        "spills": sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report)),
+    }
 
 
 @pytest.fixture(scope="module")
