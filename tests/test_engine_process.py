@@ -48,30 +48,64 @@ def metric(server: LiveServer, name: str) -> float:
 
 
 @pytest.mark.slow
-def test_an_engine_process_that_dies_fails_its_streams_in_band_and_stops_the_server(tiny_model_dir, tmp_path):
-    """Killed under load (an OOM killer, a crashed driver): every open stream gets an error event, not a hang;
-    the server is no longer ready and exits with status 3, saying why, so that an orchestrator restarts it."""
-    server = LiveServer(
-        tiny_model_dir, engine_process="on", max_new_tokens_cap=2000, log_path=tmp_path / "server.log"
-    ).wait_ready()
+def test_the_engine_process_shows_its_memory_and_leaves_signals_and_pipes_to_itself(tiny_model_dir, tmp_path):
+    """/metrics reports the engine process's memory (the model and adapters live there, not in the server); a
+    program it starts neither inherits SIGINT/SIGTERM ignored (its helpers could not be stopped) nor its pipes
+    (which would outlive it and hide its death)."""
+    server = LiveServer(tiny_model_dir, engine_process="on", log_path=tmp_path / "server.log").wait_ready()
     try:
         engine = engine_child(server)
-        reported = metric(server, "loraserve_engine_resident_memory_bytes")  # the engine's memory, not the server's
+        reported = metric(server, "loraserve_engine_resident_memory_bytes")
         resident = int(Path(f"/proc/{engine}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         assert abs(reported - resident) < 0.1 * resident, (reported, resident)
         assert reported != metric(server, "process_resident_memory_bytes")
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{engine}/status").read_text().splitlines())
+        ignored = int(status["SigIgn"], 16)
+        assert not ignored & (1 << (signal.SIGINT - 1) | 1 << (signal.SIGTERM - 1)), status["SigIgn"]
+        pipes = [fd for fd in Path(f"/proc/{engine}/fd").iterdir() if os.readlink(fd).startswith("pipe:")]
+        inherited = [fd.name for fd in pipes if not int(fdinfo(engine, fd.name)["flags"], 8) & os.O_CLOEXEC]
+        assert pipes and inherited == [], inherited
+    finally:
+        server.stop()
+
+
+def fdinfo(pid: int, fd: str) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+    return {key: value.strip() for key, value in (line.split(":", 1) for line in lines if ":" in line)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipe", ["its own", "held open by another process"])
+def test_an_engine_process_that_dies_fails_its_streams_in_band_and_stops_the_server(tiny_model_dir, tmp_path, pipe):
+    """Killed under load (an OOM killer, a crashed driver): every open stream gets an error event, not a hang;
+    the server is no longer ready and exits with status 3, saying why, so that an orchestrator restarts it. Also
+    when another process holds every pipe it had open, as a helper it forked would: its events pipe never reads as
+    closed, nor does multiprocessing's sentinel pipe turn readable."""
+    server = LiveServer(
+        tiny_model_dir, engine_process="on", max_new_tokens_cap=2000, log_path=tmp_path / "server.log"
+    ).wait_ready()
+    held = []
+    try:
+        engine = engine_child(server)
+        if pipe != "its own":  # the write ends a forked helper would hold
+            for fd in Path(f"/proc/{engine}/fd").iterdir():
+                if os.readlink(fd).startswith("pipe:") and int(fdinfo(engine, fd.name)["flags"], 8) & os.O_WRONLY:
+                    held.append(os.open(fd, os.O_WRONLY))
+            assert held
         body = {"inputs": ENDLESS, "parameters": {"max_new_tokens": 2000}}
-        with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as response:
+        with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=20) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             os.kill(engine, signal.SIGKILL)
             events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
-        assert "error" in events[-1] and "engine process exited" in events[-1]["error"], events[-2:]
+        assert "error" in events[-1] and "engine process exited (exit code -9)" in events[-1]["error"], events[-2:]
         assert len(events) < 2000
         code = server.proc.wait(timeout=30)
         log = server.log()
     finally:
+        for fd in held:
+            os.close(fd)
         server.stop()
     assert code == 3, log[-3000:]
     assert "engine process exited" in log
@@ -138,7 +172,11 @@ def test_a_place_freed_by_a_cancel_is_never_refused_by_the_engine_process(tiny_m
             engine.stop()
         return refused
 
+    before = threading.active_count()
     assert asyncio.run(churn()) == []
+    time.sleep(0.5)  # the commands writer ends once stopped: an embedder starting engines leaks no thread per engine
+    assert threading.active_count() <= before
+    assert not any(thread.name == "engine-commands" for thread in threading.enumerate())
 
 
 def test_the_tokenizer_crosses_as_its_files_and_encodes_the_same(tiny_model_dir):

@@ -63,9 +63,11 @@ class Refusal:
 def main(options: EngineOptions, commands, weights, events) -> None:
     """The child's entry point (multiprocessing spawn target)."""
     # The server decides when this process stops (the `stop` command, or its own end): Ctrl-C in a terminal and
-    # a SIGTERM to the process group must drain through the server, not kill the engine under it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # a SIGTERM to the process group must drain through the server, not kill the engine under it. Handlers that do
+    # nothing rather than SIG_IGN: an ignored signal stays ignored in every program this process starts.
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
+    _keep_descriptors((commands.fileno(), weights.fileno(), events.fileno()))
     threading.Thread(target=_exit_with_the_server, name="engine-watchdog", daemon=True).start()
     from server.logs import configure
 
@@ -88,6 +90,26 @@ def main(options: EngineOptions, commands, weights, events) -> None:
     finally:
         engine.stop()
         outbox.flush()
+
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+def _keep_descriptors(known: tuple[int, ...]) -> None:
+    """No program this process starts (a library's helper, os.system) inherits its descriptors: one holding the
+    events pipe, or the pipe multiprocessing watches for this process's end, would hide its death from the server.
+    Spawning left some inheritable (that watched pipe's end among them, under a number this code is not told)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: the ones it knows
+        fds = list(known)
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
 
 
 def _exit_with_the_server() -> None:
@@ -212,21 +234,35 @@ def _serve_commands(conn, engine, runner, outbox: Outbox) -> None:
         except (EOFError, OSError):
             log.warning("the server closed the command pipe; stopping")
             return
-        if command == "submit":
-            _submit(engine, outbox, running, *args)
-        elif command == "cancel":
-            seq = running.pop(args[0], None)
-            if seq is not None:
-                seq.cancel()
-        elif command == "job":
-            jid, name, job_args = args
-            _enqueue(engine, runner, outbox, jid, name, job_args)
-        elif command == "stop_accepting":
-            engine.stop_accepting()
-        elif command == "abort_all":
-            engine.abort_all(args[0])
-        elif command == "stop":
-            return
+        except Exception:  # a message that does not unpickle: lost, the others still come
+            log.exception("reading a command failed")
+            continue
+        try:
+            if _handle(command, args, engine, runner, outbox, running):
+                return
+        except Exception:  # one command's fault (a bug) is its own: the engine goes on serving the others
+            log.exception("the engine process failed a %r command", command)
+            if command == "submit":
+                outbox.event(args[0], Refusal("GenerationFailed", "the engine could not take this request"))
+                outbox.flush()
+
+
+def _handle(command: str, args: list, engine, runner, outbox: Outbox, running: dict) -> bool:
+    """Carry out one command; True for `stop`."""
+    if command == "submit":
+        _submit(engine, outbox, running, *args)
+    elif command == "cancel":
+        seq = running.pop(args[0], None)
+        if seq is not None:
+            seq.cancel()
+    elif command == "job":
+        jid, name, job_args = args
+        _enqueue(engine, runner, outbox, jid, name, job_args)
+    elif command == "stop_accepting":
+        engine.stop_accepting()
+    elif command == "abort_all":
+        engine.abort_all(args[0])
+    return command == "stop"
 
 
 def _submit(engine, outbox: Outbox, running: dict, rid: int, prompt_ids, params, adapter_key) -> None:

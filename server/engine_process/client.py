@@ -11,8 +11,9 @@ of the adapter it held, as in one process. Only adapter weights take the jobs pi
 thread of their own).
 
 If the engine process dies, every request in flight gets an error event, every job fails, and `on_lost` is
-called (the server then stops: an orchestrator restarts it). At interpreter exit a child still alive is killed:
-it ignores SIGTERM, and would otherwise hold the GPU after its server is gone.
+called (the server then stops: an orchestrator restarts it). Its death is seen on a pidfd, not only as the end of
+its pipes, which a process it forked could hold open. At interpreter exit a child still alive is killed: it
+ignores SIGTERM, and would otherwise hold the GPU after its server is gone.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ class EngineProcess:
         commands_in, commands = context.Pipe(duplex=False)
         jobs_in, self._weights = context.Pipe(duplex=False)
         self._events, events_out = context.Pipe(duplex=False)
+        # Not a daemon: a daemonic process may not start processes of its own, which libraries in it do (TorchInductor's
+        # compile workers). Its end is ours all the same: killed at exit (Finalize below), and a watchdog in it.
         self._process = context.Process(
-            target=child.main, args=(options, commands_in, jobs_in, events_out), name="loraserve-engine", daemon=True
+            target=child.main, args=(options, commands_in, jobs_in, events_out), name="loraserve-engine"
         )
         self._process.start()
         for end in (commands_in, jobs_in, events_out):  # the child's ends: closed here, so its exit reads as EOF
@@ -83,6 +86,7 @@ class EngineProcess:
         self._accepting = True
         self._lost: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._exit_fd: int | None = None  # watched for the process's end, from start() until _close_reader
 
     def wait_ready(self) -> child.Hello:
         """Blocking (call it off the event loop): the child's Hello once its model is loaded, or the reason it
@@ -116,6 +120,10 @@ class EngineProcess:
         """Listen on the events pipe from the running loop (every event is handled on it)."""
         self._loop = asyncio.get_running_loop()
         watch(self._loop, self._events, self._on_readable)
+        # Its death, also where the events pipe never reads as ended: a process it forked (a library's helper) holds
+        # every descriptor it had, the pipe's write end and multiprocessing's sentinel pipe among them.
+        self._exit_fd = exit_descriptor(self._process)
+        self._loop.add_reader(self._exit_fd, self._on_exit)
 
     def stop(self) -> None:
         """Stop the child: it fails what it still runs, and those events are handled before it is joined."""
@@ -128,6 +136,9 @@ class EngineProcess:
             self._process.join(timeout=5)
         self._close_reader()
         self._fail_everything("server stopped")
+        self._outgoing.put(None)  # the writer closes the commands pipe and ends
+        for conn in (self._events, self._weights):
+            conn.close()
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -236,7 +247,22 @@ class EngineProcess:
                 self._handle(self._events.recv())
         except (EOFError, OSError):
             self._close_reader()
-            self._engine_lost(f"the engine process exited (exit code {self._process.exitcode})")
+            self._engine_lost(self._exit_reason())
+
+    def _on_exit(self) -> None:
+        """The process ended: what it finished sending is handled, then everything still open fails."""
+        self._close_reader()
+        os.set_blocking(self._events.fileno(), False)  # a message it was writing as it died never completes
+        try:
+            while self._events.poll():
+                self._handle(self._events.recv())
+        except (EOFError, OSError):  # BlockingIOError: the rest of a message that never came
+            pass
+        self._engine_lost(self._exit_reason())
+
+    def _exit_reason(self) -> str:
+        self._process.join(timeout=1)  # the pipe's end can come before the process is reaped
+        return f"the engine process exited (exit code {self._process.exitcode})"
 
     def _read_until_exit(self, *, timeout: float) -> None:
         """Handle what the child sends until it closes its end (it does on exit) or `timeout` passes."""
@@ -245,6 +271,8 @@ class EngineProcess:
             try:
                 if self._events.poll(0.1):
                     self._handle(self._events.recv())
+                elif not self._process.is_alive():  # gone, its pipe maybe held open by a process it forked
+                    return
             except (EOFError, OSError):
                 return
 
@@ -281,6 +309,8 @@ class EngineProcess:
             self._admitted -= 1
 
     def _engine_lost(self, reason: str) -> None:
+        if self._lost:
+            return
         log.error("%s: failing %d requests in flight", reason, len(self._streams))
         self._lost = reason
         self._fail_everything(reason)
@@ -296,13 +326,29 @@ class EngineProcess:
         self._jobs_pending.clear()
 
     def _close_reader(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
+        """Stop watching the events pipe and the process's end (once)."""
+        if self._exit_fd is None:
+            return
+        if not self._loop.is_closed():
             self._loop.remove_reader(self._events.fileno())
+            self._loop.remove_reader(self._exit_fd)
+        if self._exit_fd != self._process.sentinel:
+            os.close(self._exit_fd)
+        self._exit_fd = None
 
     def _send(self, message) -> None:
         """Queue a command for the writer thread (never blocks, never raises: a dead child shows as the events
         pipe's end, which fails everything in flight)."""
         self._outgoing.put(message)
+
+
+def exit_descriptor(process) -> int:
+    """A descriptor that turns readable when `process` has ended: a pidfd where the OS has them (Linux), which no
+    other process can hold open; else multiprocessing's sentinel pipe."""
+    try:
+        return os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        return process.sentinel
 
 
 def watch(loop: asyncio.AbstractEventLoop, conn, on_readable: Callable[[], None]) -> None:
@@ -324,13 +370,15 @@ def _load_tokenizer(files: dict[str, bytes]):
 
 
 def _write_all(outgoing: queue.SimpleQueue, conn) -> None:
-    """The commands pipe's only writer, until the child is gone."""
-    while True:
-        message = outgoing.get()
+    """The commands pipe's only writer, until the child is gone or the server stops it (None)."""
+    while (message := outgoing.get()) is not None:
         try:
             conn.send(message)
         except (BrokenPipeError, OSError):
             return
+        except Exception:  # a command that does not pickle: lost, but every later one still goes
+            log.exception("sending a command to the engine process failed: %.200r", message)
+    conn.close()
 
 
 def _kill_if_alive(process) -> None:
