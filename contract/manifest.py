@@ -106,6 +106,15 @@ def adapter_sha256(adapter_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def adapter_bytes_sha256(contents: dict[str, bytes]) -> str:
+    """adapter_sha256 of the adapter's files as already read: contents[name] for each of ADAPTER_FILES."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        digest.update(name.encode())
+        digest.update(contents[name])
+    return digest.hexdigest()
+
+
 def write_manifest(adapter_dir: str | Path, manifest: AdapterManifest) -> AdapterManifest:
     """Stamp the content hash and write the manifest; call after the adapter files are complete."""
     sha = adapter_sha256(adapter_dir)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.fingerprint import base_fingerprint
-from server.adapters.checks import base_shapes
+from server.adapters.checks import base_shapes, load_weights
 from server.adapters.registry import AdapterRegistry, default_template
 from server.engine.engine import Engine
 from server.engine.faults import FaultPlan
@@ -48,7 +48,7 @@ class ServerState:
         template = default_template(s.default_template)  # a bad name fails before a long model load
         if s.adapter_root and not Path(s.adapter_root).is_dir():  # else it would serve 0 adapters, silently
             raise ServeError(f"the adapter root {s.adapter_root} (LORASERVE_ADAPTER_ROOT) is not a directory")
-        base, attach, detach, run_on_worker = self._start_engine()
+        base, attach, detach, run_on_worker, read_weights = self._start_engine()
         self.max_context = self.facts.max_context
         self.loaded_at = time.time()
         self.registry = AdapterRegistry(
@@ -62,6 +62,7 @@ class ServerState:
             run_on_worker=run_on_worker,
             attach=attach,
             detach=detach,
+            read_weights=read_weights,
         )
         self.metrics.watch_engine(self._engine_numbers)
         self.service = GenerationService(
@@ -85,7 +86,8 @@ class ServerState:
         )
 
     def _start_engine(self):
-        """The engine, in a process of its own or in this one: (base shapes, attach, detach, run_on_worker)."""
+        """The engine, in a process of its own or in this one: (base shapes, attach, detach, run_on_worker, and what
+        reads an adapter's weights for attach)."""
         s = self.settings
         if engine_in_own_process(s):
             engine = EngineProcess(engine_options(s), max_queue=s.max_queue)
@@ -94,7 +96,7 @@ class ServerState:
             self.engine = engine
             self.facts, self.fingerprint = hello.facts, hello.fingerprint
             self._warm_up = engine.warm_up
-            return hello.base, engine.attach, engine.detach, run_job
+            return hello.base, engine.attach, engine.detach, run_job, engine.weights_of
         runner = load_runner(**runner_options(s))
         self.runner, self.facts = runner, runner.facts()
         self.fingerprint = base_fingerprint(runner.model.config, runner.tokenizer)
@@ -102,7 +104,7 @@ class ServerState:
             runner, max_running=runner.cache.slots, max_queue=s.max_queue, prefill_chunk_tokens=s.prefill_chunk_tokens
         )
         self._warm_up = lambda: self.engine.call(runner.warm_up)
-        return base_shapes(runner.model, self.fingerprint), runner.attach, runner.detach, self.engine.call
+        return base_shapes(runner.model, self.fingerprint), runner.attach, runner.detach, self.engine.call, load_weights
 
     def _engine_lost(self, reason: str) -> None:
         """The engine process died: not ready any more, and the server exits (its requests got their errors)."""

@@ -261,3 +261,29 @@ def test_a_message_that_arrives_in_pieces_is_read_whole(loop_kind):
     finally:
         loop.close()
     assert failures == [] and received == [message]
+
+
+def test_the_engine_process_attaches_only_the_files_the_server_checked(tiny_model_dir, tmp_path):
+    """The engine process reads an adapter's files itself (no copy of its weights through a pipe), so it checks
+    they still hash as the server checked them: files rewritten in between are refused, not served as another
+    version under the checked one's name."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from bench.engine_bench.workload import lora_config, random_adapter
+    from contract.manifest import adapter_sha256
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    def write(seed: int) -> None:
+        lora_config(8).save_pretrained(tmp_path)
+        state = random_adapter(base, rank=8, seed=seed)
+        save_file({key: value.contiguous() for key, value in state.items()}, tmp_path / "adapter_model.safetensors")
+
+    write(seed=1)
+    files = child.AdapterFiles(directory=str(tmp_path), sha256=adapter_sha256(tmp_path))
+    weights = child.read_adapter(files)
+    assert weights and all(name.endswith(".weight") for name in weights)
+    write(seed=2)  # rewritten after the check
+    with pytest.raises(ValueError, match="changed while it was being loaded"):
+        child.read_adapter(files)

@@ -79,6 +79,7 @@ class AdapterRegistry:
         run_on_worker: Callable,
         attach: Callable,
         detach: Callable,
+        read_weights: Callable[[CheckedAdapter], object] = load_weights,
     ) -> None:
         self.root = root
         self.base = base
@@ -87,6 +88,7 @@ class AdapterRegistry:
         self.max_adapters, self.max_rank, self.max_bytes = max_adapters, max_rank, max_bytes
         self._run_on_worker = run_on_worker  # async fn(callable) → result, on the engine thread
         self._attach, self._detach = attach, detach
+        self._read_weights = read_weights  # what `attach` takes: tensors, or the files an engine process reads
         self._live: dict[str, AdapterVersion] = {}
         self._retired: list[AdapterVersion] = []
         self._locks: dict[str, asyncio.Lock] = {}
@@ -149,7 +151,7 @@ class AdapterRegistry:
         if name not in self._live and len(self._live) >= self.max_adapters:
             raise Conflict(f"{self.max_adapters} adapters are loaded, the limit; unload one first", param="name")
 
-    async def _attach_on_worker(self, version: AdapterVersion, checked: CheckedAdapter, weights: dict) -> None:
+    async def _attach_on_worker(self, version: AdapterVersion, checked: CheckedAdapter, weights) -> None:
         """The worker runs a queued job even when its caller gives up (a load cancelled at shutdown or
         with its client): what it attached then is never published, so it is retired for collect."""
         job = asyncio.ensure_future(
@@ -199,10 +201,10 @@ class AdapterRegistry:
             for version in idle:
                 version.detaching = False
 
-    def _check_and_read(self, path: str) -> tuple[CheckedAdapter, dict]:
+    def _check_and_read(self, path: str) -> tuple[CheckedAdapter, object]:
         directory = resolve_under_root(self.root, path)
         checked = check_adapter_dir(directory, self.root, self.base, max_rank=self.max_rank, max_bytes=self.max_bytes)
-        return checked, load_weights(checked)
+        return checked, self._read_weights(checked)
 
     def _new_version(self, name: str, path: str, checked: CheckedAdapter, started: float) -> AdapterVersion:
         manifest = checked.manifest

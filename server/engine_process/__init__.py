@@ -8,7 +8,8 @@ CUDA is never forked) and the server talks to it over three pipes:
 
     commands  server → engine   submit, cancel, stop accepting, abort all, stop, and the small jobs
                                 (detach an adapter, warm up, the numbers for /metrics): in one order
-    weights   server → engine   attach an adapter: its weights as safetensors bytes (megabytes)
+    weights   server → engine   attach an adapter: where its checked files are and their sha256 (the engine
+                                process reads them itself, and refuses them if they changed since)
     events    engine → server   one message per engine iteration: the requests' events, finished jobs
 
 `client.EngineProcess` is the server's side: the Engine surface that the service, the adapter registry and the

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from safetensors.torch import load as load_safetensors
 
+from contract.lora import WEIGHTS_FILE
+from contract.manifest import ADAPTER_FILES, adapter_bytes_sha256
 from server.engine.events import FinalEvent, TokenEvent
 from server.errors import ServeError
 
@@ -49,6 +51,24 @@ class Hello:
     base: object  # BaseShapes: what adapters are checked against
     tokenizer_files: dict[str, bytes]  # the runner's tokenizer as saved (the loader may have set its pad token)
     numbers: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter to attach, as the server checked it: its directory (resolved under the adapter root) and the
+    sha256 of its files then. The engine process reads them itself (a copy of megabytes through no pipe) and
+    attaches them only if they still hash the same."""
+
+    directory: str
+    sha256: str
+
+
+def read_adapter(files: AdapterFiles) -> dict:
+    """The adapter's weights as tensors, from files that still hash as the server checked them; else ValueError."""
+    contents = {name: (Path(files.directory) / name).read_bytes() for name in ADAPTER_FILES}
+    if adapter_bytes_sha256(contents) != files.sha256:
+        raise ValueError("its files changed while it was being loaded; load it again")
+    return load_safetensors(contents[WEIGHTS_FILE])
 
 
 @dataclass
@@ -290,7 +310,8 @@ def _enqueue(engine, runner, outbox: Outbox, jid: int, name: str, args: tuple) -
 
 
 def _serve_weights(conn, engine, runner, outbox: Outbox) -> None:
-    """Adapter attaches, apart from the commands: their weights are megabytes (parsed here, off the worker)."""
+    """Adapter attaches, apart from the commands: their files are megabytes (read and parsed here, off the worker
+    and off the commands' thread)."""
     while True:
         try:
             jid, name, args = conn.recv()
@@ -304,9 +325,9 @@ def _serve_weights(conn, engine, runner, outbox: Outbox) -> None:
 
 def _job(engine, runner, name: str, args: tuple):
     """The callable the worker runs for job `name`."""
-    if name == "attach":
-        key, config, weights = args
-        state_dict = load_safetensors(weights)
+    if name == "attach":  # (read here, in the thread that took the job: never on the worker)
+        key, config, files = args
+        state_dict = read_adapter(files)
         return lambda: runner.attach(key, config, state_dict)
     if name == "detach":
         return lambda: runner.detach(args[0])

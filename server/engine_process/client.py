@@ -7,8 +7,8 @@ arrive; its final event comes without them and gets them back here.
 Nothing here writes to a pipe from the event loop: commands go through a queue to one writer thread, so a full
 pipe never stalls the loop, and a signal handler (the drain on SIGTERM calls `stop_accepting`) never finds a
 write of its own thread half done. Commands keep their order: a cancel reaches the engine before a later detach
-of the adapter it held, as in one process. Only adapter weights take the jobs pipe (megabytes, written in a
-thread of their own).
+of the adapter it held, as in one process. Only adapter attaches take the weights pipe: the engine process reads
+the adapter's files there, off its commands' thread.
 
 If the engine process dies, every request in flight gets an error event, every job fails, and `on_lost` is
 called (the server then stops: an orchestrator restarts it). Its death is seen on a pidfd, not only as the end of
@@ -32,8 +32,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.util import Finalize
 from pathlib import Path
-
-from safetensors.torch import save as save_safetensors
 
 from server import errors
 from server.engine.engine import EngineStats, overloaded
@@ -198,11 +196,15 @@ class EngineProcess:
                 self._send(("cancel", rid))
 
     # -- jobs: the adapter registry's attach / detach, the warm-up, the numbers -------------------
-    async def attach(self, key: str, config, weights: dict) -> None:
-        payload = await asyncio.to_thread(save_safetensors, {name: w.contiguous() for name, w in weights.items()})
+    @staticmethod
+    def weights_of(checked) -> child.AdapterFiles:
+        """What the registry hands `attach` as an adapter's weights: where its checked files are, not tensors."""
+        return child.AdapterFiles(directory=str(checked.path), sha256=checked.sha256)
+
+    async def attach(self, key: str, config, files: child.AdapterFiles) -> None:
         jid, future = self._new_job()
-        try:  # a thread: an adapter's weights are megabytes, which a pipe takes in pieces
-            await asyncio.to_thread(self._send_weights, (jid, "attach", (key, config, payload)))
+        try:
+            await asyncio.to_thread(self._send_weights, (jid, "attach", (key, config, files)))
         except (BrokenPipeError, OSError):
             self._jobs_pending.pop(jid, None)
             raise Unavailable("the engine process is gone") from None
