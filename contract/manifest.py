@@ -97,22 +97,27 @@ def _public_model_id(model_id: str) -> str:
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:
-    digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        digest.update(name.encode())
-        with open(Path(adapter_dir) / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return _sha256_of_files((name, _chunks(Path(adapter_dir) / name)) for name in ADAPTER_FILES)
 
 
 def adapter_bytes_sha256(contents: dict[str, bytes]) -> str:
     """adapter_sha256 of the adapter's files as already read: contents[name] for each of ADAPTER_FILES."""
+    return _sha256_of_files((name, [contents[name]]) for name in ADAPTER_FILES)
+
+
+def _sha256_of_files(files) -> str:
+    """The hash of (name, chunks of its bytes) pairs, in order: each name, then its bytes."""
     digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
+    for name, chunks in files:
         digest.update(name.encode())
-        digest.update(contents[name])
+        for chunk in chunks:
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def _chunks(path: Path):
+    with open(path, "rb") as fh:
+        yield from iter(lambda: fh.read(1 << 20), b"")
 
 
 def write_manifest(adapter_dir: str | Path, manifest: AdapterManifest) -> AdapterManifest:
