@@ -18,7 +18,8 @@ hf_static (the same with cache_implementation="static": transformers compiles th
 unsloth (its own process, since importing it patches transformers; one adapter for every row, as its fused
 path ignores per-row adapter names; CUDA only), vllm (vLLM's offline API in its own process and Python
 environment, --vllm-env; prompts and adapters travel as files), ours (server.engine.engine with all
-streams submitted at once), ours_eager (the same without CUDA graphs).
+streams submitted at once), ours_sdpa (the same with SDPA instead of the split-KV decode attention kernel),
+ours_eager (the same without CUDA graphs).
 Speeds are reported as ratios against the baselines of the same run and as % of the memory roofline at
 a copy bandwidth measured in the same run (DESIGN.md, Performance method). Prints tables; --json writes all.
 

@@ -39,7 +39,7 @@ from bench.engine_bench.workload import (
 )
 from server.settings import ServerSettings
 
-ORDER = ("unsloth", "hf_peft", "hf_static", "ours_eager", "ours", "vllm")
+ORDER = ("unsloth", "hf_peft", "hf_static", "ours_eager", "ours_sdpa", "ours", "vllm")
 
 
 def build_workload(args, model, tokenizer, model_dir) -> Workload:
@@ -92,7 +92,7 @@ def run_method(method: str, work: Workload, args, hf_model, disk: SavedWorkload)
             timeout=args.vllm_timeout,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         )
-    return run_ours(work, cuda_graphs=method == "ours")
+    return run_ours(work, cuda_graphs=method != "ours_eager", decode_kernel=method != "ours_sdpa")
 
 
 def run_all(args, work: Workload, *, progress=None) -> dict[str, MethodResult]:

@@ -108,7 +108,7 @@ async def ours_scenario(engine, work: Workload, scenario: Scenario) -> Measured:
     return median_wave([await ours_wave(engine, work, scenario) for _ in range(max(work.waves, 1))])
 
 
-async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: bool) -> None:
+async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: bool, decode_kernel: bool) -> None:
     from server.engine.engine import Engine
     from server.engine.runner import ModelRunner
 
@@ -123,6 +123,8 @@ async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: b
         max_lora_rank=work.lora_config.r,
         cuda_graphs=cuda_graphs,
     )
+    if not decode_kernel:  # ours_sdpa: the A/B of the split-KV decode kernel (it is on by itself on CUDA)
+        runner.decoder.use_decode_attention_kernel(enabled=False)
     engine = Engine(
         runner, max_running=work.max_streams, max_queue=10_000, prefill_chunk_tokens=work.prefill_chunk_tokens
     )
@@ -147,7 +149,7 @@ async def run_ours_async(work: Workload, result: MethodResult, *, cuda_graphs: b
         engine.stop()
 
 
-def run_ours(work: Workload, *, cuda_graphs: bool = True) -> MethodResult:
+def run_ours(work: Workload, *, cuda_graphs: bool = True, decode_kernel: bool = True) -> MethodResult:
     result = MethodResult()
-    asyncio.run(run_ours_async(work, result, cuda_graphs=cuda_graphs))
+    asyncio.run(run_ours_async(work, result, cuda_graphs=cuda_graphs, decode_kernel=decode_kernel))
     return result

@@ -16,7 +16,7 @@ from bench.engine_bench.measure import MethodResult
 from bench.engine_bench.workload import MATCH_SCENARIO, SAMPLED_SUFFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("hf_peft", "hf_static", "unsloth", "vllm", "ours", "ours_eager")
+METHODS = ("hf_peft", "hf_static", "unsloth", "vllm", "ours", "ours_sdpa", "ours_eager")
 BASELINES = ("hf_peft", "unsloth", "vllm")  # ours/<baseline> columns, where the baseline ran
 
 
