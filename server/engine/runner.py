@@ -175,7 +175,9 @@ class ModelRunner:
         rank = int(lora_config.r)
         if rank > self.max_lora_rank:
             raise ValueError(f"rank {rank} is over this server's limit of {self.max_lora_rank}")
+        started = time.perf_counter()
         self.lora.add(key, rank=rank, scaling=lora_scaling(lora_config), state_dict=state_dict)
+        log.info("adapter %s: host copy (checked, scaled, pinned) in %.2f s", key, time.perf_counter() - started)
 
     def detach(self, key: str) -> None:
         self.lora.remove(key)

@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -327,7 +328,9 @@ def _job(engine, runner, name: str, args: tuple):
     """The callable the worker runs for job `name`."""
     if name == "attach":  # (read here, in the thread that took the job: never on the worker)
         key, config, files = args
+        started = time.perf_counter()
         state_dict = read_adapter(files)
+        log.info("adapter %s: files read, verified and parsed in %.2f s", key, time.perf_counter() - started)
         return lambda: runner.attach(key, config, state_dict)
     if name == "detach":
         return lambda: runner.detach(args[0])
