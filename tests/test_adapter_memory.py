@@ -57,3 +57,30 @@ def test_no_adapter_left_means_no_device_slots():
     assert lora.row_adapters(torch.tensor([-1, -1])) is None  # base-model rows skip LoRA again
     lora.add("again", rank=2, scaling=1.0, state_dict=adapter(2, 5))  # and it grows back on the next load
     assert lora.device_bytes == slots_with(2).device_bytes
+
+
+def test_pinned_host_copies_pack_into_few_blocks(monkeypatch):
+    """On CUDA the host copies are pinned in blocks (one allocation of pinned memory costs milliseconds): every
+    tensor keeps its values, dtype and shape, and the 448 tensors of an 8B-shaped adapter take a handful of
+    blocks. Pinning itself needs CUDA; here torch.empty's pin flag is dropped and pin_memory copies."""
+    from server.engine import lora_slots
+
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())
+    widths = {"q_proj": (4096, 4096), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
+    weights = {
+        (layer, name): (torch.randn(16, width_in).bfloat16(), torch.randn(16, width_out).float())
+        for layer in range(32)
+        for name, (width_in, width_out) in widths.items()
+    }
+    packed = lora_slots.pinned(weights)
+    for name, ab in weights.items():
+        for original, copy in zip(ab, packed[name]):
+            assert copy.dtype == original.dtype and torch.equal(copy, original)
+    blocks = {t.untyped_storage().data_ptr() for ab in packed.values() for t in ab}
+    total = sum(t.numel() * t.element_size() for ab in weights.values() for t in ab)
+    assert len(blocks) <= total // lora_slots.PIN_BLOCK_BYTES + 2
+    huge = {(0, "q_proj"): (torch.zeros(lora_slots.PIN_BLOCK_BYTES // 2 + 1, dtype=torch.int16), torch.ones(2))}
+    alone = lora_slots.pinned(huge)[(0, "q_proj")][0]
+    assert torch.equal(alone, huge[(0, "q_proj")][0])  # over a block: pinned on its own
