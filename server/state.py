@@ -127,7 +127,9 @@ class ServerState:
             except ServeError as exc:  # the message is the whole story: start-up logs it in one line
                 raise type(exc)(f"preloading adapter {name!r} from {path!r}: {exc.message}", param=exc.param) from exc
             self.metrics.adapter_loads.labels("ok").inc()
-            log.info("adapter %s version %s loaded from %s in %.2f s", name, version.version, path, version.load_seconds)
+            log.info(
+                "adapter %s version %s loaded from %s in %.2f s", name, version.version, path, version.load_seconds
+            )
         self.metrics.adapters_loaded.set(len(self.registry.names()))
         await self._warm_up()  # decode graphs captured before the first request
 
