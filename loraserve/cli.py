@@ -242,8 +242,6 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve the base model and adapters over HTTP. Admin token: LORASERVE_ADMIN_TOKEN."""
-    from server.serve import serve as run_server
-
     settings = _checked_server_settings(
         base_model=base_model,
         adapter_root=adapter_root,
@@ -253,6 +251,11 @@ def serve(
         backend=backend,
         load_in_4bit=load_in_4bit,
     )
+    from server.engine_process.launch import prelaunch
+
+    prelaunch(settings, log_level=log_level)  # the engine process loads the model while the server imports its own
+    from server.serve import serve as run_server
+
     run_server(settings, log_level=log_level)
 
 

@@ -12,10 +12,10 @@ from contract.fingerprint import base_fingerprint
 from server.adapters.checks import base_shapes, load_weights
 from server.adapters.registry import AdapterRegistry, default_template
 from server.engine.engine import Engine
-from server.engine.faults import FaultPlan
 from server.engine.runner import ModelRunner, RunnerFacts, load_runner
-from server.engine_process.child import EngineOptions
+from server.engine_process import launch
 from server.engine_process.client import EngineProcess, run_job
+from server.engine_process.launch import engine_options, runner_options
 from server.errors import ServeError
 from server.metrics import Metrics
 from server.service import GenerationService
@@ -136,37 +136,12 @@ class ServerState:
 
 def engine_in_own_process(settings: ServerSettings) -> bool:
     """`auto` puts the engine in a process of its own on a GPU, where the shared GIL is what a busy server runs
-    out of first (server.engine_process); on a CPU the model's own work dominates and one process starts faster."""
+    out of first (server.engine_process); on a CPU the model's own work dominates and one process starts faster.
+    One that `loraserve serve` started early (launch.prelaunch: auto saw a GPU's driver) is used whatever torch says."""
+    if launch.prelaunched():
+        return True
     if settings.engine_process == "auto":
         import torch
 
         return torch.cuda.is_available()
     return settings.engine_process == "on"
-
-
-def runner_options(settings: ServerSettings) -> dict:
-    """load_runner's arguments from the settings (the same in this process and in an engine process)."""
-    s = settings
-    return dict(
-        base_model=s.base_model,
-        backend=s.backend,
-        load_in_4bit=s.load_in_4bit,
-        dtype=s.dtype,
-        max_context=s.max_context,
-        kv_slots=s.max_running,
-        adapter_slots=s.adapter_slots,
-        max_lora_rank=s.max_adapter_rank,
-        kv_memory_fraction=s.kv_memory_fraction,
-        cuda_graphs=s.cuda_graphs,
-        compile_kernels=s.compile_kernels,
-        faults=FaultPlan.from_setting(s.fault_injection),
-    )
-
-
-def engine_options(settings: ServerSettings) -> EngineOptions:
-    return EngineOptions(
-        runner=runner_options(settings),
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
-        gil_switch_seconds=settings.gil_switch_seconds,
-    )

@@ -140,7 +140,7 @@ def test_a_place_freed_by_a_cancel_is_never_refused_by_the_engine_process(tiny_m
     from server.engine_process.client import EngineProcess
     from server.errors import ServeError
     from server.settings import ServerSettings
-    from server.state import engine_options
+    from server.engine_process.launch import engine_options
 
     async def churn() -> list[str]:
         settings = ServerSettings(base_model=str(tiny_model_dir), max_running=2, max_queue=2, max_context=512)
@@ -287,3 +287,54 @@ def test_the_engine_process_attaches_only_the_files_the_server_checked(tiny_mode
     write(seed=2)  # rewritten after the check
     with pytest.raises(ValueError, match="changed while it was being loaded"):
         child.read_adapter(files)
+
+
+def test_the_launcher_and_the_command_line_import_no_torch():
+    """`loraserve serve` starts the engine process before the server's imports (launch.prelaunch): the launcher
+    importing torch would put those seconds back in front of it."""
+    import subprocess
+    import sys
+
+    code = "import sys, loraserve.cli, server.engine_process.launch; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_the_engine_process_started_early_is_adopted_or_replaced(tiny_model_dir, monkeypatch):
+    """The server adopts the engine process `loraserve serve` started early when its options are the ones the
+    server would start one with; one started with other options is stopped and another started. Without a GPU,
+    `auto` starts none early (nor does `off`)."""
+    from server.engine_process import launch
+    from server.engine_process.client import EngineProcess
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(base_model=str(tiny_model_dir), engine_process="on", max_context=512)
+    assert launch.prelaunch(settings, log_level="warning")
+    early = launch._prelaunched.process
+
+    async def serve_one(engine: EngineProcess) -> list[int]:
+        await asyncio.to_thread(engine.wait_ready)
+        engine.start()
+        try:
+            from server.engine.sampling import SamplingParams
+
+            events = engine.generate([1, 2, 3], SamplingParams(max_new_tokens=3), None)
+            return [event.id async for event in events if isinstance(event, TokenEvent)]
+        finally:
+            engine.stop()
+
+    adopted = EngineProcess(launch.engine_options(settings, log_level="WARNING"), max_queue=4)
+    assert adopted._process is early and not launch.prelaunched()
+    assert len(asyncio.run(serve_one(adopted))) == 3
+
+    assert launch.prelaunch(settings, log_level="warning")
+    early = launch._prelaunched.process
+    other = ServerSettings(base_model=str(tiny_model_dir), engine_process="on", max_context=256)
+    replaced = EngineProcess(launch.engine_options(other, log_level="warning"), max_queue=4)
+    assert replaced._process is not early and not early.is_alive()
+    assert len(asyncio.run(serve_one(replaced))) == 3
+
+    monkeypatch.setattr(launch, "gpu_driver_present", lambda: False)
+    for placement in ("auto", "off"):
+        quiet = ServerSettings(base_model=str(tiny_model_dir), engine_process=placement)
+        assert not launch.prelaunch(quiet, log_level="warning") and not launch.prelaunched()

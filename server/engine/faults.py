@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 KINDS = ("decode_oom_rows", "adapter_load_oom")
 
 
@@ -44,6 +42,9 @@ class FaultPlan:
             raise _injected(f"adapter load {self.attaches}")
 
 
-def _injected(where: str) -> torch.OutOfMemoryError:
-    # The type a real CUDA OOM raises (constructible without a GPU), so every handler sees the real thing.
+def _injected(where: str):
+    # The type a real CUDA OOM raises (constructible without a GPU), so every handler sees the real thing. torch is
+    # imported here only: the engine process is started before the server imports it (engine_process/launch.py).
+    import torch
+
     return torch.OutOfMemoryError(f"injected fault (LORASERVE_FAULT_INJECTION): out of memory in {where}")

@@ -13,5 +13,6 @@ CUDA is never forked) and the server talks to it over three pipes:
     events    engine → server   one message per engine iteration: the requests' events, finished jobs
 
 `client.EngineProcess` is the server's side: the Engine surface that the service, the adapter registry and the
-server's state use. `child.main` is the child's. Neither knows HTTP.
+server's state use. `child.main` is the child's. Neither knows HTTP. `launch` starts the child; `loraserve serve`
+calls it before the server's own imports, so that the child loads the model meanwhile (it imports no torch).
 """

@@ -28,19 +28,10 @@ from safetensors.torch import load as load_safetensors
 from contract.lora import WEIGHTS_FILE
 from contract.manifest import ADAPTER_FILES, adapter_bytes_sha256
 from server.engine.events import FinalEvent, TokenEvent
+from server.engine_process.launch import EngineOptions
 from server.errors import ServeError
 
 log = logging.getLogger("loraserve.engine_process")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What the child needs to build the runner and the engine (picklable: it crosses the spawn)."""
-
-    runner: dict  # load_runner's keyword arguments (server.state.runner_options)
-    prefill_chunk_tokens: int
-    log_level: str = "info"
-    gil_switch_seconds: float = 0.005
 
 
 @dataclass

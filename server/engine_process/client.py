@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
 import os
 import pickle
 import queue
@@ -37,7 +36,8 @@ from server import errors
 from server.engine.engine import EngineStats, overloaded
 from server.engine.events import ErrorEvent, FinalEvent, TokenEvent
 from server.engine.sampling import SamplingParams
-from server.engine_process import child
+from server.engine_process import child, launch
+from server.engine_process.launch import EngineOptions
 from server.errors import ServeError, Unavailable
 
 log = logging.getLogger("loraserve.engine_process")
@@ -52,21 +52,11 @@ class _Stream:
 
 
 class EngineProcess:
-    def __init__(self, options: child.EngineOptions, *, max_queue: int) -> None:
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        commands_in, commands = context.Pipe(duplex=False)
-        jobs_in, self._weights = context.Pipe(duplex=False)
-        self._events, events_out = context.Pipe(duplex=False)
-        # Not a daemon: a daemonic process may not start processes of its own, which libraries in it do (TorchInductor's
-        # compile workers). Its end is ours all the same: killed at exit (Finalize below), and a watchdog in it.
-        self._process = context.Process(
-            target=child.main, args=(options, commands_in, jobs_in, events_out), name="loraserve-engine"
-        )
-        self._process.start()
-        for end in (commands_in, jobs_in, events_out):  # the child's ends: closed here, so its exit reads as EOF
-            end.close()
-        # Before multiprocessing joins its children at exit (it would wait for ever on one that ignores SIGTERM).
-        Finalize(self, _kill_if_alive, args=(self._process,), exitpriority=10)
+    def __init__(self, options: EngineOptions, *, max_queue: int) -> None:
+        launched = launch.adopt(options) or launch.launch(options)  # the one `loraserve serve` started early, if any
+        self._process, self._weights, self._events = launched.process, launched.weights, launched.events
+        commands = launched.commands
+        Finalize(self, launch.kill_if_alive, args=(self._process,), exitpriority=10)  # also when dropped unstopped
         self._outgoing: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe even from a signal handler
         threading.Thread(
             target=_write_all, args=(self._outgoing, commands), name="engine-commands", daemon=True
@@ -381,12 +371,6 @@ def _write_all(outgoing: queue.SimpleQueue, conn) -> None:
         except Exception:  # a command that does not pickle: lost, but every later one still goes
             log.exception("sending a command to the engine process failed: %.200r", message)
     conn.close()
-
-
-def _kill_if_alive(process) -> None:
-    if process.is_alive():
-        process.kill()
-        process.join(timeout=5)
 
 
 async def run_job(fn):
