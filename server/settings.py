@@ -96,6 +96,14 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
         return value
 
+    @field_validator("fault_injection")
+    @classmethod
+    def _known_faults(cls, value: dict[str, int]) -> dict[str, int]:
+        from server.engine.faults import FaultPlan  # (standard library only)
+
+        FaultPlan.from_setting(value)  # its ValueError names the unknown fault: a setting error, before any loading
+        return value
+
     @property
     def public_base_name(self) -> str:
         return self.base_model_name or Path(self.base_model.rstrip("/")).name

@@ -74,10 +74,13 @@ def test_pinned_host_copies_pack_into_few_blocks(monkeypatch):
         for layer in range(32)
         for name, (width_in, width_out) in widths.items()
     }
+    weights[(32, "odd")] = (torch.ones(3, 5, dtype=torch.bfloat16), torch.arange(7, dtype=torch.float64))  # 30 bytes
+    weights[(33, "odd")] = (torch.ones(3, dtype=torch.int8), torch.full((2, 3), 2.5))  # misaligned without padding
     packed = lora_slots.pinned(weights)
     for name, ab in weights.items():
         for original, copy in zip(ab, packed[name]):
             assert copy.dtype == original.dtype and torch.equal(copy, original)
+            assert copy.data_ptr() % lora_slots.PIN_ALIGN == 0  # every view starts aligned for any dtype
     blocks = {t.untyped_storage().data_ptr() for ab in packed.values() for t in ab}
     total = sum(t.numel() * t.element_size() for ab in weights.values() for t in ab)
     assert len(blocks) <= total // lora_slots.PIN_BLOCK_BYTES + 2

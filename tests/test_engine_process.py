@@ -138,9 +138,9 @@ def test_a_place_freed_by_a_cancel_is_never_refused_by_the_engine_process(tiny_m
 
     from server.engine.sampling import SamplingParams
     from server.engine_process.client import EngineProcess
+    from server.engine_process.launch import engine_options
     from server.errors import ServeError
     from server.settings import ServerSettings
-    from server.engine_process.launch import engine_options
 
     async def churn() -> list[str]:
         settings = ServerSettings(base_model=str(tiny_model_dir), max_running=2, max_queue=2, max_context=512)
@@ -300,14 +300,25 @@ def test_the_launcher_and_the_command_line_import_no_torch():
     assert done.stdout.strip() == "False"
 
 
-def test_the_engine_process_started_early_is_adopted_or_replaced(tiny_model_dir, monkeypatch):
+@pytest.fixture
+def early_launches():
+    """Whatever a test leaves prelaunched is stopped: the next ServerState would adopt it."""
+    from server.engine_process import launch
+
+    yield launch
+    left = launch.adopt(launch._prelaunched.options) if launch.prelaunched() else None
+    if left is not None:
+        launch.kill_if_alive(left.process)
+
+
+def test_the_engine_process_started_early_is_adopted_or_replaced(tiny_model_dir, monkeypatch, early_launches):
     """The server adopts the engine process `loraserve serve` started early when its options are the ones the
     server would start one with; one started with other options is stopped and another started. Without a GPU,
     `auto` starts none early (nor does `off`)."""
-    from server.engine_process import launch
     from server.engine_process.client import EngineProcess
     from server.settings import ServerSettings
 
+    launch = early_launches
     settings = ServerSettings(base_model=str(tiny_model_dir), engine_process="on", max_context=512)
     assert launch.prelaunch(settings, log_level="warning")
     early = launch._prelaunched.process

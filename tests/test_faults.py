@@ -34,3 +34,23 @@ def test_each_fault_fires_once_where_it_was_aimed(monkeypatch):
 def test_an_unknown_fault_is_refused():
     with pytest.raises(ValueError, match="unknown fault"):
         FaultPlan.from_setting({"everything_oom": 1})
+
+
+def test_an_unknown_fault_is_a_setting_error_of_serve_before_anything_starts(tmp_path):
+    """`loraserve serve` builds the engine process's options before the server's imports (engine_process/launch.py):
+    an unknown fault must stop it there as a setting, in one line (exit 2), not as a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORASERVE_FAULT_INJECTION": '{"bogus": 1}', "LORASERVE_ENGINE_PROCESS": "on"}
+    done = subprocess.run(
+        [sys.executable, "-m", "loraserve", "serve", "--base-model", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "fault_injection" in done.stderr and "unknown fault 'bogus'" in done.stderr
+    assert "Traceback" not in done.stderr

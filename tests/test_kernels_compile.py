@@ -180,13 +180,14 @@ def compile_all() -> dict[str, dict]:
                 source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps[0] if warps else 4)
             )
             ok = bool(compiled.asm.get("cubin"))
-            results[name] = {
-                "status": "ok" if ok else "no cubin",
-                **registers(compiled.asm["ptx"]),
-                "loop": loop_facts(compiled.asm["cubin"]) if ok else None,
-            }
+            results[name] = {"status": "ok" if ok else "no cubin", **registers(compiled.asm["ptx"])}
         except Exception as exc:  # the compiler's message is the test's answer
             results[name] = {"status": f"{type(exc).__name__}: {exc}"[:2000]}
+            continue
+        try:  # apart: a disassembler that fails is this one test's failure, not every kernel's
+            results[name]["loop"] = loop_facts(compiled.asm["cubin"]) if ok else None
+        except (OSError, subprocess.SubprocessError) as exc:
+            results[name]["loop"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     return results
 
 
@@ -231,7 +232,7 @@ def loop_facts(cubin: bytes) -> dict[str, int] | None:
             loop = lines[labels[target.group(1)] : index + 1]
             body = [text for text in loop if re.search(r"/\*[0-9a-f]{4}\*/", text)]  # instructions, not comments
             if any("MUFU.EX2" in text for text in body):
-                shared = [text for text in body if re.search(r"\b(BAR|LDS|STS)\b", text)]
+                shared = [text for text in body if re.search(r"\b(BAR|LDS|LDSM|STS|ATOMS|LDGSTS)\b", text)]
                 return {"instructions": len(body), "shared_memory_or_barriers": len(shared)}
     return None
 
@@ -270,7 +271,7 @@ def test_the_search_passes_loop_keeps_to_registers(compiled):
     131-132 instructions per iteration, 22 of them shared-memory loads and stores or barriers, against 73 and none
     as columns of the tile (sm_90, 2026-12-08)."""
     loops = {name: r["loop"] for name, r in compiled.items() if name.startswith("launched _search_pass")}
-    assert loops and all(loop is not None for loop in loops.values()), loops
+    assert loops and all(loop is not None and "error" not in loop for loop in loops.values()), loops
     assert not any(loop["shared_memory_or_barriers"] for loop in loops.values()), loops
 
 

@@ -65,8 +65,10 @@ def runner_options(settings: ServerSettings) -> dict:
 
 def engine_options(settings: ServerSettings, *, log_level: str | None = None) -> EngineOptions:
     """The engine process's options; its log level is this process's unless given."""
-    level = logging.getLevelName(logging.getLevelName(log_level.upper())) if log_level else None
-    level = level or logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    number = logging.getLevelName(log_level.upper()) if log_level else None  # an int for a level's name
+    if not isinstance(number, int):  # none given, or one logging does not know: this process's own
+        number = logging.getLogger().getEffectiveLevel()
+    level = logging.getLevelName(number)
     return EngineOptions(
         runner=runner_options(settings),
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
@@ -76,11 +78,12 @@ def engine_options(settings: ServerSettings, *, log_level: str | None = None) ->
 
 
 def gpu_driver_present() -> bool:
-    """Whether an NVIDIA driver is loaded and a GPU is visible, without importing torch (`auto` decides by it
-    before the server's imports; torch.cuda answers the same on a working GPU machine)."""
+    """Whether this machine (or container) has an NVIDIA GPU's device file and may use it, without importing
+    torch (`auto` decides by it before the server's imports; torch.cuda answers the same on a working GPU machine).
+    The device files, not /proc/driver/nvidia: a container without GPUs on a GPU host sees the host's driver."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return Path("/proc/driver/nvidia/version").exists()
+    return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def launch(options: EngineOptions) -> Launched:
