@@ -78,7 +78,7 @@ class ServerSettings(BaseSettings):
     engine_process: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Run the engine in a process of its own, apart from the HTTP server's event loop (they would "
-        "share one GIL); auto: on with a GPU (`loraserve serve` looks for the NVIDIA driver, before importing torch; "
+        "share one GIL); auto: on with a GPU (`loraserve serve` looks for a GPU device file, before importing torch; "
         "elsewhere torch.cuda decides).",
     )
     gil_switch_seconds: float = Field(0.0005, gt=0, le=0.1, description="sys.setswitchinterval for the server process.")
