@@ -78,8 +78,7 @@ class ServerSettings(BaseSettings):
     engine_process: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Run the engine in a process of its own, apart from the HTTP server's event loop (they would "
-        "share one GIL); auto: on with a GPU (`loraserve serve` looks for a GPU device file, before importing torch; "
-        "elsewhere torch.cuda decides).",
+        "share one GIL); auto: on where an NVIDIA GPU's device file is present (checked without importing torch).",
     )
     gil_switch_seconds: float = Field(0.0005, gt=0, le=0.1, description="sys.setswitchinterval for the server process.")
     fault_injection: dict[str, int] = Field(

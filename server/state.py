@@ -13,9 +13,8 @@ from server.adapters.checks import base_shapes, load_weights
 from server.adapters.registry import AdapterRegistry, default_template
 from server.engine.engine import Engine
 from server.engine.runner import ModelRunner, RunnerFacts, load_runner
-from server.engine_process import launch
 from server.engine_process.client import EngineProcess, run_job
-from server.engine_process.launch import engine_options, runner_options
+from server.engine_process.launch import engine_options, in_own_process, runner_options
 from server.errors import ServeError
 from server.metrics import Metrics
 from server.service import GenerationService
@@ -89,7 +88,7 @@ class ServerState:
         """The engine, in a process of its own or in this one: (base shapes, attach, detach, run_on_worker, and what
         reads an adapter's weights for attach)."""
         s = self.settings
-        if engine_in_own_process(s):
+        if in_own_process(s):
             engine = EngineProcess(engine_options(s), max_queue=s.max_queue)
             engine.on_lost = self._engine_lost
             hello = engine.wait_ready()  # only a loaded engine is published: until then requests get 503, not 429
@@ -132,16 +131,3 @@ class ServerState:
             )
         self.metrics.adapters_loaded.set(len(self.registry.names()))
         await self._warm_up()  # decode graphs captured before the first request
-
-
-def engine_in_own_process(settings: ServerSettings) -> bool:
-    """`auto` puts the engine in a process of its own on a GPU, where the shared GIL is what a busy server runs
-    out of first (server.engine_process); on a CPU the model's own work dominates and one process starts faster.
-    One that `loraserve serve` started early (launch.prelaunch: auto saw a GPU's driver) is used whatever torch says."""
-    if launch.prelaunched():
-        return True
-    if settings.engine_process == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return settings.engine_process == "on"

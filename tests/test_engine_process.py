@@ -345,7 +345,7 @@ def test_the_engine_process_started_early_is_adopted_or_replaced(tiny_model_dir,
     assert replaced._process is not early and not early.is_alive()
     assert len(asyncio.run(serve_one(replaced))) == 3
 
-    monkeypatch.setattr(launch, "gpu_driver_present", lambda: False)
+    monkeypatch.setattr(launch, "gpu_present", lambda: False)
     for placement in ("auto", "off"):
         quiet = ServerSettings(base_model=str(tiny_model_dir), engine_process=placement)
         assert not launch.prelaunch(quiet, log_level="warning") and not launch.prelaunched()

@@ -368,13 +368,12 @@ def _nbytes(tensors) -> int:
 def pinned(weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """The same tensors copied into pinned host memory, packed into blocks of at most PIN_BLOCK_BYTES (a
     tensor larger than a block is pinned on its own)."""
-    sizes = [t.numel() * t.element_size() for ab in weights.values() for t in ab]
-    block_bytes = min(PIN_BLOCK_BYTES, sum(_aligned(n) for n in sizes))  # a small adapter pins what it needs
-    block, used = None, 0
+    block_bytes = min(PIN_BLOCK_BYTES, sum(_aligned(t.nbytes) for ab in weights.values() for t in ab))  # a small
+    block, used = None, 0  # adapter pins what it needs
 
     def place(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal block, used
-        size = tensor.numel() * tensor.element_size()
+        size = tensor.nbytes
         if size > block_bytes:
             return tensor.pin_memory()
         if block is None or used + size > block_bytes:

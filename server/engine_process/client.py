@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from multiprocessing.util import Finalize
 from pathlib import Path
 
 from server import errors
@@ -53,10 +52,10 @@ class _Stream:
 
 class EngineProcess:
     def __init__(self, options: EngineOptions, *, max_queue: int) -> None:
-        launched = launch.adopt(options) or launch.launch(options)  # the one `loraserve serve` started early, if any
+        # The one `loraserve serve` started early, if any. Held: dropped unstopped, its process is killed (launch).
+        launched = self._launched = launch.adopt(options) or launch.launch(options)
         self._process, self._weights, self._events = launched.process, launched.weights, launched.events
         commands = launched.commands
-        Finalize(self, launch.kill_if_alive, args=(self._process,), exitpriority=10)  # also when dropped unstopped
         self._outgoing: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe even from a signal handler
         threading.Thread(
             target=_write_all, args=(self._outgoing, commands), name="engine-commands", daemon=True

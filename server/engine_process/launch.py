@@ -77,10 +77,17 @@ def engine_options(settings: ServerSettings, *, log_level: str | None = None) ->
     )
 
 
-def gpu_driver_present() -> bool:
-    """Whether this machine (or container) has an NVIDIA GPU's device file and may use it, without importing
-    torch (`auto` decides by it before the server's imports; torch.cuda answers the same on a working GPU machine).
-    The device files, not /proc/driver/nvidia: a container without GPUs on a GPU host sees the host's driver."""
+def in_own_process(settings: ServerSettings) -> bool:
+    """Whether the engine runs in a process of its own: `engine_process` on, or auto with a GPU, where the shared GIL
+    is what a busy server runs out of first (the package doc); on a CPU the model's own work dominates and one
+    process starts faster. Decided without torch, so that `loraserve serve` can start it before its imports."""
+    return settings.engine_process == "on" or (settings.engine_process == "auto" and gpu_present())
+
+
+def gpu_present() -> bool:
+    """Whether this machine (or container) has an NVIDIA GPU's device file and may use it (torch.cuda answers the
+    same on a working GPU machine, after seconds of imports). The device files, not /proc/driver/nvidia: a
+    container without GPUs on a GPU host sees the host's driver."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return any(Path("/dev").glob("nvidia[0-9]*"))
@@ -100,19 +107,21 @@ def launch(options: EngineOptions) -> Launched:
     process.start()
     for end in (commands_in, jobs_in, events_out):  # the child's ends: closed here, so its exit reads as EOF
         end.close()
-    # Before multiprocessing joins its children at exit (it would wait for ever on one that ignores SIGTERM).
-    Finalize(None, kill_if_alive, args=(process,), exitpriority=10)
-    return Launched(options, process, commands, weights, events)
+    launched = Launched(options, process, commands, weights, events)
+    # Killed when its owner drops it unstopped, and at exit before multiprocessing joins its children (it would wait
+    # for ever on one that ignores SIGTERM).
+    Finalize(launched, kill_if_alive, args=(process,), exitpriority=10)
+    return launched
 
 
 _prelaunched: Launched | None = None
 
 
 def prelaunch(settings: ServerSettings, *, log_level: str) -> bool:
-    """Start the engine process now if the server will want one (`engine_process` on, or auto with a GPU); the
-    server adopts it (`adopt`). True if one was started."""
+    """Start the engine process now if the server will want one (`in_own_process`); the server adopts it
+    (`adopt`). True if one was started."""
     global _prelaunched
-    wanted = settings.engine_process == "on" or (settings.engine_process == "auto" and gpu_driver_present())
+    wanted = in_own_process(settings)
     if wanted and _prelaunched is None:
         _prelaunched = launch(engine_options(settings, log_level=log_level))
     return wanted
