@@ -195,15 +195,21 @@ def _checked_server_settings(**given):
 
 def _server_settings(**given):
     """Settings from the environment (LORASERVE_*), overridden by the flags actually given."""
-    from pydantic import ValidationError
-
     from server.settings import ServerSettings
 
+    return _settings_or_fail(ServerSettings, given)
+
+
+def _settings_or_fail(kind, given: dict):
+    """`kind` built from the environment and the flags actually given; an invalid one exits 2 in one line."""
+    from pydantic import ValidationError
+
     try:
-        return ServerSettings(**{k: v for k, v in given.items() if v is not None})
+        return kind(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
-        _fail(f"setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+        where = ".".join(str(p) for p in first["loc"])  # empty for a rule across settings
+        _fail(f"setting {where}: {first['msg']}" if where else f"settings: {first['msg']}")
 
 
 def _parse_adapters(pairs: list[str]) -> dict[str, str] | None:
@@ -301,15 +307,9 @@ def cluster(
 
 
 def _cluster_settings(**given):
-    from pydantic import ValidationError
-
     from server.cluster.settings import ClusterSettings
 
-    try:
-        return ClusterSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        _fail(f"setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    return _settings_or_fail(ClusterSettings, given)
 
 
 @app.command(cls=_Command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.fingerprint import base_fingerprint
-from server.adapters.checks import base_shapes, load_weights
+from server.adapters.checks import base_shapes, load_weights, lora_config
 from server.adapters.registry import AdapterRegistry, default_template
 from server.engine.engine import Engine
 from server.engine.runner import ModelRunner, RunnerFacts, load_runner
@@ -21,6 +22,7 @@ from server.service import GenerationService
 from server.settings import ServerSettings
 
 log = logging.getLogger("loraserve")
+PRELOADS_AT_ONCE = 4  # the engine process reads and copies as many at once (child.ADAPTER_READERS)
 
 
 @dataclass
@@ -103,7 +105,10 @@ class ServerState:
             runner, max_running=runner.cache.slots, max_queue=s.max_queue, prefill_chunk_tokens=s.prefill_chunk_tokens
         )
         self._warm_up = lambda: self.engine.call(runner.warm_up)
-        return base_shapes(runner.model, self.fingerprint), runner.attach, runner.detach, self.engine.call, load_weights
+        # The host copy is made with the read, off the worker; only `keep` runs there, between steps.
+        read = lambda checked: runner.host_copy(lora_config(checked), load_weights(checked))  # noqa: E731
+        keep = lambda key, config, adapter: runner.keep(key, adapter)  # noqa: E731
+        return base_shapes(runner.model, self.fingerprint), keep, runner.detach, self.engine.call, read
 
     def _engine_lost(self, reason: str) -> None:
         """The engine process died: not ready any more, and the server exits (its requests got their errors)."""
@@ -120,14 +125,28 @@ class ServerState:
         return {**self.engine.numbers(), "loraserve_adapter_versions_retired": self.registry.retired_count}
 
     async def preload_adapters(self) -> None:
-        for name, path in self.settings.adapters.items():
-            try:
-                version = await self.registry.load(name, path)
-            except ServeError as exc:  # the message is the whole story: start-up logs it in one line
-                raise type(exc)(f"preloading adapter {name!r} from {path!r}: {exc.message}", param=exc.param) from exc
-            self.metrics.adapter_loads.labels("ok").inc()
-            log.info(
-                "adapter %s version %s loaded from %s in %.2f s", name, version.version, path, version.load_seconds
-            )
+        """The configured adapters, PRELOADS_AT_ONCE at a time (their reads and host copies overlap; the worker
+        keeps them one by one), then the warm-up. The first failure stops the start-up with its message."""
+        room = asyncio.Semaphore(PRELOADS_AT_ONCE)
+
+        async def preload(name: str, path: str) -> None:
+            async with room:
+                await self._preload(name, path)
+
+        loads = [asyncio.ensure_future(preload(name, path)) for name, path in self.settings.adapters.items()]
+        try:
+            await asyncio.gather(*loads)
+        except BaseException:
+            for load in loads:
+                load.cancel()
+            raise
         self.metrics.adapters_loaded.set(len(self.registry.names()))
         await self._warm_up()  # decode graphs captured before the first request
+
+    async def _preload(self, name: str, path: str) -> None:
+        try:
+            version = await self.registry.load(name, path)
+        except ServeError as exc:  # the message is the whole story: start-up logs it in one line
+            raise type(exc)(f"preloading adapter {name!r} from {path!r}: {exc.message}", param=exc.param) from exc
+        self.metrics.adapter_loads.labels("ok").inc()
+        log.info("adapter %s version %s loaded from %s in %.2f s", name, version.version, path, version.load_seconds)

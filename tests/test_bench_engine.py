@@ -272,3 +272,18 @@ def test_profile_step_splits_a_first_token_into_host_phases_that_add_up(tmp_path
         )
         assert values["forward (host)"] > 0 and values["admission"] >= 0 and values["delivery"] >= 0
         assert values["rest"] > -0.5, line
+
+
+def test_the_adapter_load_bench_measures_an_8b_adapter(capsys, monkeypatch):
+    """Its adapters are what an 8B rank-16 load reads (448 tensors, 84 MB) and the slots take them; it prints the
+    two sides of a load."""
+    import sys
+
+    from bench import adapter_load_bench
+
+    weights = adapter_load_bench.state_dict(adapter_load_bench.projection_shapes_8b(), rank=16, seed=0)
+    assert len(weights) == 448 and round(sum(t.nbytes for t in weights.values()) / 1e6) == 84
+    monkeypatch.setattr(sys, "argv", ["adapter_load_bench", "--adapters", "2", "--rank", "2", "--device", "cpu"])
+    adapter_load_bench.main()
+    out = capsys.readouterr().out
+    assert "2 adapters of 10 MB (448 tensors), rank 2, on cpu" in out and "keep (the worker)" in out

@@ -131,9 +131,9 @@ class AdapterRegistry:
         async with lock:
             self._check_room(name)
             started = time.monotonic()
-            checked, weights = await asyncio.to_thread(self._check_and_read, path)
-            version = self._new_version(name, path, checked, started)
             try:
+                checked, weights = await asyncio.to_thread(self._check_and_read, path)
+                version = self._new_version(name, path, checked, started)
                 await self._attach_on_worker(version, checked, weights)
             except ValueError as exc:  # the runner's word that this adapter cannot be served (e.g. lm_head LoRA)
                 raise BadRequest(f"this adapter cannot be served: {exc}", param="path") from exc

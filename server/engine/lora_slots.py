@@ -118,14 +118,23 @@ class LoraSlots:
 
     # -- the host tier ---------------------------------------------------------------------------
     def add(self, key: str, *, rank: int, scaling: float, state_dict: dict[str, torch.Tensor]) -> None:
-        """Keep `key`'s weights in host memory (pinned when the slots live on a GPU). Raises
-        ValueError when the tensors are not LoRA A/B weights of this model's projections."""
-        weights = _host_weights(state_dict, self.shapes, rank=rank, scaling=scaling, dtype=self.dtype)
-        if self.device.type == "cuda":
-            weights = pinned(weights)
-        if rank > self.rank:
-            self._lay_out(rank)  # all or nothing: a failure (out of memory) leaves the old layout serving
-        self.host[key] = HostAdapter(rank=rank, weights=weights)
+        """`host_copy` then `keep`, in one call."""
+        self.keep(key, self.host_copy(rank=rank, scaling=scaling, state_dict=state_dict))
+
+    def host_copy(self, *, rank: int, scaling: float, state_dict: dict[str, torch.Tensor]) -> HostAdapter:
+        """The adapter as the host tier keeps it: checked, scaled, cast. Any thread may call it (it reads only
+        the shapes and touches no device), so a load's seconds of host work stay off the engine's worker.
+        Raises ValueError when the tensors are not LoRA A/B weights of this model's projections."""
+        return HostAdapter(rank, _host_weights(state_dict, self.shapes, rank=rank, scaling=scaling, dtype=self.dtype))
+
+    def keep(self, key: str, adapter: HostAdapter) -> None:
+        """Keep `adapter` as `key` (on the worker: it pins the host copy when the slots live on a GPU, and may
+        re-lay out the slots). Pinning stays here because it is a CUDA call: made from another thread while the
+        worker captures a graph, it would break the capture."""
+        weights = pinned(adapter.weights) if self.device.type == "cuda" else adapter.weights
+        if adapter.rank > self.rank:
+            self._lay_out(adapter.rank)  # all or nothing: a failure (out of memory) leaves the old layout serving
+        self.host[key] = HostAdapter(rank=adapter.rank, weights=weights)
 
     def remove(self, key: str) -> None:
         if self.pins.get(key):

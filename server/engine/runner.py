@@ -29,7 +29,7 @@ from server.engine.decoder import Decoder, Step, check_architecture, projection_
 from server.engine.faults import FaultPlan
 from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
-from server.engine.lora_slots import LoraSlots
+from server.engine.lora_slots import HostAdapter, LoraSlots
 from server.engine.piecewise_graphs import PiecewiseGraphs
 from server.engine.projections import GROUPS, all_fused, layer_projections
 
@@ -169,15 +169,24 @@ class ModelRunner:
         return set(self.lora.host)
 
     def attach(self, key: str, lora_config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> None:
-        """Keep adapter `key` ready to serve: host copy now, a device slot when a request needs it.
-        Raises ValueError when it does not fit this model or this server's rank limit."""
-        self.faults.before_attach()
+        """Keep adapter `key` ready to serve: `host_copy` then `keep`, in one call (on the worker)."""
+        self.keep(key, self.host_copy(lora_config, state_dict))
+
+    def host_copy(self, lora_config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> HostAdapter:
+        """The adapter's host copy (checked, scaled, cast), made on the caller's thread: a server builds it off the
+        worker, so a load does not stall the running streams. Raises ValueError when it does not fit this model
+        or this server's rank limit."""
         rank = int(lora_config.r)
         if rank > self.max_lora_rank:
             raise ValueError(f"rank {rank} is over this server's limit of {self.max_lora_rank}")
+        return self.lora.host_copy(rank=rank, scaling=lora_scaling(lora_config), state_dict=state_dict)
+
+    def keep(self, key: str, adapter: HostAdapter) -> None:
+        """On the worker: adapter `key` ready to serve, a device slot when a request needs it."""
+        self.faults.before_attach()
         started = time.perf_counter()
-        self.lora.add(key, rank=rank, scaling=lora_scaling(lora_config), state_dict=state_dict)
-        log.info("adapter %s: host copy (checked, scaled, pinned) in %.2f s", key, time.perf_counter() - started)
+        self.lora.keep(key, adapter)
+        log.info("adapter %s: kept (pinned, slots laid out) in %.2f s", key, time.perf_counter() - started)
 
     def detach(self, key: str) -> None:
         self.lora.remove(key)

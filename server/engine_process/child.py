@@ -1,7 +1,7 @@
 """The engine process: loads the model, runs the Engine, and serves the server's pipes (see the package doc).
 
 Threads: the engine's worker (the model's only user, as in one process), this process's main thread reading
-commands, one reading adapter weights, one watching the server. What the worker hands to its listeners leaves
+commands, a few reading adapter weights, one watching the server. What the worker hands to its listeners leaves
 as one `batch` message per engine iteration (`Outbox`); the readers write only the rare refusal or failed job
 (the outbox's lock keeps messages whole). The server's loop reads the events pipe and never blocks on a write
 of its own, so a writer here waits at most for that loop. The engine queues whatever it is sent (the server
@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -32,6 +33,7 @@ from server.engine_process.launch import EngineOptions
 from server.errors import ServeError
 
 log = logging.getLogger("loraserve.engine_process")
+ADAPTER_READERS = 4  # adapters read and copied at once: each holds its files' bytes and two copies of its tensors
 
 
 @dataclass
@@ -302,27 +304,37 @@ def _enqueue(engine, runner, outbox: Outbox, jid: int, name: str, args: tuple) -
 
 
 def _serve_weights(conn, engine, runner, outbox: Outbox) -> None:
-    """Adapter attaches, apart from the commands: their files are megabytes (read and parsed here, off the worker
-    and off the commands' thread)."""
+    """Adapter attaches, apart from the commands: their files are megabytes, read, parsed and copied by a few
+    threads at once (a start-up preloading adapters, or loads sent together), off the worker and off the commands'
+    thread. Only each one's `keep` queues for the worker."""
+    readers = ThreadPoolExecutor(ADAPTER_READERS, thread_name_prefix="engine-adapter")
     while True:
         try:
             jid, name, args = conn.recv()
         except (EOFError, OSError):
+            readers.shutdown(wait=False, cancel_futures=True)
             return
         except Exception:  # a message that does not unpickle: its job is lost, the process goes on
             log.exception("reading an adapter job failed")
             continue
-        _enqueue(engine, runner, outbox, jid, name, args)
+        readers.submit(_enqueue, engine, runner, outbox, jid, name, args)
 
 
 def _job(engine, runner, name: str, args: tuple):
     """The callable the worker runs for job `name`."""
-    if name == "attach":  # (read here, in the thread that took the job: never on the worker)
+    if name == "attach":  # (read and copied here, in the thread that took the job: never on the worker)
         key, config, files = args
         started = time.perf_counter()
         state_dict = read_adapter(files)
-        log.info("adapter %s: files read, verified and parsed in %.2f s", key, time.perf_counter() - started)
-        return lambda: runner.attach(key, config, state_dict)
+        read = time.perf_counter()
+        adapter = runner.host_copy(config, state_dict)
+        log.info(
+            "adapter %s: files read, verified and parsed in %.2f s, host copy in %.2f s",
+            key,
+            read - started,
+            time.perf_counter() - read,
+        )
+        return lambda: runner.keep(key, adapter)
     if name == "detach":
         return lambda: runner.detach(args[0])
     if name == "warm_up":
