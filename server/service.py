@@ -115,13 +115,9 @@ class GenerationService:
         return self._observe(prep, events)
 
     async def _observe(self, prep: Prepared, events) -> AsyncIterator[TokenEvent | FinalEvent]:
-        label, metrics = prep.adapter_label, self.metrics
-        metrics.prompt_tokens.labels(label).inc(len(prep.prompt_ids))
-        # This request's series, looked up once: per token, a labels() lookup costs the event loop (which
-        # shares the GIL with the engine's thread) more than the observation itself.
-        ttft, inter_token, generated = (
-            m.labels(label) for m in (metrics.ttft, metrics.inter_token, metrics.generated_tokens)
-        )
+        series = self.metrics.stream_series(prep.adapter_label)  # per token, a labels() costs more than observing
+        series.prompt_tokens.inc(len(prep.prompt_ids))
+        ttft, inter_token, generated = series.ttft, series.inter_token, series.generated
         last = time.monotonic()
         first = True
         try:

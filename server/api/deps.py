@@ -1,4 +1,9 @@
-"""Dependencies: the server state, API-key and admin-token checks (constant-time compares)."""
+"""Dependencies: the server state, API-key and admin-token checks (constant-time compares).
+
+Each dependency is `async def` though none awaits: FastAPI runs a plain `def` dependency in its thread pool, and
+three thread hand-offs per request were a fifth of the server's event-loop time under 64 streams of short
+requests (py-spy, bench/results/cpu-2026-12-08-b/NOTES.md).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,16 @@ from server.errors import Forbidden, Unauthorized, Unavailable
 from server.state import ServerState
 
 
-def get_state(request: Request) -> ServerState:
+def state_of(request: Request) -> ServerState:
     return request.app.state.loraserve
 
 
-def ready_state(request: Request) -> ServerState:
-    state = get_state(request)
+async def get_state(request: Request) -> ServerState:
+    return state_of(request)
+
+
+async def ready_state(request: Request) -> ServerState:
+    state = state_of(request)
     if not state.ready or state.service is None:
         raise Unavailable(state.load_error or "the model is still loading", headers={"Retry-After": "5"})
     if state.draining:
@@ -34,8 +43,12 @@ def _matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def require_api_key(request: Request) -> None:
-    keys = get_state(request).settings.api_keys
+async def require_api_key(request: Request) -> None:
+    check_api_key(request)
+
+
+def check_api_key(request: Request) -> None:
+    keys = state_of(request).settings.api_keys
     if not keys:
         return
     token = _bearer(request)
@@ -48,8 +61,8 @@ def require_api_key(request: Request) -> None:
         raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin(request: Request) -> None:
-    configured = get_state(request).settings.admin_token
+async def require_admin(request: Request) -> None:
+    configured = state_of(request).settings.admin_token
     if configured is None or not configured.get_secret_value():
         raise Forbidden("the admin API is disabled: set LORASERVE_ADMIN_TOKEN to enable it")
     token = _bearer(request)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.deps import State, require_api_key
+from server.api.deps import State, check_api_key
 from server.api.tgi.errors import declared
 from server.errors import ServeError, Unavailable
 
@@ -53,7 +53,7 @@ async def info(state: State, request: Request) -> dict:
 
 def _may_list_adapters(request: Request) -> bool:
     try:
-        require_api_key(request)
+        check_api_key(request)
     except ServeError:
         return False
     return True
