@@ -298,3 +298,46 @@ def test_tokens_without_text_do_not_grow_what_each_push_decodes():
     text = "".join(detok.push(1 if i % 50 == 0 else 7) for i in range(500))
     assert text == "a" * 10
     assert Silent.longest <= 10
+
+
+def test_the_sampler_is_built_beside_the_model_load_once(tiny_model_dir, monkeypatch, caplog):
+    """compile_sampler_early warms the sampler up in a thread of its own, at the config's vocabulary size; the
+    runner's warm-up then finds it done (on a CPU the torch path stands in for the CUDA kernels)."""
+    import logging
+
+    from transformers import AutoConfig
+
+    from server.engine import sampling
+    from server.engine.runner import compile_sampler_early
+
+    monkeypatch.setattr(sampling, "_WARMED", set())
+    chosen = []
+    real = sampling.choose_on_device
+    monkeypatch.setattr(sampling, "choose_on_device", lambda *a: (chosen.append(a[0].shape), real(*a))[1])
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    with caplog.at_level(logging.INFO, logger="loraserve.runner"):
+        thread = compile_sampler_early(str(tiny_model_dir), torch.device("cpu"))
+        thread.join(timeout=60)
+    assert thread.name == "sampler-compile" and not thread.is_alive()
+    assert len(chosen) == 5 and {shape[1] for shape in chosen} == {vocab}
+    assert "sampler's kernels built during the model load" in caplog.text
+    sampling.warm_up(vocab, "cpu")  # the runner's warm-up: nothing left to do
+    assert len(chosen) == 5
+    sampling.warm_up(vocab + 1, "cpu")  # another vocabulary is another build
+    assert len(chosen) == 10
+
+
+def test_a_sampler_build_that_fails_beside_the_load_is_logged_not_raised(tiny_model_dir, monkeypatch, caplog):
+    import logging
+
+    from server.engine import sampling
+    from server.engine.runner import compile_sampler_early
+
+    def broken(vocab, device):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(sampling, "warm_up", broken)
+    with caplog.at_level(logging.INFO, logger="loraserve.runner"):
+        compile_sampler_early(str(tiny_model_dir), torch.device("cpu")).join(timeout=60)
+    assert "building the sampler's kernels during the model load failed" in caplog.text
+    assert "no kernel today" in caplog.text

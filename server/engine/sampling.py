@@ -119,12 +119,19 @@ class _WarmUpRow:
 
 def warm_up(vocab: int, device) -> None:
     """Choose with each mix of cuts (greedy only; sampling with top-p, top-k, both, neither), so that the
-    CUDA kernels are built before a request waits for one, and checked on each path."""
+    CUDA kernels are built before a request waits for one, and checked on each path. Once per vocabulary size
+    and device (the runner's warm-up finds them built when the load built them: runner.compile_sampler_early)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if (vocab, device) in _WARMED:
+        return
     greedy = _WarmUpRow(SamplingParams(1))
     for cuts in ({}, {"top_p": 0.9}, {"top_k": 5}, {"top_p": 0.9, "top_k": 5}, None):
         rows = [greedy] if cuts is None else [greedy, _WarmUpRow(SamplingParams(1, do_sample=True, **cuts))]
         logits = torch.randn(len(rows), vocab, device=device)
-        choose_on_device(logits, row_params(rows, torch.device(device))).cpu()
+        choose_on_device(logits, row_params(rows, device)).cpu()
+    _WARMED.add((vocab, device))
 
 
 def choose_tokens(logits: torch.Tensor, seqs: list) -> PendingChoices:
@@ -216,6 +223,12 @@ class KernelPath:
 
 
 _CUDA_PATH: list[KernelPath] = []
+_WARMED: set[tuple[int, torch.device]] = set()  # (vocabulary size, device) that warm_up has chosen on
+
+
+def load_kernels() -> None:
+    """Import the CUDA path's kernels now (their first use would)."""
+    _cuda_path()
 
 
 def _cuda_path() -> KernelPath:
