@@ -84,6 +84,8 @@ def test_pinned_host_copies_pack_into_few_blocks(monkeypatch):
     blocks = {t.untyped_storage().data_ptr() for ab in packed.values() for t in ab}
     total = sum(t.numel() * t.element_size() for ab in weights.values() for t in ab)
     assert len(blocks) <= total // lora_slots.PIN_BLOCK_BYTES + 2
+    held = lora_slots._held_bytes(packed)  # what host_bytes reports: the blocks whole, their slack too
+    assert held == len(blocks) * lora_slots.PIN_BLOCK_BYTES > total  # every block is a full one here
     huge = {(0, "q_proj"): (torch.zeros(lora_slots.PIN_BLOCK_BYTES // 2 + 1, dtype=torch.int16), torch.ones(2))}
     alone = lora_slots.pinned(huge)[(0, "q_proj")][0]
     assert torch.equal(alone, huge[(0, "q_proj")][0])  # over a block: pinned on its own

@@ -72,6 +72,7 @@ class HostAdapter:
 
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    nbytes: int = 0  # host memory it holds, once kept: its pinned blocks whole (slack included)
 
 
 class LoraSlots:
@@ -134,7 +135,7 @@ class LoraSlots:
         weights = pinned(adapter.weights) if self.device.type == "cuda" else adapter.weights
         if adapter.rank > self.rank:
             self._lay_out(adapter.rank)  # all or nothing: a failure (out of memory) leaves the old layout serving
-        self.host[key] = HostAdapter(rank=adapter.rank, weights=weights)
+        self.host[key] = HostAdapter(rank=adapter.rank, weights=weights, nbytes=_held_bytes(weights))
 
     def remove(self, key: str) -> None:
         if self.pins.get(key):
@@ -149,8 +150,8 @@ class LoraSlots:
 
     @property
     def host_bytes(self) -> int:
-        """Host memory of the loaded adapters' weights (memory accounting: unload must give it back)."""
-        return sum(_nbytes(ab) for adapter in list(self.host.values()) for ab in adapter.weights.values())
+        """Host memory the loaded adapters' weights hold (memory accounting: unload must give it back)."""
+        return sum(adapter.nbytes for adapter in list(self.host.values()))
 
     @property
     def device_bytes(self) -> int:
@@ -372,6 +373,12 @@ class Room(Protocol):
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _held_bytes(weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes of the distinct storages behind the tensors: a pinned block counts once, whole."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for ab in weights.values() for t in ab}
+    return sum(storages.values())
 
 
 def pinned(weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> dict:
