@@ -187,7 +187,7 @@ class ModelRunner:
         self.faults.before_attach()
         started = time.perf_counter()
         self.lora.keep(key, adapter)
-        log.info("adapter %s: kept (pinned, slots laid out) in %.2f s", key, time.perf_counter() - started)
+        log.info("adapter %s: kept on the worker in %.2f s", key, time.perf_counter() - started)
 
     def detach(self, key: str) -> None:
         self.lora.remove(key)

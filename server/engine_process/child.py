@@ -317,7 +317,13 @@ def _serve_weights(conn, engine, runner, outbox: Outbox) -> None:
         except Exception:  # a message that does not unpickle: its job is lost, the process goes on
             log.exception("reading an adapter job failed")
             continue
-        readers.submit(_enqueue, engine, runner, outbox, jid, name, args)
+        readers.submit(_enqueue, engine, runner, outbox, jid, name, args).add_done_callback(_log_escaped)
+
+
+def _log_escaped(future) -> None:
+    """A reader's error that no job reply carried (its thread goes on; the job's caller waits on)."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("an adapter job failed outside its reply", exc_info=future.exception())
 
 
 def _job(engine, runner, name: str, args: tuple):
