@@ -208,8 +208,7 @@ def _settings_or_fail(kind, given: dict):
         return kind(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])  # empty for a rule across settings
-        _fail(f"setting {where}: {first['msg']}" if where else f"settings: {first['msg']}")
+        _fail(f"setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
 
 
 def _parse_adapters(pairs: list[str]) -> dict[str, str] | None:
@@ -257,6 +256,7 @@ def serve(
         backend=backend,
         load_in_4bit=load_in_4bit,
     )
+    _fail_if(settings.preload_problem())
     from server.engine_process.launch import prelaunch
 
     prelaunch(settings, log_level=log_level)  # the engine process loads the model while the server imports its own

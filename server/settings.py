@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.backend import BACKENDS, BACKENDS_HELP
@@ -103,14 +103,15 @@ class ServerSettings(BaseSettings):
         FaultPlan.from_setting(value)  # its ValueError names the unknown fault: a setting error, before any loading
         return value
 
-    @model_validator(mode="after")
-    def _preloads_fit(self) -> ServerSettings:
-        # Preloads run several at once: over the limit, which one failed would depend on timing.
+    def preload_problem(self) -> str | None:
+        """Why `serve` cannot preload `adapters` (None if it can). They load several at once: over max_adapters,
+        which one failed would depend on timing. (A cluster's adapters are a catalog, loaded per replica.)"""
         if len(self.adapters) > self.max_adapters:
-            raise ValueError(
-                f"adapters lists {len(self.adapters)} adapters to preload, more than max_adapters ({self.max_adapters})"
+            return (
+                f"{len(self.adapters)} adapters to preload (LORASERVE_ADAPTERS, --adapter), more than max_adapters "
+                f"({self.max_adapters}, LORASERVE_MAX_ADAPTERS)"
             )
-        return self
+        return None
 
     @property
     def public_base_name(self) -> str:

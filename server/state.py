@@ -16,13 +16,12 @@ from server.engine.engine import Engine
 from server.engine.runner import ModelRunner, RunnerFacts, load_runner
 from server.engine_process.client import EngineProcess, run_job
 from server.engine_process.launch import engine_options, in_own_process, runner_options
-from server.errors import ServeError
+from server.errors import Conflict, ServeError
 from server.metrics import Metrics
 from server.service import GenerationService
 from server.settings import ServerSettings
 
 log = logging.getLogger("loraserve")
-PRELOADS_AT_ONCE = 4  # the engine process reads and copies as many at once (child.ADAPTER_READERS)
 
 
 @dataclass
@@ -105,9 +104,7 @@ class ServerState:
             runner, max_running=runner.cache.slots, max_queue=s.max_queue, prefill_chunk_tokens=s.prefill_chunk_tokens
         )
         self._warm_up = lambda: self.engine.call(runner.warm_up)
-        # The host copy is made with the read, off the worker; only `keep` runs there, between steps.
-        read = lambda checked: runner.host_copy(lora_config(checked), load_weights(checked))  # noqa: E731
-        keep = lambda key, config, adapter: runner.keep(key, adapter)  # noqa: E731
+        read, keep = adapter_io(runner)
         return base_shapes(runner.model, self.fingerprint), keep, runner.detach, self.engine.call, read
 
     def _engine_lost(self, reason: str) -> None:
@@ -125,20 +122,17 @@ class ServerState:
         return {**self.engine.numbers(), "loraserve_adapter_versions_retired": self.registry.retired_count}
 
     async def preload_adapters(self) -> None:
-        """The configured adapters, PRELOADS_AT_ONCE at a time (their reads and host copies overlap; the worker
-        keeps them one by one), then the warm-up. The first failure stops the start-up with its message."""
-        room = asyncio.Semaphore(PRELOADS_AT_ONCE)
-
-        async def preload(name: str, path: str) -> None:
-            async with room:
-                await self._preload(name, path)
-
-        loads = [asyncio.ensure_future(preload(name, path)) for name, path in self.settings.adapters.items()]
+        """The configured adapters, all at once (the registry reads READS_AT_ONCE of them at a time; the worker keeps
+        them one by one), then the warm-up. The first failure stops the start-up with its message."""
+        if problem := self.settings.preload_problem():
+            raise Conflict(problem)
+        loads = [asyncio.ensure_future(self._preload(name, path)) for name, path in self.settings.adapters.items()]
         try:
             await asyncio.gather(*loads)
         except BaseException:
             for load in loads:
                 load.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)  # ended before start-up reports the failure
             raise
         self.metrics.adapters_loaded.set(len(self.registry.names()))
         await self._warm_up()  # decode graphs captured before the first request
@@ -150,3 +144,16 @@ class ServerState:
             raise type(exc)(f"preloading adapter {name!r} from {path!r}: {exc.message}", param=exc.param) from exc
         self.metrics.adapter_loads.labels("ok").inc()
         log.info("adapter %s version %s loaded from %s in %.2f s", name, version.version, path, version.load_seconds)
+
+
+def adapter_io(runner: ModelRunner):
+    """The registry's `read_weights` and `attach` over an engine in this process: the host copy is made with the
+    read (in the registry's reading thread, off the worker); only `keep` runs on the worker, between steps."""
+
+    def read(checked):
+        return runner.host_copy(lora_config(checked), load_weights(checked))
+
+    def keep(key: str, config, adapter) -> None:
+        runner.keep(key, adapter)
+
+    return read, keep

@@ -1059,13 +1059,19 @@ def test_live_api_keys(client, server):
     assert client.get("/health").status_code == 200
 
 
-def test_lora_on_a_module_the_engine_does_not_serve_is_400(tiny_model_dir, root, adapter, base):
+@pytest.mark.parametrize("wiring", ["attach", "server"])
+def test_lora_on_a_module_the_engine_does_not_serve_is_400(tiny_model_dir, root, adapter, base, wiring):
     """A valid PEFT adapter that also trains lm_head passes the file checks (the base has that module),
     but the engine applies LoRA to the seven projections only: the load is a clear 400, never a 500
-    and never served without its lm_head part."""
+    and never served without its lm_head part. Whether the runner refuses it on the worker (`attach`) or in
+    the load's reading thread (the server's wiring: the host copy is made with the read), and in the engine
+    process's attach job."""
     from contract.templates import BUILTIN
+    from server.adapters.checks import lora_config
     from server.adapters.registry import AdapterRegistry
     from server.engine.runner import load_runner
+    from server.engine_process import child
+    from server.state import adapter_io
 
     runner = load_runner(str(tiny_model_dir), backend="transformers", load_in_4bit=False)
     d = copy_adapter(adapter, root / "with-head", manifest=False)
@@ -1083,6 +1089,7 @@ def test_lora_on_a_module_the_engine_does_not_serve_is_400(tiny_model_dir, root,
     async def on_worker(fn):
         return fn()
 
+    read, keep = adapter_io(runner) if wiring == "server" else (load_weights, runner.attach)
     registry = AdapterRegistry(
         root=root,
         base=base,
@@ -1092,13 +1099,18 @@ def test_lora_on_a_module_the_engine_does_not_serve_is_400(tiny_model_dir, root,
         max_rank=64,
         max_bytes=BIG,
         run_on_worker=on_worker,
-        attach=runner.attach,
+        attach=keep,
         detach=runner.detach,
+        read_weights=read,
     )
     with pytest.raises(BadRequest) as error:
         asyncio.run(registry.load("head", "with-head"))
     assert "lm_head" in str(error.value) and "servable" in str(error.value)
     assert registry.names() == [] and runner.attached == set()
+    checked = check(root, "with-head", base)
+    files = child.AdapterFiles(str(checked.path), checked.sha256)
+    with pytest.raises(ValueError, match="servable"):  # the job fails with it: the server raises it as above
+        child._job(None, runner, "attach", ("head", lora_config(checked), files))
 
 
 def test_a_failed_detach_is_retried_by_the_next_collect(root, adapter, base):

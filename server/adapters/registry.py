@@ -32,6 +32,9 @@ from server.adapters.checks import (
 from server.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, ServeError
 
 log = logging.getLogger("loraserve.adapters")
+# Adapter loads reading (checked, read and, with the engine in this process, copied) at once: each holds its files'
+# bytes and copies of its tensors. The engine process reads and copies as many at once (engine_process/child.py).
+READS_AT_ONCE = 4
 
 
 @dataclass
@@ -92,6 +95,7 @@ class AdapterRegistry:
         self._live: dict[str, AdapterVersion] = {}
         self._retired: list[AdapterVersion] = []
         self._locks: dict[str, asyncio.Lock] = {}
+        self._reads = asyncio.Semaphore(READS_AT_ONCE)
         self._refs_lock = threading.Lock()
         self._keys = itertools.count(1)
 
@@ -132,7 +136,8 @@ class AdapterRegistry:
             self._check_room(name)
             started = time.monotonic()
             try:
-                checked, weights = await asyncio.to_thread(self._check_and_read, path)
+                async with self._reads:
+                    checked, weights = await asyncio.to_thread(self._check_and_read, path)
                 version = self._new_version(name, path, checked, started)
                 await self._attach_on_worker(version, checked, weights)
             except ValueError as exc:  # the runner's word that this adapter cannot be served (e.g. lm_head LoRA)

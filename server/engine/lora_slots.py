@@ -150,7 +150,9 @@ class LoraSlots:
 
     @property
     def host_bytes(self) -> int:
-        """Host memory the loaded adapters' weights hold (memory accounting: unload must give it back)."""
+        """Host memory the loaded adapters' weights hold (memory accounting: unload must give it back). Pinned
+        blocks count whole; PyTorch's pinned-memory cache may round a tensor pinned alone up to a power of two, and
+        keeps freed blocks for the next load (neither shows here)."""
         return sum(adapter.nbytes for adapter in list(self.host.values()))
 
     @property

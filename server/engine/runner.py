@@ -5,7 +5,8 @@ before transformers happens there, once, when the Unsloth backend is chosen (CUD
 present, or asked for), and this module's Unsloth loader runs only after it. Unsloth is the loader
 there (its fast 16-bit and 4-bit loading); the forward pass is always our decoder, which reads the base
 weights through the model's modules and applies every row's adapter itself (Unsloth's fused decode
-ignores per-row adapters: DESIGN.md). Every method must be called from the engine's worker thread.
+ignores per-row adapters: DESIGN.md). Every method must be called from the engine's worker thread, but
+`host_copy`, which touches no device and no engine state (a load's reading thread calls it).
 
 Adapters arrive as a contract AdapterConfig and a state dict we read and checked ourselves (never a path
 handed to a loader that might fall back to pickle); they are never merged into the base weights.

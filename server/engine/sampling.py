@@ -129,7 +129,8 @@ def warm_up(vocab: int, device) -> None:
     greedy = _WarmUpRow(SamplingParams(1))
     for cuts in ({}, {"top_p": 0.9}, {"top_k": 5}, {"top_p": 0.9, "top_k": 5}, None):
         rows = [greedy] if cuts is None else [greedy, _WarmUpRow(SamplingParams(1, do_sample=True, **cuts))]
-        logits = torch.randn(len(rows), vocab, device=device)
+        # float32 said: a model load in another thread sets torch's default dtype to its own for a while
+        logits = torch.randn(len(rows), vocab, device=device, dtype=torch.float32)
         choose_on_device(logits, row_params(rows, device)).cpu()
     _WARMED.add((vocab, device))
 

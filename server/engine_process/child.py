@@ -28,12 +28,12 @@ from safetensors.torch import load as load_safetensors
 
 from contract.lora import WEIGHTS_FILE
 from contract.manifest import ADAPTER_FILES, adapter_bytes_sha256
+from server.adapters.registry import READS_AT_ONCE
 from server.engine.events import FinalEvent, TokenEvent
 from server.engine_process.launch import EngineOptions
 from server.errors import ServeError
 
 log = logging.getLogger("loraserve.engine_process")
-ADAPTER_READERS = 4  # adapters read and copied at once: each holds its files' bytes and two copies of its tensors
 
 
 @dataclass
@@ -96,12 +96,14 @@ def main(options: EngineOptions, commands, weights, events) -> None:
     outbox = Outbox(events)
     events.send(("ready", hello))
     engine.start()
+    readers = ThreadPoolExecutor(READS_AT_ONCE, thread_name_prefix="engine-adapter")
     threading.Thread(
-        target=_serve_weights, args=(weights, engine, runner, outbox), name="engine-weights", daemon=True
+        target=_serve_weights, args=(weights, engine, runner, outbox, readers), name="engine-weights", daemon=True
     ).start()
     try:
         _serve_commands(commands, engine, runner, outbox)
     finally:
+        readers.shutdown(wait=False, cancel_futures=True)  # a read in progress still ends before the process does
         engine.stop()
         outbox.flush()
 
@@ -303,21 +305,22 @@ def _enqueue(engine, runner, outbox: Outbox, jid: int, name: str, args: tuple) -
     engine.enqueue_job(job, JobReply(outbox, jid), outbox)
 
 
-def _serve_weights(conn, engine, runner, outbox: Outbox) -> None:
+def _serve_weights(conn, engine, runner, outbox: Outbox, readers: ThreadPoolExecutor) -> None:
     """Adapter attaches, apart from the commands: their files are megabytes, read, parsed and copied by a few
-    threads at once (a start-up preloading adapters, or loads sent together), off the worker and off the commands'
-    thread. Only each one's `keep` queues for the worker."""
-    readers = ThreadPoolExecutor(ADAPTER_READERS, thread_name_prefix="engine-adapter")
+    threads at once (`readers`: a start-up preloading adapters, or loads sent together), off the worker and off the
+    commands' thread. Only each one's `keep` queues for the worker."""
     while True:
         try:
             jid, name, args = conn.recv()
         except (EOFError, OSError):
-            readers.shutdown(wait=False, cancel_futures=True)
             return
         except Exception:  # a message that does not unpickle: its job is lost, the process goes on
             log.exception("reading an adapter job failed")
             continue
-        readers.submit(_enqueue, engine, runner, outbox, jid, name, args).add_done_callback(_log_escaped)
+        try:
+            readers.submit(_enqueue, engine, runner, outbox, jid, name, args).add_done_callback(_log_escaped)
+        except RuntimeError:  # the readers were shut down: the process is stopping
+            return
 
 
 def _log_escaped(future) -> None:

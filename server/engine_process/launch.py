@@ -145,10 +145,14 @@ def prelaunched() -> bool:
     return _prelaunched is not None
 
 
-def kill_if_alive(process) -> None:
+def kill_if_alive(process, *, wait_seconds: float = 30.0) -> None:
+    """SIGKILL, then wait for its end: its GPU memory is free only once it is gone (a replacement sizes its KV cache
+    by the memory free then)."""
     if process.is_alive():
         process.kill()
-        process.join(timeout=5)
+        process.join(timeout=wait_seconds)
+        if process.is_alive():
+            log.warning("engine process %s still alive %.0f s after SIGKILL", process.pid, wait_seconds)
 
 
 def _run_child(options: EngineOptions, commands, weights, events) -> None:
