@@ -300,44 +300,54 @@ def test_tokens_without_text_do_not_grow_what_each_push_decodes():
     assert Silent.longest <= 10
 
 
-def test_the_sampler_is_built_beside_the_model_load_once(tiny_model_dir, monkeypatch, caplog):
-    """compile_sampler_early warms the sampler up in a thread of its own, at the config's vocabulary size; the
-    runner's warm-up then finds it done (on a CPU the torch path stands in for the CUDA kernels)."""
+def test_the_kernels_are_built_beside_the_model_load(tiny_model_dir, monkeypatch, caplog):
+    """build_kernels_early warms the sampler up in a thread of its own, at the config's vocabulary size (the runner's
+    warm-up then finds it done; on a CPU the torch path stands in for the CUDA kernels), and runs the q/k/v and
+    decode attention checks at the config's head shape, in the model's dtype (recorded here: they need CUDA)."""
     import logging
 
     from transformers import AutoConfig
 
-    from server.engine import sampling
-    from server.engine.runner import compile_sampler_early
+    from server.engine import decode_attention, qkv_kernel, sampling
+    from server.engine.runner import build_kernels_early
 
     monkeypatch.setattr(sampling, "_WARMED", set())
-    chosen = []
+    chosen, checked = [], []
     real = sampling.choose_on_device
     monkeypatch.setattr(sampling, "choose_on_device", lambda *a: (chosen.append(a[0].shape), real(*a))[1])
-    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    for module, name in ((qkv_kernel, "matches_the_unfused_path"), (decode_attention, "matches_sdpa")):
+        monkeypatch.setattr(module, name, lambda device, dtype, _n=name, **shape: checked.append((_n, dtype, shape)))
+    config = AutoConfig.from_pretrained(tiny_model_dir)
     with caplog.at_level(logging.INFO, logger="loraserve.runner"):
-        thread = compile_sampler_early(str(tiny_model_dir), torch.device("cpu"))
+        thread = build_kernels_early(str(tiny_model_dir), torch.bfloat16, device="cpu")
         thread.join(timeout=60)
-    assert thread.name == "sampler-compile" and not thread.is_alive()
-    assert len(chosen) == 5 and {shape[1] for shape in chosen} == {vocab}
-    assert "sampler's kernels built during the model load" in caplog.text
-    sampling.warm_up(vocab, "cpu")  # the runner's warm-up: nothing left to do
+    assert thread.name == "kernels-early" and not thread.is_alive()
+    assert len(chosen) == 5 and {shape[1] for shape in chosen} == {config.vocab_size}
+    heads = config.num_attention_heads
+    shape = dict(heads=heads, kv_heads=config.num_key_value_heads, head_dim=config.hidden_size // heads)
+    assert checked == [("matches_the_unfused_path", torch.bfloat16, shape), ("matches_sdpa", torch.bfloat16, shape)]
+    for part in ("sampler", "q/k/v", "decode attention"):
+        assert f"{part} kernels built during the model load" in caplog.text
+    sampling.warm_up(config.vocab_size, "cpu")  # the runner's warm-up: nothing left to do
     assert len(chosen) == 5
-    sampling.warm_up(vocab + 1, "cpu")  # another vocabulary is another build
+    sampling.warm_up(config.vocab_size + 1, "cpu")  # another vocabulary is another build
     assert len(chosen) == 10
 
 
-def test_a_sampler_build_that_fails_beside_the_load_is_logged_not_raised(tiny_model_dir, monkeypatch, caplog):
+def test_a_kernel_build_that_fails_beside_the_load_is_logged_not_raised(tiny_model_dir, monkeypatch, caplog):
     import logging
 
-    from server.engine import sampling
-    from server.engine.runner import compile_sampler_early
+    from server.engine import decode_attention, qkv_kernel, sampling
+    from server.engine.runner import build_kernels_early
 
     def broken(vocab, device):
         raise RuntimeError("no kernel today")
 
     monkeypatch.setattr(sampling, "warm_up", broken)
+    for module, name in ((qkv_kernel, "matches_the_unfused_path"), (decode_attention, "matches_sdpa")):
+        monkeypatch.setattr(module, name, lambda device, dtype, **shape: True)
     with caplog.at_level(logging.INFO, logger="loraserve.runner"):
-        compile_sampler_early(str(tiny_model_dir), torch.device("cpu")).join(timeout=60)
-    assert "building the sampler's kernels during the model load failed" in caplog.text
+        build_kernels_early(str(tiny_model_dir), torch.float32, device="cpu").join(timeout=60)
+    assert "building the sampler kernels during the model load failed" in caplog.text
     assert "no kernel today" in caplog.text
+    assert "decode attention kernels built during the model load" in caplog.text  # the others still built

@@ -217,7 +217,7 @@ def load_runner(
             "(CUDA and pip install 'loraserve[unsloth]')"
         )
     max_context = min(max_context, position_limit(base_model) or 2048)
-    sampler = compile_sampler_early(base_model, torch.device("cuda")) if torch.cuda.is_available() else None
+    early = build_kernels_early(base_model, _cuda_dtype(dtype)) if torch.cuda.is_available() else None
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(
             base_model, load_in_4bit=load_in_4bit, max_context=max_context, dtype=_torch_dtype(dtype)
@@ -226,8 +226,8 @@ def load_runner(
         model, tokenizer = _load_transformers(base_model, dtype=_torch_dtype(dtype))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if sampler is not None:
-        sampler.join()  # before the engine state: the KV cache is sized by the memory free then
+    if early is not None:
+        early.join()  # before the engine state: the KV cache is sized by the memory free then
     loaded = time.perf_counter()
     runner = ModelRunner(
         model,
@@ -246,30 +246,58 @@ def load_runner(
     return runner
 
 
-def compile_sampler_early(base_model: str, device: torch.device) -> threading.Thread | None:
-    """The sampler's kernels built in a thread of their own while the model loads: on a machine without their
-    compiled cache that is seconds (the sampler's part of the warm-up: 4.9 s on an H100, 2026-12-08), and the
-    model's load is seconds of reading files. The warm-up then finds them built. They depend on the vocabulary's
-    size only (the logits' row stride), read from the config. None where the config gives no size."""
+def build_kernels_early(base_model: str, dtype: torch.dtype, device=None) -> threading.Thread | None:
+    """Our Triton kernels built in a thread of their own while the model loads (on a machine without their compiled
+    cache that is seconds: the sampler's part of the warm-up took 4.9 s on an H100, 2026-12-08, and the decoder's
+    kernel checks run within the engine state's 3.1 s), where the load is seconds of reading files. What they
+    need is in the config: the vocabulary's size (the sampler's logits) and the heads' shape (the q/k/v epilogue
+    and decode attention, whose checks the decoder runs again once the model is loaded: they then find their
+    kernels built). `dtype` is the model's, as the loader will pick it. None where the config gives no
+    vocabulary size."""
     from transformers import AutoConfig
 
-    vocab = getattr(AutoConfig.from_pretrained(base_model), "vocab_size", None)
-    if not vocab:
+    config = AutoConfig.from_pretrained(base_model)
+    if not getattr(config, "vocab_size", None):
         return None
-    sampling.load_kernels()  # imported here, not beside the loader's imports in another thread
-    thread = threading.Thread(target=_warm_sampler, args=(int(vocab), device), name="sampler-compile", daemon=True)
+    device = torch.device(device or "cuda")
+    # Imported here, not in the thread beside the loader's own imports.
+    sampling.load_kernels()
+    from server.engine import decode_attention, qkv_kernel  # noqa: F401
+
+    thread = threading.Thread(target=_build_kernels, args=(config, device, dtype), name="kernels-early", daemon=True)
     thread.start()
     return thread
 
 
-def _warm_sampler(vocab: int, device: torch.device) -> None:
-    started = time.perf_counter()
-    try:
-        sampling.warm_up(vocab, device)
-    except Exception:  # the warm-up builds them again, and fails loudly there if it must
-        log.exception("building the sampler's kernels during the model load failed")
-        return
-    log.info("sampler's kernels built during the model load in %.1f s", time.perf_counter() - started)
+def _build_kernels(config, device: torch.device, dtype: torch.dtype) -> None:
+    from server.engine import decode_attention, qkv_kernel
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    shape = dict(
+        heads=heads, kv_heads=kv_heads, head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads
+    )
+    parts = {
+        "sampler": lambda: sampling.warm_up(int(config.vocab_size), device),
+        "q/k/v": lambda: (
+            qkv_kernel.supports(shape["head_dim"]) and qkv_kernel.matches_the_unfused_path(device, dtype, **shape)
+        ),
+        "decode attention": lambda: (
+            decode_attention.supports(shape["head_dim"]) and decode_attention.matches_sdpa(device, dtype, **shape)
+        ),
+    }
+    for part, build in parts.items():  # a result here only warms: the engine's own checks decide, after the load
+        started = time.perf_counter()
+        try:
+            build()
+        except Exception:  # built (and checked) again where it is used, and fails loudly there if it must
+            log.exception("building the %s kernels during the model load failed", part)
+            continue
+        log.info("%s kernels built during the model load in %.1f s", part, time.perf_counter() - started)
+
+
+def _cuda_dtype(setting: str) -> torch.dtype:
+    """The dtype the loaders pick on this GPU for a dtype setting (auto: bf16 where supported)."""
+    return _torch_dtype(setting) or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
 
 
 @contextmanager

@@ -120,7 +120,7 @@ class _WarmUpRow:
 def warm_up(vocab: int, device) -> None:
     """Choose with each mix of cuts (greedy only; sampling with top-p, top-k, both, neither), so that the
     CUDA kernels are built before a request waits for one, and checked on each path. Once per vocabulary size
-    and device (the runner's warm-up finds them built when the load built them: runner.compile_sampler_early)."""
+    and device (the runner's warm-up finds them built when the load built them: runner.build_kernels_early)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
