@@ -287,3 +287,34 @@ def test_the_adapter_load_bench_measures_an_8b_adapter(capsys, monkeypatch):
     adapter_load_bench.main()
     out = capsys.readouterr().out
     assert "2 adapters of 10 MB (448 tensors), rank 2, on cpu" in out and "keep (the worker)" in out
+
+
+def test_the_start_up_split_reads_a_server_log():
+    """The H100 server log of 2026-12-08 gives the split worked out by hand that day (its NOTES.md); a log with the
+    engine process started first, and the kernels built beside the load, reads as such."""
+    from pathlib import Path
+
+    from bench.startup_split import split
+
+    log = (Path(__file__).parents[1] / "bench/results/gpu-h100-2026-12-08-vllm/http/ours_server.log").read_text()
+    parts = {p.name: round(p.seconds, 1) for p in split(log, total=55.5)}
+    assert parts["process start → loading began"] == 8.2
+    assert parts["loading began → the model's load began (engine process start, imports)"] == 7.1
+    assert (parts["model load"], parts["engine state"], parts["8 adapters preloaded"]) == (13.0, 3.1, 9.3)
+    assert (parts["warm-up: decode graphs"], parts["warm-up: sampler"]) == (6.9, 4.9)
+    assert round(sum(v for k, v in parts.items() if not k.startswith("(beside)")), 1) == 55.5
+    prelaunched = "\n".join(
+        [
+            "2026-12-09 10:00:05,000 INFO loraserve.runner: sampler kernels built during the model load in 2.0 s",
+            "2026-12-09 10:00:06,000 INFO loraserve.runner: model loaded in 5.0 s, engine state built in 1.0 s",
+            "2026-12-09 10:00:06,500 INFO loraserve: base model /m loaded: backend=transformers device=cuda:0",
+            "2026-12-09 10:00:07,500 INFO loraserve: adapter a0 version 1 loaded from a0 in 0.90 s",
+            "2026-12-09 10:00:10,500 INFO loraserve.runner: warm-up: "
+            "decode graphs 2.0 s, prefill graphs 0.5 s, sampler 0.0 s",
+            "2026-12-09 10:00:10,600 INFO loraserve: ready: 1 adapters, 9.6 s after loading began",
+        ]
+    )
+    parts = [(p.name, round(p.seconds, 1)) for p in split(prelaunched)]
+    assert parts[0] == ("the model's load began before the server's loading did (engine process started first)", -1.0)
+    assert ("(beside) sampler kernels", 2.0) in parts and ("1 adapters preloaded", 1.0) in parts
+    assert ("warm-up: the rest", 0.5) in parts and parts[-1] == ("→ ready", 0.1)

@@ -94,7 +94,7 @@ if has "$phases" ours; then
   ours=$!
   if ready=$(wait_ready http://127.0.0.1:8011/ready "$ours" "$(cap 300 "$(ours_left)")" "$started"); then
     echo "ours ready after ${ready}s"; startup ours "$ready"
-    grep -hoE '(model loaded|warm-up:|ready:) .*' "$out/ours_server.log"  # where the start-up went
+    python3 -m bench.startup_split "$out/ours_server.log" --total "$ready" | tee "$out/startup_split.txt"  # where it went
     curl -s localhost:8011/info > "$out/ours_info.json"
     for mode in ${sampling//,/ }; do
       limit=$(cap 240 "$(ours_left)")
