@@ -24,6 +24,7 @@ _LINES = {
     "hello": re.compile(_STAMP + r"base model .* loaded: "),
     "adapter": re.compile(_STAMP + r"adapter \S+ version \S+ loaded from "),
     "kernels": re.compile(_STAMP + r"(.+) kernels built during the model load in ([\d.]+) s"),
+    "waited": re.compile(_STAMP + r"waited ([\d.]+) s after the model load for the kernels built beside it"),
     "warm_up": re.compile(_STAMP + r"warm-up: (.*)"),
 }
 
@@ -50,13 +51,19 @@ def split(log: str, total: float | None = None) -> list[Part]:
         raise ValueError("no `ready:` line: the server never became ready in this log")
     ready = found["ready"][-1]
     ready_at, since_loading = _time(ready[1]), float(ready[2])
+    found = {key: [m for m in matches if _time(m[1]) <= ready_at] for key, matches in found.items()}  # not after
     began = ready_at - since_loading
-    parts = [Part("process start → loading began", total - since_loading)] if total is not None else []
+    parts = []
+    if total is not None:  # the caller's poll of /ready (every 0.5 s in run_http_compare.sh) lands here too
+        parts.append(
+            Part("process start → loading began (the server's imports, the /ready poll)", total - since_loading)
+        )
     at = began
     if found["model"]:
         model = found["model"][-1]
         built_at, load, state = _time(model[1]), float(model[2]), float(model[3])
-        to_load = built_at - load - state - at  # negative where `serve` started the engine process before its imports
+        waited = float(found["waited"][-1][2]) if found["waited"] else 0.0
+        to_load = built_at - load - waited - state - at  # negative where `serve` started the engine process first
         parts.append(
             Part("loading began → the model's load began (engine process start, imports)", to_load)
             if to_load >= 0
@@ -64,6 +71,8 @@ def split(log: str, total: float | None = None) -> list[Part]:
         )
         parts.append(Part("model load", load))
         parts += [Part(f"(beside) {m[2]} kernels", float(m[3])) for m in found["kernels"]]
+        if waited:
+            parts.append(Part("waiting for the kernels built beside the load", waited))
         parts.append(Part("engine state", state))
         at = built_at
     if found["hello"]:
@@ -79,9 +88,10 @@ def split(log: str, total: float | None = None) -> list[Part]:
         warm_at = _time(warm[1])
         for name, seconds in re.findall(r"([^,]+?) ([\d.]+) s", warm[2]):
             parts.append(Part(f"warm-up: {name.strip()}", float(seconds)))
-        if found["adapter"] or found["hello"]:  # what the warm-up's own parts do not cover
-            covered = sum(p.seconds for p in parts if p.name.startswith("warm-up:"))
-            parts.append(Part("warm-up: the rest", warm_at - at - covered))
+        covered = sum(p.seconds for p in parts if p.name.startswith("warm-up:"))
+        parts.append(
+            Part("warm-up: the rest, or what came before it that the log does not name", warm_at - at - covered)
+        )
         at = warm_at
     parts.append(Part("→ ready", ready_at - at))
     return parts
@@ -92,7 +102,10 @@ def main() -> None:
     parser.add_argument("log", type=Path)
     parser.add_argument("--total", type=float, help="process start to the first /ready 200, in seconds")
     args = parser.parse_args()
-    parts = split(args.log.read_text(errors="replace"), args.total)
+    try:
+        parts = split(args.log.read_text(errors="replace"), args.total)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {args.log}: {exc}") from None
     for part in parts:
         print(f"{part.seconds:7.1f} s  {part.name}")
     whole = sum(p.seconds for p in parts if not p.name.startswith("(beside)"))

@@ -132,7 +132,7 @@ class ServerState:
         except BaseException:
             for load in loads:
                 load.cancel()
-            await asyncio.gather(*loads, return_exceptions=True)  # ended before start-up reports the failure
+            await asyncio.gather(*loads, return_exceptions=True)  # their tasks end (a job on the worker may go on)
             raise
         self.metrics.adapters_loaded.set(len(self.registry.names()))
         await self._warm_up()  # decode graphs captured before the first request

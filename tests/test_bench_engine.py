@@ -298,7 +298,7 @@ def test_the_start_up_split_reads_a_server_log():
 
     log = (Path(__file__).parents[1] / "bench/results/gpu-h100-2026-12-08-vllm/http/ours_server.log").read_text()
     parts = {p.name: round(p.seconds, 1) for p in split(log, total=55.5)}
-    assert parts["process start → loading began"] == 8.2
+    assert parts["process start → loading began (the server's imports, the /ready poll)"] == 8.2
     assert parts["loading began → the model's load began (engine process start, imports)"] == 7.1
     assert (parts["model load"], parts["engine state"], parts["8 adapters preloaded"]) == (13.0, 3.1, 9.3)
     assert (parts["warm-up: decode graphs"], parts["warm-up: sampler"]) == (6.9, 4.9)
@@ -306,7 +306,9 @@ def test_the_start_up_split_reads_a_server_log():
     prelaunched = "\n".join(
         [
             "2026-12-09 10:00:05,000 INFO loraserve.runner: sampler kernels built during the model load in 2.0 s",
-            "2026-12-09 10:00:06,000 INFO loraserve.runner: model loaded in 5.0 s, engine state built in 1.0 s",
+            "2026-12-09 10:00:05,800 INFO loraserve.runner: "
+            "waited 0.2 s after the model load for the kernels built beside it",
+            "2026-12-09 10:00:06,000 INFO loraserve.runner: model loaded in 4.8 s, engine state built in 1.0 s",
             "2026-12-09 10:00:06,500 INFO loraserve: base model /m loaded: backend=transformers device=cuda:0",
             "2026-12-09 10:00:07,500 INFO loraserve: adapter a0 version 1 loaded from a0 in 0.90 s",
             "2026-12-09 10:00:10,500 INFO loraserve.runner: warm-up: "
@@ -317,4 +319,9 @@ def test_the_start_up_split_reads_a_server_log():
     parts = [(p.name, round(p.seconds, 1)) for p in split(prelaunched)]
     assert parts[0] == ("the model's load began before the server's loading did (engine process started first)", -1.0)
     assert ("(beside) sampler kernels", 2.0) in parts and ("1 adapters preloaded", 1.0) in parts
-    assert ("warm-up: the rest", 0.5) in parts and parts[-1] == ("→ ready", 0.1)
+    assert ("waiting for the kernels built beside the load", 0.2) in parts
+    assert ("warm-up: the rest, or what came before it that the log does not name", 0.5) in parts
+    assert parts[-1] == ("→ ready", 0.1)
+    late = prelaunched + "\n2026-12-09 10:00:11,000 INFO loraserve: adapter a1 version 2 loaded from a1 in 0.1 s"
+    assert [(p.name, round(p.seconds, 1)) for p in split(late)] == parts  # what came after ready is not start-up
+    assert round(sum(p.seconds for p in split(prelaunched) if not p.name.startswith("(beside)")), 1) == 9.6

@@ -301,9 +301,9 @@ def test_tokens_without_text_do_not_grow_what_each_push_decodes():
 
 
 def test_the_kernels_are_built_beside_the_model_load(tiny_model_dir, monkeypatch, caplog):
-    """build_kernels_early warms the sampler up in a thread of its own, at the config's vocabulary size (the runner's
-    warm-up then finds it done; on a CPU the torch path stands in for the CUDA kernels), and runs the q/k/v and
-    decode attention checks at the config's head shape, in the model's dtype (recorded here: they need CUDA)."""
+    """build_kernels_early builds the sampler's kernels in a thread of its own, at the config's vocabulary size, and
+    runs the q/k/v and decode attention checks at the config's head shape, in the model's dtype (recorded here:
+    they need CUDA)."""
     import logging
 
     from transformers import AutoConfig
@@ -311,27 +311,40 @@ def test_the_kernels_are_built_beside_the_model_load(tiny_model_dir, monkeypatch
     from server.engine import decode_attention, qkv_kernel, sampling
     from server.engine.runner import build_kernels_early
 
-    monkeypatch.setattr(sampling, "_WARMED", set())
-    chosen, checked = [], []
-    real = sampling.choose_on_device
-    monkeypatch.setattr(sampling, "choose_on_device", lambda *a: (chosen.append(a[0].shape), real(*a))[1])
+    calls = []
+    monkeypatch.setattr(sampling, "build_kernels", lambda vocab, device: calls.append(("sampler", vocab, device)))
     for module, name in ((qkv_kernel, "matches_the_unfused_path"), (decode_attention, "matches_sdpa")):
-        monkeypatch.setattr(module, name, lambda device, dtype, _n=name, **shape: checked.append((_n, dtype, shape)))
+        monkeypatch.setattr(module, name, lambda device, dtype, _n=name, **shape: calls.append((_n, dtype, shape)) or 1)
     config = AutoConfig.from_pretrained(tiny_model_dir)
     with caplog.at_level(logging.INFO, logger="loraserve.runner"):
         thread = build_kernels_early(str(tiny_model_dir), torch.bfloat16, device="cpu")
         thread.join(timeout=60)
     assert thread.name == "kernels-early" and not thread.is_alive()
-    assert len(chosen) == 5 and {shape[1] for shape in chosen} == {config.vocab_size}
     heads = config.num_attention_heads
     shape = dict(heads=heads, kv_heads=config.num_key_value_heads, head_dim=config.hidden_size // heads)
-    assert checked == [("matches_the_unfused_path", torch.bfloat16, shape), ("matches_sdpa", torch.bfloat16, shape)]
-    for part in ("sampler", "q/k/v", "decode attention"):
-        assert f"{part} kernels built during the model load" in caplog.text
-    sampling.warm_up(config.vocab_size, "cpu")  # the runner's warm-up: nothing left to do
-    assert len(chosen) == 5
-    sampling.warm_up(config.vocab_size + 1, "cpu")  # another vocabulary is another build
-    assert len(chosen) == 10
+    assert calls == [
+        ("sampler", config.vocab_size, torch.device("cpu")),
+        ("matches_the_unfused_path", torch.bfloat16, shape),
+        ("matches_sdpa", torch.bfloat16, shape),
+    ]
+    assert "sampler kernels: nothing built during the model load" in caplog.text  # its stand-in returned None
+    assert "q/k/v kernels built during the model load" in caplog.text
+    assert "decode attention kernels built during the model load" in caplog.text
+
+
+def test_the_sampler_build_only_builds(monkeypatch):
+    """sampling.build_kernels launches the kernel on each of warm_up's mixes, in float32 logits, and leaves the
+    kernel path's checks to warm_up: an early build decides nothing about the kernel's trust."""
+    from server.engine import sampling
+
+    launched = []
+    kernel = type("Kernel", (), {"choose": staticmethod(lambda logits, rows: launched.append(logits.dtype))})
+    path = sampling.KernelPath(kernel)
+    monkeypatch.setattr(sampling, "_cuda_path", lambda: path)
+    assert sampling.build_kernels(50, "cpu") is True
+    assert launched == [torch.float32] * 5 and path.checks_left == sampling.KernelPath.CHECKS
+    monkeypatch.setattr(sampling, "_cuda_path", lambda: sampling.KernelPath(None))  # no Triton
+    assert sampling.build_kernels(50, "cpu") is False
 
 
 def test_a_kernel_build_that_fails_beside_the_load_is_logged_not_raised(tiny_model_dir, monkeypatch, caplog):
@@ -343,7 +356,7 @@ def test_a_kernel_build_that_fails_beside_the_load_is_logged_not_raised(tiny_mod
     def broken(vocab, device):
         raise RuntimeError("no kernel today")
 
-    monkeypatch.setattr(sampling, "warm_up", broken)
+    monkeypatch.setattr(sampling, "build_kernels", broken)
     for module, name in ((qkv_kernel, "matches_the_unfused_path"), (decode_attention, "matches_sdpa")):
         monkeypatch.setattr(module, name, lambda device, dtype, **shape: True)
     with caplog.at_level(logging.INFO, logger="loraserve.runner"):

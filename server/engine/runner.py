@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -217,18 +217,27 @@ def load_runner(
             "(CUDA and pip install 'loraserve[unsloth]')"
         )
     max_context = min(max_context, position_limit(base_model) or 2048)
-    early = build_kernels_early(base_model, _cuda_dtype(dtype)) if torch.cuda.is_available() else None
-    if backend == "unsloth":
-        model, tokenizer = _load_unsloth(
-            base_model, load_in_4bit=load_in_4bit, max_context=max_context, dtype=_torch_dtype(dtype)
-        )
-    else:
-        model, tokenizer = _load_transformers(base_model, dtype=_torch_dtype(dtype))
+    cuda = torch.cuda.is_available()
+    early = build_kernels_early(base_model, _cuda_dtype(dtype, backend)) if cuda else None
+    try:
+        if backend == "unsloth":
+            model, tokenizer = _load_unsloth(
+                base_model, load_in_4bit=load_in_4bit, max_context=max_context, dtype=_torch_dtype(dtype)
+            )
+        else:
+            model, tokenizer = _load_transformers(base_model, dtype=_torch_dtype(dtype))
+    finally:  # also after a failed load: nothing of ours may still run on the GPU as the process ends
+        loaded = time.perf_counter()
+        if early is not None:
+            early.join()
+    if early is not None:
+        waited = time.perf_counter() - loaded
+        if waited >= 0.05:
+            log.info("waited %.1f s after the model load for the kernels built beside it", waited)
+        torch.cuda.empty_cache()  # the KV cache is sized by the memory free next: the thread's blocks are free
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if early is not None:
-        early.join()  # before the engine state: the KV cache is sized by the memory free then
-    loaded = time.perf_counter()
+    built = time.perf_counter()
     runner = ModelRunner(
         model,
         tokenizer,
@@ -242,7 +251,7 @@ def load_runner(
         compile_kernels=compile_kernels,
         faults=faults,
     )
-    log.info("model loaded in %.1f s, engine state built in %.1f s", loaded - started, time.perf_counter() - loaded)
+    log.info("model loaded in %.1f s, engine state built in %.1f s", loaded - started, time.perf_counter() - built)
     return runner
 
 
@@ -251,19 +260,22 @@ def build_kernels_early(base_model: str, dtype: torch.dtype, device=None) -> thr
     cache that is seconds: the sampler's part of the warm-up took 4.9 s on an H100, 2026-12-08, and the decoder's
     kernel checks run within the engine state's 3.1 s), where the load is seconds of reading files. What they
     need is in the config: the vocabulary's size (the sampler's logits) and the heads' shape (the q/k/v epilogue
-    and decode attention, whose checks the decoder runs again once the model is loaded: they then find their
-    kernels built). `dtype` is the model's, as the loader will pick it. None where the config gives no
-    vocabulary size."""
+    and decode attention). This only builds: the sampler's warm-up and the decoder's checks, after the load, decide
+    whether each kernel serves, and then find it built. `dtype` is the model's, as its loader will pick it. None
+    without Triton (the unfused paths serve) or where the config gives no vocabulary size."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base_model)
     if not getattr(config, "vocab_size", None):
         return None
     device = torch.device(device or "cuda")
-    # Imported here, not in the thread beside the loader's own imports.
-    sampling.load_kernels()
-    from server.engine import decode_attention, qkv_kernel  # noqa: F401
-
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # a new thread's current device is not ours
+    try:  # imported here, not in the thread beside the loader's own imports
+        sampling.load_kernels()
+        from server.engine import decode_attention, qkv_kernel  # noqa: F401
+    except ImportError:  # no Triton: nothing to build
+        return None
     thread = threading.Thread(target=_build_kernels, args=(config, device, dtype), name="kernels-early", daemon=True)
     thread.start()
     return thread
@@ -272,32 +284,50 @@ def build_kernels_early(base_model: str, dtype: torch.dtype, device=None) -> thr
 def _build_kernels(config, device: torch.device, dtype: torch.dtype) -> None:
     from server.engine import decode_attention, qkv_kernel
 
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    shape = dict(
-        heads=heads, kv_heads=kv_heads, head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads
-    )
+    def head_shape() -> dict[str, int]:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return dict(heads=heads, kv_heads=config.num_key_value_heads, head_dim=head_dim)
+
     parts = {
-        "sampler": lambda: sampling.warm_up(int(config.vocab_size), device),
+        "sampler": lambda: sampling.build_kernels(int(config.vocab_size), device),
         "q/k/v": lambda: (
-            qkv_kernel.supports(shape["head_dim"]) and qkv_kernel.matches_the_unfused_path(device, dtype, **shape)
+            qkv_kernel.supports(head_shape()["head_dim"])
+            and qkv_kernel.matches_the_unfused_path(device, dtype, **head_shape())
         ),
         "decode attention": lambda: (
-            decode_attention.supports(shape["head_dim"]) and decode_attention.matches_sdpa(device, dtype, **shape)
+            decode_attention.supports(head_shape()["head_dim"])
+            and decode_attention.matches_sdpa(device, dtype, **head_shape())
         ),
     }
-    for part, build in parts.items():  # a result here only warms: the engine's own checks decide, after the load
-        started = time.perf_counter()
-        try:
-            build()
-        except Exception:  # built (and checked) again where it is used, and fails loudly there if it must
-            log.exception("building the %s kernels during the model load failed", part)
-            continue
-        log.info("%s kernels built during the model load in %.1f s", part, time.perf_counter() - started)
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        for part, build in parts.items():
+            started = time.perf_counter()
+            try:
+                built = build()
+            except Exception:  # built (and checked) again where it is used, and fails loudly there if it must
+                log.exception("building the %s kernels during the model load failed", part)
+                continue
+            took = time.perf_counter() - started
+            if built:
+                log.info("%s kernels built during the model load in %.1f s", part, took)
+            else:  # a check that does not apply here, or differs: the engine's own check says which, later
+                log.info("%s kernels: nothing built during the model load (%.1f s)", part, took)
 
 
-def _cuda_dtype(setting: str) -> torch.dtype:
-    """The dtype the loaders pick on this GPU for a dtype setting (auto: bf16 where supported)."""
-    return _torch_dtype(setting) or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+def _cuda_dtype(setting: str, backend: str) -> torch.dtype:
+    """The dtype the loader of `backend` picks on this GPU for a dtype setting (auto: bf16 where the GPU has it;
+    else Unsloth takes fp16 and transformers fp32)."""
+    named = _torch_dtype(setting)
+    if named is not None:
+        return named
+    if backend == "unsloth":
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return _transformers_dtype(cuda=True)
+
+
+def _transformers_dtype(*, cuda: bool) -> torch.dtype:
+    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
 
 
 @contextmanager
@@ -327,7 +357,7 @@ def _load_transformers(base_model: str, *, dtype: torch.dtype | None):
 
     cuda = torch.cuda.is_available()
     if dtype is None:
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = _transformers_dtype(cuda=cuda)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     # Straight onto the GPU: through host memory an 8B model takes minutes to load.
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, device_map="cuda" if cuda else None)

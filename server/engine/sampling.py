@@ -119,20 +119,36 @@ class _WarmUpRow:
 
 def warm_up(vocab: int, device) -> None:
     """Choose with each mix of cuts (greedy only; sampling with top-p, top-k, both, neither), so that the
-    CUDA kernels are built before a request waits for one, and checked on each path. Once per vocabulary size
-    and device (the runner's warm-up finds them built when the load built them: runner.build_kernels_early)."""
+    CUDA kernels are built before a request waits for one, and checked on each path."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if (vocab, device) in _WARMED:
-        return
-    greedy = _WarmUpRow(SamplingParams(1))
-    for cuts in ({}, {"top_p": 0.9}, {"top_k": 5}, {"top_p": 0.9, "top_k": 5}, None):
-        rows = [greedy] if cuts is None else [greedy, _WarmUpRow(SamplingParams(1, do_sample=True, **cuts))]
-        # float32 said: a model load in another thread sets torch's default dtype to its own for a while
+    for rows in _warm_up_rows():
         logits = torch.randn(len(rows), vocab, device=device, dtype=torch.float32)
         choose_on_device(logits, row_params(rows, device)).cpu()
-    _WARMED.add((vocab, device))
+
+
+def build_kernels(vocab: int, device) -> bool:
+    """The CUDA kernels of warm_up's mixes of cuts compiled and launched once, and nothing else: the kernel path's
+    checks and its trust are left to warm_up (runner.build_kernels_early calls this while the model loads, when an
+    error or a shortage of memory must not decide the kernel's fate). False where there is no kernel to build."""
+    module = _cuda_path().module
+    if module is None:
+        return False
+    device = torch.device(device)
+    for rows in _warm_up_rows():
+        # float32 said: a model load in another thread sets torch's default dtype to its own for a while
+        logits = torch.randn(len(rows), vocab, device=device, dtype=torch.float32)
+        module.choose(logits, row_params(rows, device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # built and run: the time it took is the build's
+    return True
+
+
+def _warm_up_rows() -> list[list[_WarmUpRow]]:
+    greedy = _WarmUpRow(SamplingParams(1))
+    return [
+        [greedy] if cuts is None else [greedy, _WarmUpRow(SamplingParams(1, do_sample=True, **cuts))]
+        for cuts in ({}, {"top_p": 0.9}, {"top_k": 5}, {"top_p": 0.9, "top_k": 5}, None)
+    ]
 
 
 def choose_tokens(logits: torch.Tensor, seqs: list) -> PendingChoices:
@@ -224,11 +240,10 @@ class KernelPath:
 
 
 _CUDA_PATH: list[KernelPath] = []
-_WARMED: set[tuple[int, torch.device]] = set()  # (vocabulary size, device) that warm_up has chosen on
 
 
 def load_kernels() -> None:
-    """Import the CUDA path's kernels now (their first use would)."""
+    """Import the CUDA path's kernels now (their first use would; without Triton, the torch path)."""
     _cuda_path()
 
 
