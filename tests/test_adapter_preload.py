@@ -63,22 +63,8 @@ def test_preloads_run_at_once_and_the_first_failure_stops_the_start(tiny_model_d
     import pytest
 
     from server.errors import ServeError
-    from server.settings import ServerSettings
-    from server.state import ServerState
 
-    def state_with(adapters: dict[str, str]) -> ServerState:
-        state = ServerState(
-            settings=ServerSettings(
-                base_model=str(tiny_model_dir),
-                backend="transformers",
-                adapter_root=str(trained_adapters.root),
-                adapters=adapters,
-            )
-        )
-        state.load_model()
-        return state
-
-    state = state_with({EN: EN, ZH: ZH})
+    state = loaded_state(tiny_model_dir, trained_adapters.root, {EN: EN, ZH: ZH})
     entered, both = [], asyncio.Event()
     load = state.registry.load
 
@@ -98,7 +84,7 @@ def test_preloads_run_at_once_and_the_first_failure_stops_the_start(tiny_model_d
     assert sorted(entered) == sorted([EN, ZH]) and state.registry.names() == sorted([EN, ZH])
 
     (trained_adapters.root.parent / "not-an-adapter").mkdir(exist_ok=True)
-    state = state_with({EN: EN, "broken": "../not-an-adapter"})
+    state = loaded_state(tiny_model_dir, trained_adapters.root, {EN: EN, "broken": "../not-an-adapter"})
     warmed = []
     state._warm_up = lambda: warmed.append(1)
     state.engine.start()
@@ -138,21 +124,11 @@ def test_the_registry_reads_four_adapters_at_once(tiny_model_dir, trained_adapte
     import time
 
     from server.adapters.registry import READS_AT_ONCE
-    from server.settings import ServerSettings
-    from server.state import ServerState
 
     root = tmp_path / "root"
     for index in range(6):
         shutil.copytree(trained_adapters.en, root / f"a{index}")
-    state = ServerState(
-        settings=ServerSettings(
-            base_model=str(tiny_model_dir),
-            backend="transformers",
-            adapter_root=str(root),
-            adapters={f"a{index}": f"a{index}" for index in range(6)},
-        )
-    )
-    state.load_model()
+    state = loaded_state(tiny_model_dir, root, {f"a{index}": f"a{index}" for index in range(6)})
     reading, most = [0], [0]
     lock = threading.Lock()
     read = state.registry._check_and_read
@@ -190,3 +166,17 @@ def test_a_cluster_catalog_may_hold_more_adapters_than_one_server_preloads():
     with pytest.raises(Conflict, match="more than max_adapters"):
         asyncio.run(ServerState(settings=catalog).preload_adapters())
     assert ServerSettings(base_model="m", adapters={"a": "a"}).preload_problem() is None
+
+
+def loaded_state(model_dir, root, adapters: dict[str, str]):
+    """The server's composition root on the tiny model, loaded, its `adapters` not yet preloaded."""
+    from server.settings import ServerSettings
+    from server.state import ServerState
+
+    state = ServerState(
+        settings=ServerSettings(
+            base_model=str(model_dir), backend="transformers", adapter_root=str(root), adapters=adapters
+        )
+    )
+    state.load_model()
+    return state

@@ -175,6 +175,12 @@ def reference(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lengths: torch.
     return decode_sdpa(q, K, V, decode_mask(lengths, span, q.dtype))
 
 
+def serves_here(device, dtype, *, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel applies to this head width and matches the ops it replaces on `device` (its check,
+    which also builds it)."""
+    return supports(head_dim) and matches_sdpa(device, dtype, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+
+
 def matches_sdpa(device, dtype, *, heads: int, kv_heads: int, head_dim: int) -> bool:
     """The kernel against the SDPA call on random inputs laid out as the engine's (q a strided view of a wider
     q/k output, a cache with a scratch position, rows of lengths 1, span and between), for every block size

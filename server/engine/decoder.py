@@ -94,7 +94,7 @@ class Decoder:
         self.head = model.get_output_embeddings()
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         self.cos, self.sin = rope_tables(
             config, length=cache.max_len + 1, device=cache.K[0].device, dtype=cache.K[0].dtype
         )  # [max_len + 1, D]
@@ -114,9 +114,7 @@ class Decoder:
         def check() -> bool:
             from server.engine import qkv_kernel
 
-            shape = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
-            supported = qkv_kernel.supports(self.head_dim)  # else it does not apply here
-            return supported and qkv_kernel.matches_the_unfused_path(self.cos.device, self.cos.dtype, **shape)
+            return qkv_kernel.serves_here(self.cos.device, self.cos.dtype, **self._head_shape())
 
         if not passes(check, kernel="q/k/v", instead="running RoPE and the cache writes unfused"):
             return False
@@ -135,10 +133,7 @@ class Decoder:
         def check() -> bool:
             from server.engine import decode_attention
 
-            shape = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
-            return decode_attention.supports(self.head_dim) and decode_attention.matches_sdpa(
-                self.cos.device, self.cos.dtype, **shape
-            )
+            return decode_attention.serves_here(self.cos.device, self.cos.dtype, **self._head_shape())
 
         if not passes(check, kernel="decode attention", instead="attending with SDPA under a length mask"):
             return False
@@ -146,6 +141,9 @@ class Decoder:
 
         self.decode_kernel = decode_attention
         return True
+
+    def _head_shape(self) -> dict[str, int]:
+        return dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
 
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step, writing its keys and values into the cache; logits [R, V] float32."""
@@ -350,12 +348,17 @@ def rope_tables(config, *, length: int, device, dtype) -> tuple[torch.Tensor, to
     return (angles.cos() * scaling).to(device, dtype), (angles.sin() * scaling).to(device, dtype)
 
 
+def head_dim(config) -> int:
+    """A head's width: the config's own, or the hidden size shared among the query heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _inverse_frequencies(config) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
     if params.get("rope_type", "default") == "default":
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = head_dim(config)
         return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None)
 

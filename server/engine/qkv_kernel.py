@@ -101,6 +101,14 @@ def supports(head_dim: int) -> bool:
     return head_dim % 2 == 0 and half > 0 and half & (half - 1) == 0
 
 
+def serves_here(device, dtype, *, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel applies to this head width and matches the ops it replaces on `device` (its check,
+    which also builds it)."""
+    return supports(head_dim) and matches_the_unfused_path(
+        device, dtype, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+    )
+
+
 def matches_the_unfused_path(device, dtype, *, heads: int, kv_heads: int, head_dim: int, tokens: int = 5) -> bool:
     """The kernel against the decoder's unfused ops (the LoRA formula, fused.rope, indexed cache writes) on
     random inputs laid out as the engine's, with and without LoRA terms: run once before it is trusted."""

@@ -27,7 +27,7 @@ from contract.base_config import position_limit
 from contract.lora import AdapterConfig, lora_scaling
 from server.engine import sampling
 from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.decoder import Decoder, Step, check_architecture, projection_shapes
+from server.engine.decoder import Decoder, Step, check_architecture, head_dim, projection_shapes
 from server.engine.faults import FaultPlan
 from server.engine.fused import Kernels
 from server.engine.kv_cache import SlotKVCache, bytes_per_slot, plan_slots
@@ -73,9 +73,11 @@ class ModelRunner:
         self.max_context = max_context
         self.max_lora_rank = max_lora_rank
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv = dict(
-            layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim, max_len=max_context
+            layers=config.num_hidden_layers,
+            kv_heads=config.num_key_value_heads,
+            head_dim=head_dim(config),
+            max_len=max_context,
         )
         slots = plan_slots(
             kv_slots,
@@ -284,21 +286,13 @@ def build_kernels_early(base_model: str, dtype: torch.dtype, device=None) -> thr
 def _build_kernels(config, device: torch.device, dtype: torch.dtype) -> None:
     from server.engine import decode_attention, qkv_kernel
 
-    def head_shape() -> dict[str, int]:
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return dict(heads=heads, kv_heads=config.num_key_value_heads, head_dim=head_dim)
+    def head_shape() -> dict[str, int]:  # read inside each part's try: a config may lack a field
+        return dict(heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=head_dim(config))
 
     parts = {
         "sampler": lambda: sampling.build_kernels(int(config.vocab_size), device),
-        "q/k/v": lambda: (
-            qkv_kernel.supports(head_shape()["head_dim"])
-            and qkv_kernel.matches_the_unfused_path(device, dtype, **head_shape())
-        ),
-        "decode attention": lambda: (
-            decode_attention.supports(head_shape()["head_dim"])
-            and decode_attention.matches_sdpa(device, dtype, **head_shape())
-        ),
+        "q/k/v": lambda: qkv_kernel.serves_here(device, dtype, **head_shape()),
+        "decode attention": lambda: decode_attention.serves_here(device, dtype, **head_shape()),
     }
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         for part, build in parts.items():
